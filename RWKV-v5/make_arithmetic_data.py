@@ -1,0 +1,15 @@
+"""Generate the arithmetic demo corpus: python make_arithmetic_data.py demo.jsonl --docs 20000 --seed 0
+
+Thin wrapper around rwkvlm.arithmetic (see `python make_arithmetic_data.py --help`).
+"""
+import sys
+
+try:
+    from rwkvlm.arithmetic import main
+    from rwkvlm.errors import run_cli
+except ImportError:
+    print("rwkvlm is not installed: run `pip install -e .` in the repository root", file=sys.stderr)
+    sys.exit(1)
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main, sys.argv[1:]))

@@ -1,0 +1,275 @@
+"""MMIDIDX .bin/.idx token files (the Megatron layout RWKV-LM trains from).
+
+.idx layout, all little-endian: magic b"MMIDIDX\\x00\\x00", uint64 version (1),
+uint8 dtype code, uint64 item count n, uint64 doc-index count m,
+int32 sizes[n], int64 byte pointers[n], int64 doc_idx[m].
+.bin: the items' tokens back to back in that dtype.
+
+`BinIdx` memory-maps both files and only checks what is O(1) to check, so it
+opens multi-GB files instantly. `BinIdxWriter` streams items to disk (memory
+does not grow with the data) under temporary names and renames both files
+into place only when complete.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import struct
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from .atomic import atomic_path
+from .errors import UserError
+
+MAGIC = b"MMIDIDX\x00\x00"
+VERSION = 1
+HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, n items, m doc_idx entries
+DTYPES = {
+    1: np.dtype("u1"),
+    2: np.dtype("i1"),
+    3: np.dtype("<i2"),
+    4: np.dtype("<i4"),
+    5: np.dtype("<i8"),
+    6: np.dtype("<f8"),
+    7: np.dtype("<f8"),
+    8: np.dtype("<u2"),
+}
+
+
+def dtype_code(dtype) -> int:
+    """The MMIDIDX code of a numpy dtype (the first code that maps to it)."""
+    dtype = np.dtype(dtype)
+    for code, dt in DTYPES.items():
+        if dt.kind == dtype.kind and dt.itemsize == dtype.itemsize:
+            return code
+    raise ValueError(f"dtype {dtype} has no MMIDIDX code; use one of {sorted(set(map(str, DTYPES.values())))}")
+
+
+def split_path(path) -> Path:
+    """The path without .bin/.idx (accepts 'data/demo', 'data/demo.bin' or 'data/demo.idx')."""
+    path = Path(path)
+    if path.suffix in (".bin", ".idx") and not Path(str(path) + ".idx").exists():
+        return path.with_suffix("")
+    return path
+
+
+class BinIdx:
+    """A memory-mapped MMIDIDX dataset: `.tokens`, `.sizes`, `.pointers`, `.doc_idx`."""
+
+    def __init__(self, path):
+        self.path = split_path(path)
+        self.bin_path = Path(str(self.path) + ".bin")
+        self.idx_path = Path(str(self.path) + ".idx")
+        self._open_index()
+        self._open_tokens()
+
+    def _fail(self, what: str) -> UserError:
+        return UserError(
+            f"cannot use the data files {self.bin_path} and {self.idx_path}: {what}. "
+            "Re-create both with make_data.py (e.g. `python make_data.py demo.jsonl 30 4096`), "
+            "and give the data path without the .bin/.idx extension."
+        )
+
+    def _open_index(self) -> None:
+        for p in (self.idx_path, self.bin_path):
+            if not p.is_file():
+                raise self._fail(f"{p} does not exist" if not p.exists() else f"{p} is not a file")
+        idx_len = self.idx_path.stat().st_size
+        if idx_len < HEADER.size:
+            raise self._fail(f"{self.idx_path.name} has {idx_len} bytes, fewer than the {HEADER.size}-byte header")
+        with open(self.idx_path, "rb") as f:
+            magic, version, code, n, m = HEADER.unpack(f.read(HEADER.size))
+        if magic != MAGIC:
+            raise self._fail(f"{self.idx_path.name} is not an MMIDIDX index (starts with {magic!r}, expected {MAGIC!r})")
+        if version != VERSION:
+            raise self._fail(f"{self.idx_path.name} has index version {version}, expected {VERSION}")
+        if code not in DTYPES:
+            raise self._fail(f"{self.idx_path.name} has dtype code {code}, expected one of {sorted(DTYPES)}")
+        need = HEADER.size + 12 * n + 8 * m
+        if idx_len < need:
+            raise self._fail(
+                f"{self.idx_path.name} is truncated: it has {idx_len} bytes but its header "
+                f"({n} items, {m} doc_idx entries) needs {need}"
+            )
+        self.version, self.dtype_code, self.dtype = version, code, DTYPES[code]
+        self.num_items, self.num_doc_idx = n, m
+        self.sizes = self._map(self.idx_path, "<i4", HEADER.size, n)
+        self.pointers = self._map(self.idx_path, "<i8", HEADER.size + 4 * n, n)
+        self.doc_idx = self._map(self.idx_path, "<i8", HEADER.size + 12 * n, m)
+
+    def _open_tokens(self) -> None:
+        bin_len = self.bin_path.stat().st_size
+        itemsize = self.dtype.itemsize
+        if bin_len % itemsize:
+            raise self._fail(
+                f"{self.bin_path.name} has {bin_len} bytes, not a multiple of {itemsize} (dtype {self.dtype})"
+            )
+        if self.num_items:
+            first, last, last_size = int(self.pointers[0]), int(self.pointers[-1]), int(self.sizes[-1])
+            end = last + last_size * itemsize
+            if first < 0 or last < first or last_size < 0 or end > bin_len:
+                raise self._fail(
+                    f"the index points past the end of {self.bin_path.name} (its last item ends at byte {end}, "
+                    f"the file has {bin_len} bytes): the two files do not belong together or one is truncated"
+                )
+        self.num_tokens = bin_len // itemsize
+        self.tokens = self._map(self.bin_path, self.dtype, 0, self.num_tokens)
+
+    @staticmethod
+    def _map(path, dtype, offset, count):
+        if count == 0:
+            return np.zeros(0, dtype=dtype)
+        return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=(count,))
+
+    def __len__(self) -> int:
+        return self.num_items
+
+    def get(self, i: int, offset: int = 0, length: int | None = None) -> np.ndarray:
+        """Tokens of item i (a view into the memory map)."""
+        if not -self.num_items <= i < self.num_items:
+            raise IndexError(f"item {i} out of range for {self.num_items} items")
+        i %= self.num_items
+        start = int(self.pointers[i]) // self.dtype.itemsize + offset
+        size = int(self.sizes[i]) - offset if length is None else length
+        return self.tokens[start : start + size]
+
+    def __repr__(self) -> str:
+        return f"BinIdx({str(self.path)!r}, tokens={self.num_tokens}, items={self.num_items}, dtype={self.dtype})"
+
+
+class _Abort(Exception):
+    pass
+
+
+class BinIdxWriter:
+    """Stream items into <path>.bin/.idx; files appear under their names only on finish().
+
+    Use as a context manager (finishes on success, removes the temporaries on error), or
+    call finish()/abort() yourself. Sizes, pointers and doc_idx go to anonymous temporary
+    files, so memory stays flat however many items are written.
+    """
+
+    def __init__(self, path, dtype=np.uint16):
+        self.path = Path(path)
+        self.dtype = np.dtype(dtype)
+        self.code = dtype_code(self.dtype)
+        self.dtype = DTYPES[self.code]
+        self.bin_path = Path(str(self.path) + ".bin")
+        self.idx_path = Path(str(self.path) + ".idx")
+        self._stack = contextlib.ExitStack()
+        try:
+            tmp_idx = self._stack.enter_context(atomic_path(self.idx_path))
+            tmp_bin = self._stack.enter_context(atomic_path(self.bin_path))
+            directory = self.bin_path.parent
+            self._tmp_idx = tmp_idx
+            self._bin = self._stack.enter_context(open(tmp_bin, "wb"))
+            self._sizes = self._stack.enter_context(tempfile.TemporaryFile(dir=directory))
+            self._pointers = self._stack.enter_context(tempfile.TemporaryFile(dir=directory))
+            self._docs = self._stack.enter_context(tempfile.TemporaryFile(dir=directory))
+        except BaseException:
+            self._stack.__exit__(_Abort, _Abort(), None)
+            raise
+        self._docs.write(np.zeros(1, "<i8").tobytes())
+        self.num_items = 0
+        self.num_docs = 1  # doc_idx entries (starts with 0)
+        self.num_tokens = 0
+        self._done = False
+
+    def _check(self, tokens) -> np.ndarray:
+        arr = np.asarray(tokens)
+        if arr.dtype != self.dtype:
+            if arr.size and arr.dtype.kind in "iu":
+                info = np.iinfo(self.dtype) if self.dtype.kind in "iu" else None
+                if info is not None and (arr.min() < info.min or arr.max() > info.max):
+                    raise ValueError(f"token values {arr.min()}..{arr.max()} do not fit {self.dtype}")
+            arr = arr.astype(self.dtype)
+        return arr.reshape(-1)
+
+    def add_items(self, flat, sizes, end_documents: bool = True) -> None:
+        """Append len(sizes) items whose tokens lie back to back in `flat`.
+
+        With end_documents each item is also one document (make_data's layout).
+        """
+        flat = self._check(flat)
+        sizes = np.asarray(sizes, dtype=np.int64).reshape(-1)
+        if int(sizes.sum()) != flat.size:
+            raise ValueError(f"sizes add up to {int(sizes.sum())} tokens but {flat.size} were given")
+        if sizes.size and (sizes.min() < 0 or sizes.max() > np.iinfo(np.int32).max):
+            raise ValueError("item sizes must lie in 0..2**31-1")
+        ends = np.cumsum(sizes)
+        pointers = (self.num_tokens + ends - sizes) * self.dtype.itemsize
+        self._bin.write(flat.tobytes())
+        self._sizes.write(sizes.astype("<i4").tobytes())
+        self._pointers.write(pointers.astype("<i8").tobytes())
+        if end_documents:
+            docs = np.arange(self.num_items + 1, self.num_items + sizes.size + 1, dtype="<i8")
+            self._docs.write(docs.tobytes())
+            self.num_docs += sizes.size
+        self.num_items += sizes.size
+        self.num_tokens += flat.size
+
+    def add_item(self, tokens) -> None:
+        """Append one item (does not end the document)."""
+        arr = self._check(tokens)
+        self.add_items(arr, [arr.size], end_documents=False)
+
+    def end_document(self) -> None:
+        """Mark the items added so far as the end of a document."""
+        self._docs.write(np.array([self.num_items], "<i8").tobytes())
+        self.num_docs += 1
+
+    def add_document(self, tokens) -> None:
+        """Append one item that is a whole document."""
+        arr = self._check(tokens)
+        self.add_items(arr, [arr.size], end_documents=True)
+
+    def finish(self) -> None:
+        """Write the index and rename both files into place (.bin first)."""
+        if self._done:
+            return
+        try:
+            self._bin.flush()
+            with open(self._tmp_idx, "wb") as idx:
+                idx.write(HEADER.pack(MAGIC, VERSION, self.code, self.num_items, self.num_docs))
+                for part in (self._sizes, self._pointers, self._docs):
+                    part.flush()
+                    part.seek(0)
+                    shutil.copyfileobj(part, idx, 1 << 20)
+            # A stale .idx must never sit beside the new .bin.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.idx_path)
+        except BaseException:
+            self.abort()
+            raise
+        self._done = True
+        self._stack.close()
+
+    def abort(self) -> None:
+        """Discard everything written; no .bin/.idx is created or changed."""
+        if not self._done:
+            self._done = True
+            self._stack.__exit__(_Abort, _Abort(), None)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.finish()
+        else:
+            self.abort()
+        return False
+
+
+def write_binidx(path, documents, dtype=np.uint16) -> tuple:
+    """Write each array of `documents` as one item and one document; return (tokens, items).
+
+    No end-of-document token is added: include it in the arrays if you want one.
+    """
+    with BinIdxWriter(path, dtype) as w:
+        for doc in documents:
+            w.add_document(doc)
+    return w.num_tokens, w.num_items

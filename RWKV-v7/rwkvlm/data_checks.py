@@ -1,0 +1,117 @@
+"""Checks of the training data against the settings, before any training work.
+
+Each mistake the tutorial's FAQ lists (wrong data_file, CTX_LEN not the one of
+make_data, wrong --my_exit_tokens / --magic_prime) gets a message with the
+value found, the value expected and the line to paste into the run script.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from rwkvlm.errors import UserError
+
+
+def _right_line(n_tokens: int, ctx_len: int) -> str:
+    from rwkvlm.magic_prime import magic_prime
+
+    p = magic_prime(n_tokens, ctx_len)
+    if p is None:
+        return f"(this data is too short for ctx_len {ctx_len}: it needs at least {3 * ctx_len} tokens)"
+    return f"--my_exit_tokens {n_tokens} --magic_prime {p} --ctx_len {ctx_len}"
+
+
+def open_training_data(cfg):
+    """Open cfg.data_file and check it against cfg. Returns the BinIdx.
+
+    Raises UserError for: a missing data file, ctx_len / magic_prime that do not
+    fit the data, data shorter than 3 x ctx_len, token ids >= vocab_size.
+    Warns when --my_exit_tokens differs from the tokens in the file.
+    """
+    from rwkvlm.binidx import BinIdx
+    from rwkvlm.magic_prime import is_prime, magic_prime
+    from rwkvlm.make_data import read_meta
+
+    base = Path(cfg.data_file)
+    if base.suffix in (".bin", ".idx"):
+        raise UserError(
+            f"data_file is {cfg.data_file!r}: give the path WITHOUT the extension "
+            f"(data_file={str(base.with_suffix(''))!r}); the .bin/.idx pair is found from it."
+        )
+    bin_path, idx_path = Path(str(base) + ".bin"), Path(str(base) + ".idx")
+    missing = [str(p.resolve()) for p in (bin_path, idx_path) if not p.is_file()]
+    if missing:
+        raise UserError(
+            f"data_file {cfg.data_file!r} not found: tried {' and '.join(missing)} "
+            f"(working directory {Path.cwd()}). Set data_file in the script to the make_data output "
+            f"path without extension, relative to RWKV-v7/train_temp or absolute, "
+            f"e.g. data_file=\"../../RWKV-v5/demo\"."
+        )
+    data = BinIdx(str(base))
+    n = int(data.num_tokens)
+    ctx = cfg.ctx_len
+
+    if n < 3 * ctx:
+        raise UserError(
+            f"{bin_path} holds {n} tokens, fewer than 3 x ctx_len = {3 * ctx}. Add data, use more copies "
+            f"in make_data.py (its second argument), or lower CTX_LEN."
+        )
+
+    meta = read_meta(str(base))
+    right = _right_line(n, ctx)
+    if meta is not None and meta.get("ctx_len") and int(meta["ctx_len"]) != ctx:
+        if cfg.magic_prime != magic_prime(n, ctx):
+            raise UserError(
+                f"CTX_LEN is {ctx} but {bin_path.name} was prepared for ctx_len {meta['ctx_len']} "
+                f"(make_data.py ... {meta['ctx_len']}). Either set CTX_LEN=\"{meta['ctx_len']}\", or keep "
+                f"{ctx} and use the numbers for it: {right}"
+            )
+        warnings.warn(
+            f"training at ctx_len {ctx} on data prepared for ctx_len {meta['ctx_len']} "
+            f"(your --magic_prime fits ctx_len {ctx}, so this works).",
+            stacklevel=2,
+        )
+
+    p = cfg.magic_prime
+    want = magic_prime(n, ctx)
+    if p != want:
+        why = []
+        if p <= 0:
+            why.append("it is not set")
+        else:
+            if not is_prime(p):
+                why.append(f"{p} is not prime")
+            if p % 3 != 2:
+                why.append(f"{p} is not of the form 3n+2 ({p} mod 3 = {p % 3})")
+            if not why:
+                why.append(f"{p} is not the magic_prime of this data at ctx_len {ctx} (expected {want})")
+        raise UserError(
+            f"--magic_prime is wrong: {'; '.join(why)}. For {bin_path.name} ({n} tokens) at ctx_len {ctx} "
+            f"use this line (make_data.py prints it):\n    {right}"
+        )
+
+    if cfg.my_exit_tokens != n:
+        warnings.warn(
+            f"--my_exit_tokens is {cfg.my_exit_tokens} but {bin_path.name} holds {n} tokens: training will "
+            f"run for {cfg.my_exit_tokens / n:.3g} passes over the data. For exactly one pass use: {right}",
+            stacklevel=2,
+        )
+
+    dtype_max = np.iinfo(data.tokens.dtype).max if np.issubdtype(data.tokens.dtype, np.integer) else None
+    if dtype_max is None or dtype_max >= cfg.vocab_size:
+        top = _max_token(data.tokens)
+        if top >= cfg.vocab_size:
+            raise UserError(
+                f"{bin_path.name} holds token id {top} but --vocab_size is {cfg.vocab_size}. Use "
+                f"--vocab_size {max(65536, top + 1)} (65536 for the World vocabulary), or re-run make_data.py."
+            )
+    return data
+
+
+def _max_token(tokens, chunk: int = 1 << 26) -> int:
+    top = 0
+    for i in range(0, len(tokens), chunk):
+        top = max(top, int(np.max(tokens[i : i + chunk])))
+    return top

@@ -1,0 +1,266 @@
+"""The LightningModule that trains RWKV-7 by the recipe.
+
+It owns the per-step learning rate, the mini-epoch bookkeeping (train_log.txt,
+rwkv-N.pth, rwkv-final.pth), the exact-resume states and the optional wandb
+log. Global step numbers count from the very first run: a run that resumes
+at step k continues the schedule, the data order and the mini-epoch numbering
+from k.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader
+
+from rwkvlm.atomic import atomic_open, atomic_torch_save
+from rwkvlm.checkpoint import run_fingerprint, save_resume_state
+from rwkvlm.dataset import MagicPrimeDataset, StepSampler
+from rwkvlm.optim import lr_at, make_optimizer, param_groups
+
+SAVE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "tf32": torch.float32}
+
+
+class RWKVTrainModule(pl.LightningModule):
+    def __init__(self, cfg, model, data, start, log=print):
+        super().__init__()
+        self.cfg = cfg
+        self.model = model
+        self.data = data  # BinIdx
+        self.start = start  # checkpoint.StartPoint
+        self.print_fn = log
+        st = start.state
+        self.run_start_step = int(st.get("run_start_step", start.step))
+        self.epoch_loss_sum = float(st.get("epoch_loss_sum", 0.0))
+        self.epoch_loss_count = int(st.get("epoch_loss_count", 0))
+        self.wandb_id = st.get("wandb_id")
+        self.wandb_run = None
+        self.last_save_time = time.monotonic()
+        self.t_last = None
+        self.kt_s = 0.0
+        self.lr_now = 0.0
+        self.proj = Path(cfg.proj_dir)
+
+    # ------------------------------------------------------------ steps
+    @property
+    def step(self) -> int:
+        """Global optimiser step about to run (before the step) or just run (after it)."""
+        return self.start.step + self.trainer.global_step
+
+    def train_dataloader(self):
+        ds = MagicPrimeDataset(
+            self.data.tokens, self.cfg.ctx_len, self.cfg.magic_prime, self.cfg.micro_bsz,
+            self.cfg.epoch_steps, rank=self.global_rank, world_size=self.cfg.world_size,
+            mini_epoch_samples=self.cfg.mini_epoch_samples,
+        )
+        sampler = StepSampler(self.cfg.micro_bsz, self.start.step, self.cfg.total_steps)
+        return DataLoader(ds, batch_size=self.cfg.micro_bsz, sampler=sampler, num_workers=0,
+                          pin_memory=self.device.type == "cuda", drop_last=True)
+
+    def configure_optimizers(self):
+        groups = param_groups(self.model, self.cfg.weight_decay)
+        lr = lr_at(self.start.step, self.start.step - self.run_start_step, self.cfg)
+        return make_optimizer(groups, self.cfg, lr, self.device.type)
+
+    def forward(self, idx):
+        return self.model(idx)
+
+    def training_step(self, batch, batch_idx):
+        idx, targets = batch  # (B, T), (B, T)
+        return self.model.loss(idx, targets)
+
+    # ------------------------------------------------------------ hooks
+    def on_train_start(self):
+        if self.start.resume_dir is not None:
+            self._restore_resume_state()
+        if self.global_rank == 0:
+            self._trim_logs()
+        if self.global_rank == 0 and self.cfg.wandb:
+            self._start_wandb()
+        self.t_last = time.perf_counter()
+
+    def on_train_batch_start(self, batch, batch_idx):
+        step = self.step
+        self.lr_now = lr_at(step, step - self.run_start_step, self.cfg)
+        for g in self.trainer.optimizers[0].param_groups:
+            g["lr"] = self.lr_now * g.get("lr_scale", 1.0)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        cfg = self.cfg
+        loss = float(outputs["loss"].detach()) if isinstance(outputs, dict) else float(outputs.detach())
+        now = time.perf_counter()
+        dt = now - self.t_last
+        self.t_last = now
+        kt_s = cfg.tokens_per_step / dt / 1000.0
+        self.kt_s = kt_s if self.kt_s == 0 else 0.9 * self.kt_s + 0.1 * kt_s
+        self.epoch_loss_sum += loss
+        self.epoch_loss_count += 1
+        step = self.step  # steps done so far
+        mini_epoch = (step - 1) // cfg.epoch_steps
+        self.log_dict({"loss": loss, "lr": self.lr_now, "Kt/s": self.kt_s, "ep": float(mini_epoch)},
+                      prog_bar=True, logger=False, on_step=True, on_epoch=False)
+        if self.global_rank == 0:
+            self._log_step(step, loss, kt_s)
+
+        epoch_done = step % cfg.epoch_steps == 0
+        final = step >= cfg.total_steps
+        if epoch_done:
+            self._end_mini_epoch(mini_epoch)
+        if final:
+            self._save_weights(self.proj / "rwkv-final.pth")
+            if self.global_rank == 0:
+                self.print_fn(f"\nreached --my_exit_tokens ({cfg.my_exit_tokens}): wrote {self.proj / 'rwkv-final.pth'}")
+            return
+        want_state = epoch_done or (cfg.save_every_steps > 0 and step % cfg.save_every_steps == 0)
+        if cfg.save_every_minutes > 0:
+            due = time.monotonic() - self.last_save_time >= cfg.save_every_minutes * 60
+            want_state = want_state or bool(self.trainer.strategy.broadcast(due, src=0))
+        if want_state:
+            self._save_resume_state(step)
+
+    def on_train_end(self):
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+
+    # ------------------------------------------------------------ mini-epochs and saving
+    def _end_mini_epoch(self, mini_epoch: int):
+        cfg = self.cfg
+        epoch_in_run = mini_epoch - self.start.epoch_begin
+        if self.global_rank == 0:
+            mean = self.epoch_loss_sum / max(1, self.epoch_loss_count)
+            line = (f"{mini_epoch} {mean:.6f} {math.exp(min(mean, 50)):.4f} {self.lr_now:.8f} "
+                    f"{datetime.datetime.now()} {epoch_in_run}\n")
+            with open(self.proj / "train_log.txt", "a") as f:
+                f.write(line)
+        self.epoch_loss_sum, self.epoch_loss_count = 0.0, 0
+        if cfg.epoch_save > 0 and epoch_in_run % cfg.epoch_save == 0:
+            self._save_weights(self.proj / f"rwkv-{mini_epoch}.pth")
+
+    def gathered_state_dict(self) -> dict | None:
+        """The model's full state dict on rank 0 (None elsewhere); collective under ZeRO-3."""
+        strategy = self.trainer.strategy
+        engine = getattr(strategy, "deepspeed_engine", None)
+        if engine is not None and engine.zero_optimization_stage() == 3:
+            full = engine._zero3_consolidated_16bit_state_dict()  # collective
+            if self.global_rank != 0:
+                return None
+            return {k.removeprefix("model."): v for k, v in full.items()}
+        if self.global_rank != 0:
+            return None
+        return self.model.state_dict()
+
+    def _save_weights(self, path: Path):
+        sd = self.gathered_state_dict()
+        if sd is not None:
+            dtype = SAVE_DTYPES[self.cfg.precision]
+            sd = {k: v.detach().to("cpu", dtype=dtype if v.is_floating_point() else v.dtype).contiguous()
+                  for k, v in sd.items()}
+            atomic_torch_save(sd, path)
+        self.trainer.strategy.barrier()
+
+    def _save_resume_state(self, step: int):
+        engine = getattr(self.trainer.strategy, "deepspeed_engine", None)
+        state = {
+            "format": 1, "step": step, "run_start_step": self.run_start_step,
+            "epoch_begin": self.start.epoch_begin, "epoch_loss_sum": self.epoch_loss_sum,
+            "epoch_loss_count": self.epoch_loss_count, "tokens": step * self.cfg.tokens_per_step,
+            "wandb_id": self.wandb_id, "kind": "deepspeed" if engine is not None else "torch",
+            "fingerprint": run_fingerprint(self.cfg), "saved_at": str(datetime.datetime.now()),
+        }
+
+        def write_payload(d: Path):
+            if engine is not None:
+                engine.save_checkpoint(str(d / "ds"), tag="state", save_latest=False)
+            elif self.global_rank == 0:
+                atomic_torch_save({"model": self.model.state_dict(),
+                                   "optimizer": self.trainer.optimizers[0].state_dict()}, d / "trainer.pt")
+
+        save_resume_state(self.proj, step, state, write_payload, self.cfg.keep_resume,
+                          is_rank0=self.global_rank == 0, barrier=self.trainer.strategy.barrier)
+        self.last_save_time = time.monotonic()
+
+    def _restore_resume_state(self):
+        d = self.start.resume_dir
+        engine = getattr(self.trainer.strategy, "deepspeed_engine", None)
+        if engine is not None:
+            engine.load_checkpoint(str(d / "ds"), tag="state", load_optimizer_states=True,
+                                   load_lr_scheduler_states=False, load_module_strict=True)
+        else:
+            self.trainer.optimizers[0].load_state_dict(self.start.payload["optimizer"])
+        if self.global_rank == 0:
+            self.print_fn(f"resumed exactly from {d} (step {self.start.step})")
+
+    # ------------------------------------------------------------ logs
+    def _trim_logs(self):
+        """Drop log lines past the start point, left by a run that was killed after writing them."""
+        first_epoch = self.start.step // self.cfg.epoch_steps
+        _filter_lines(self.proj / "train_log.txt", lambda ln: int(ln.split()[0]) < first_epoch)
+        _filter_lines(self.proj / "loss_log.csv",
+                      lambda ln: ln.startswith("step") or int(ln.split(",")[0]) <= self.start.step)
+
+    def _log_step(self, step: int, loss: float, kt_s: float):
+        path = self.proj / "loss_log.csv"
+        new = not path.exists()
+        with open(path, "a") as f:
+            if new:
+                f.write("step,tokens,loss,lr,kt_s,time\n")
+            f.write(f"{step},{step * self.cfg.tokens_per_step},{loss:.6f},{self.lr_now:.8g},{kt_s:.3f},"
+                    f"{time.time():.3f}\n")
+        if self.wandb_run is not None:
+            self.wandb_run.log({
+                "loss": loss, "lr": self.lr_now, "wd": self.cfg.weight_decay,
+                "Gtokens": step * self.cfg.tokens_per_step / 1e9, "kt/s": kt_s,
+            }, step=step)
+
+    def _start_wandb(self):
+        try:
+            import wandb
+        except ImportError:
+            self.print_fn("note: --wandb is set but the wandb package is not installed (pip install wandb); "
+                          "training continues without it.")
+            return
+        settings = {}
+        if not os.environ.get("WANDB_MODE") and not _wandb_logged_in():
+            settings["mode"] = "offline"
+            self.print_fn("note: no wandb login found: logging offline (sync later with `wandb sync`).")
+        self.wandb_id = self.wandb_id or wandb.util.generate_id()
+        cfg = dict(vars(self.cfg))
+        self.wandb_run = wandb.init(
+            project=self.cfg.wandb, id=self.wandb_id, resume="allow", dir=str(self.proj),
+            name=f"L{self.cfg.n_layer}-D{self.cfg.n_embd}-x070 {datetime.datetime.now():%Y-%m-%d %H:%M}",
+            config=json.loads(json.dumps(cfg, default=str)), **settings,
+        )
+
+
+def _filter_lines(path: Path, keep) -> None:
+    """Rewrite `path` (crash-safely) without the lines for which keep(line) is false."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [ln for ln in lines if not ln.strip() or _safe(keep, ln)]
+    if len(kept) != len(lines):
+        with atomic_open(path, "w") as f:
+            f.writelines(kept)
+
+
+def _safe(keep, line) -> bool:
+    try:
+        return bool(keep(line))
+    except (ValueError, IndexError):
+        return True  # not a line we wrote: leave it
+
+
+def _wandb_logged_in() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        return "api.wandb.ai" in netrc.read_text()
+    except OSError:
+        return False

@@ -1,0 +1,433 @@
+"""jsonl -> binidx, as RWKV-LM's make_data.py: `python make_data.py demo.jsonl 30 4096`.
+
+Writes <name>.bin/.idx (uint16 World tokens, one item per document, token 0
+after each document) holding N copies of the documents, each copy in a fresh
+shuffle, then prints `--my_exit_tokens T --magic_prime P --ctx_len C` and
+saves the numbers to <name>.meta.json.
+
+How: each distinct document is tokenized once (pass 1) into an anonymous
+temporary file plus an offsets array; pass 2 writes the N permutations from
+it in bounded chunks. Memory does not grow with N, and inputs larger than
+RAM work: the token file is memory-mapped and its pages are released as
+pass 2 goes. Nothing appears under the output names until all is written.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import mmap
+import os
+import secrets
+import sys
+import tempfile
+from array import array
+from pathlib import Path
+
+import numpy as np
+
+from .atomic import atomic_open
+from .binidx import BinIdx, BinIdxWriter, split_path
+from .errors import UserError
+from .magic_prime import check_magic_prime, magic_prime
+
+DTYPE = np.dtype("<u2")
+END_OF_DOC = 0
+PREVIEW_TOKENS = 100
+CHUNK_DOCS = 2048  # documents gathered per pass-2 chunk
+CHUNK_TOKENS = 1 << 20  # and at most this many tokens (unless one document is larger)
+RESIDENT_BUDGET = 32 << 20  # bytes of the token file allowed to stay mapped in pass 2
+_BOM = b"\xef\xbb\xbf"
+
+
+# ---------------------------------------------------------------- pass 1: read and tokenize
+
+class BadLine(Exception):
+    """One unusable input line: its number, a category and what is wrong."""
+
+    def __init__(self, line_no: int, category: str, detail: str):
+        super().__init__(f"line {line_no}: {detail}")
+        self.line_no, self.category, self.detail = line_no, category, detail
+
+
+def _snippet(text: str, limit: int = 60) -> str:
+    return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
+def _parse_line(raw: bytes, line_no: int) -> str:
+    """The "text" of one non-empty jsonl line, or BadLine."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadLine(
+            line_no, "invalid UTF-8",
+            f"not valid UTF-8 (byte {raw[e.start]:#04x} at byte {e.start + 1} of the line); "
+            "re-save the file as UTF-8",
+        ) from None
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise BadLine(
+            line_no, "invalid JSON",
+            f"not valid JSON ({e.msg} at column {e.colno}), found {_snippet(line)}; "
+            'each line must be one JSON object like {"text": "..."}',
+        ) from None
+    if not isinstance(obj, dict):
+        raise BadLine(
+            line_no, "not an object",
+            f'expected a JSON object like {{"text": "..."}}, found a JSON {type(obj).__name__}: {_snippet(line)}',
+        )
+    if "text" not in obj:
+        raise BadLine(
+            line_no, 'no "text"',
+            f'the object has no "text" field (its fields: {sorted(obj)[:10]}); '
+            'each line needs {"text": "..."}',
+        )
+    text = obj["text"]
+    if not isinstance(text, str):
+        raise BadLine(
+            line_no, '"text" not a string',
+            f'"text" must be a string, found a JSON {type(text).__name__}: {_snippet(json.dumps(text))}',
+        )
+    return text
+
+
+def _check_round_trip(tokenizer, text: str, ids, line_no: int) -> None:
+    if tokenizer.round_trips(text, ids):
+        return
+    bad = next((i for i, ch in enumerate(text) if 0xD800 <= ord(ch) <= 0xDFFF), None)
+    if bad is not None:
+        why = (f"it contains the lone surrogate \\u{ord(text[bad]):04x} at character {bad + 1} "
+               "(a JSON \\uXXXX escape without its pair), which UTF-8 cannot encode")
+    else:
+        why = "decode(encode(text)) differs from the text"
+    raise BadLine(line_no, "does not round-trip", f"the text does not survive tokenization: {why}; fix the text")
+
+
+def _iter_lines(f, max_line_bytes: int):
+    """(line_no, raw bytes or BadLine, bytes consumed) for every line, without reading
+    more than max_line_bytes of one line into memory."""
+    line_no = 0
+    while True:
+        raw = f.readline(max_line_bytes + 1)
+        if not raw:
+            return
+        line_no += 1
+        consumed = len(raw)
+        if len(raw) > max_line_bytes and not raw.endswith(b"\n"):
+            while raw and not raw.endswith(b"\n"):
+                raw = f.readline(1 << 20)
+                consumed += len(raw)
+            yield line_no, BadLine(
+                line_no, "line too long",
+                f"the line is {consumed / 1e6:.1f} MB, more than the {max_line_bytes / 1e6:g} MB limit "
+                "per document; split the document into smaller ones, or raise --max-line-mb",
+            ), consumed
+            continue
+        if line_no == 1 and raw.startswith(_BOM):
+            raw = raw[len(_BOM):]
+        yield line_no, raw, consumed
+
+
+class Pass1:
+    """Tokenize every distinct document once into `tokens_file` (uint16, 0 after each)."""
+
+    def __init__(self, tokenizer, tokens_file, skip_bad: bool):
+        self.tokenizer, self.tokens_file, self.skip_bad = tokenizer, tokens_file, skip_bad
+        self.ends = array("q", [0])  # token offset where each document ends
+        self.non_empty_lines = 0
+        self.bad = []  # BadLine, when skipping
+
+    def run(self, path: Path, max_line_bytes: int, progress) -> None:
+        encode, tokenizer = self.tokenizer.encode, self.tokenizer
+        buf, ends, flush_at = [], self.ends, 1 << 20
+        total = 0
+        pending = 0
+        with open(path, "rb") as f:
+            for line_no, raw, consumed in _iter_lines(f, max_line_bytes):
+                pending += consumed
+                if pending >= 1 << 20:
+                    progress.update(pending)
+                    pending = 0
+                try:
+                    if isinstance(raw, BadLine):
+                        self.non_empty_lines += 1
+                        raise raw
+                    raw = raw.strip()
+                    if not raw:
+                        continue
+                    self.non_empty_lines += 1
+                    text = _parse_line(raw, line_no)
+                    try:
+                        ids = encode(text)
+                    except UnicodeEncodeError:
+                        ids = None
+                    _check_round_trip(tokenizer, text, ids or [], line_no)
+                except BadLine as e:
+                    if not self.skip_bad:
+                        raise UserError(
+                            f"{path}, {e}. Fix or delete that line, or run again with --skip-bad "
+                            "to skip bad lines. Nothing was written."
+                        ) from None
+                    self.bad.append(e)
+                    continue
+                buf.extend(ids)
+                buf.append(END_OF_DOC)
+                total += len(ids) + 1
+                ends.append(total)
+                if len(buf) >= flush_at:
+                    self.tokens_file.write(np.array(buf, dtype=DTYPE).tobytes())
+                    buf.clear()
+        if buf:
+            self.tokens_file.write(np.array(buf, dtype=DTYPE).tobytes())
+        self.tokens_file.flush()
+        progress.update(pending)
+
+    @property
+    def documents(self) -> int:
+        return len(self.ends) - 1
+
+    def skipped_summary(self) -> str:
+        by_kind = {}
+        for e in self.bad:
+            by_kind.setdefault(e.category, []).append(e.line_no)
+        parts = []
+        for kind, lines in by_kind.items():
+            shown = ", ".join(map(str, lines[:5])) + (", ..." if len(lines) > 5 else "")
+            parts.append(f"{len(lines)} {kind} (line{'s' if len(lines) > 1 else ''} {shown})")
+        return "; ".join(parts)
+
+
+# ---------------------------------------------------------------- pass 2: write the copies
+
+def copy_orders(n_docs: int, copies: int, seed: int):
+    """The document order of each copy: `copies` independent permutations of range(n_docs)."""
+    rng = np.random.default_rng(seed)
+    for _ in range(copies):
+        yield rng.permutation(n_docs)
+
+
+def _gather(tokens: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """tokens[starts[k] : starts[k] + lengths[k]] for each k, back to back (lengths >= 1)."""
+    total = int(lengths.sum())
+    if len(starts) == 1:
+        return np.array(tokens[int(starts[0]) : int(starts[0]) + total])
+    # index = cumulative sum of steps: +1 inside a document, a jump at each document start
+    index = np.ones(total, dtype=np.int64)
+    index[0] = starts[0]
+    index[(np.cumsum(lengths) - lengths)[1:]] = starts[1:] - (starts[:-1] + lengths[:-1] - 1)
+    np.cumsum(index, out=index)
+    return tokens[index]
+
+
+class _TokenMap:
+    """Read-only map of the pass-1 token file whose resident pages stay under a budget."""
+
+    def __init__(self, f, n_tokens: int):
+        self.size = n_tokens * DTYPE.itemsize
+        self._mm = mmap.mmap(f.fileno(), self.size, access=mmap.ACCESS_READ)
+        self.tokens = np.frombuffer(self._mm, dtype=DTYPE, count=n_tokens)
+        self._limit = self.size > RESIDENT_BUDGET and hasattr(self._mm, "madvise")
+        self._touched = 0
+        if self._limit:
+            self._mm.madvise(mmap.MADV_RANDOM)  # no read-around: map only the pages used
+
+    def touched(self, n_docs: int, n_tokens: int) -> None:
+        if self._limit:
+            self._touched += n_docs * 2 * mmap.PAGESIZE + n_tokens * DTYPE.itemsize
+            if self._touched > RESIDENT_BUDGET:
+                self._mm.madvise(mmap.MADV_DONTNEED)  # drop our mappings; the page cache keeps the data
+                self._touched = 0
+
+    def close(self) -> None:
+        del self.tokens
+        self._mm.close()
+
+
+def write_copies(token_map: _TokenMap, ends: np.ndarray, orders, writer: BinIdxWriter, progress) -> None:
+    """Append each order's documents (a permutation) to the writer, chunk by chunk."""
+    starts_all, lengths_all = ends[:-1], np.diff(ends)
+    tokens = token_map.tokens
+    for order in orders:
+        lengths = lengths_all[order]
+        cum = np.cumsum(lengths)
+        i, n = 0, len(order)
+        while i < n:
+            base = cum[i - 1] if i else 0
+            j = int(np.searchsorted(cum, base + CHUNK_TOKENS, side="right"))
+            j = min(max(j, i + 1), i + CHUNK_DOCS, n)
+            docs = order[i:j]
+            flat = _gather(tokens, starts_all[docs], lengths[i:j])
+            writer.add_items(flat, lengths[i:j])
+            token_map.touched(j - i, flat.size)
+            progress.update(flat.size)
+            i = j
+
+
+# ---------------------------------------------------------------- reporting
+
+def _preview(tokenizer, data: BinIdx, name: str, i: int) -> str:
+    size = int(data.sizes[i])
+    ids = np.asarray(data.get(i), dtype=np.int64)
+    body = ids[:-1] if size and ids[-1] == END_OF_DOC else ids
+    head = "-" * 70 + f"[{name} idx {i} sz {size}]"
+    if len(body) > PREVIEW_TOKENS:
+        return "\n".join(
+            (head, tokenizer.decode(body[:PREVIEW_TOKENS]), "· " * 30, tokenizer.decode(body[-PREVIEW_TOKENS:]))
+        )
+    return head + "\n" + tokenizer.decode(body)
+
+
+def read_meta(path) -> dict | None:
+    """The numbers make_data saved beside <path>.bin/.idx, or None if there is no sidecar."""
+    meta_path = Path(str(split_path(path)) + ".meta.json")
+    try:
+        with open(meta_path, "r", encoding="utf-8") as f:
+            meta = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {meta_path} ({e}); delete it or re-run make_data.py") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{meta_path} does not hold a JSON object; delete it or re-run make_data.py")
+    return meta
+
+
+def _progress(total: int, desc: str, unit: str, enabled: bool):
+    from tqdm import tqdm
+
+    # disable=None: shown only on a terminal
+    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, leave=False,
+                disable=None if enabled else True, mininterval=0.5)
+
+
+# ---------------------------------------------------------------- main
+
+def _positive_int(name: str, value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise UserError(f"{name} must be a whole number, found {value!r}") from None
+    if n < 1:
+        raise UserError(f"{name} must be at least 1, found {n}")
+    return n
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        prog="make_data.py",
+        description="Convert a jsonl file ({\"text\": ...} per line) into RWKV binidx training data.",
+        epilog="Example: python make_data.py demo.jsonl 30 4096",
+    )
+    parser.add_argument("input", help="input .jsonl file, one {\"text\": \"...\"} object per line")
+    parser.add_argument("copies", help="number of shuffled copies of the data (the tutorial uses 30)")
+    parser.add_argument("ctx_len", help="training context length (e.g. 4096); used for magic_prime")
+    parser.add_argument("--seed", type=int, default=None, help="shuffle seed (default: random; printed)")
+    parser.add_argument("--skip-bad", action="store_true", help="skip bad lines instead of stopping")
+    parser.add_argument("--out-dir", default=".", help="where to write <name>.bin/.idx/.meta.json (default: .)")
+    parser.add_argument("--max-line-mb", type=float, default=16.0,
+                        help="largest allowed line (document) in MB (default 16)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    copies = _positive_int("the number of copies (2nd argument)", args.copies)
+    ctx_len = _positive_int("ctx_len (3rd argument)", args.ctx_len)
+    if not args.max_line_mb > 0:
+        raise UserError(f"--max-line-mb must be positive, found {args.max_line_mb}")
+    src = Path(args.input)
+    if not src.exists():
+        raise UserError(f"the input file {src} does not exist; give the path of your .jsonl file")
+    if not src.is_file():
+        raise UserError(f"the input {src} is not a file; give the path of your .jsonl file")
+    name = os.path.splitext(src.name)[0]
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    prefix = out_dir / name
+    bin_path, idx_path, meta_path = (Path(f"{prefix}{ext}") for ext in (".bin", ".idx", ".meta.json"))
+    for p in (bin_path, idx_path, meta_path):
+        if p.exists() and p.resolve() == src.resolve():
+            raise UserError(f"the output {p} would overwrite the input {src}; rename the input to end in .jsonl")
+    if args.seed is not None and args.seed < 0:
+        raise UserError(f"--seed must be 0 or more, found {args.seed}")
+    seed = secrets.randbits(63) if args.seed is None else args.seed
+    show = not args.no_progress
+
+    from .tokenizer import get_tokenizer
+
+    tokenizer = get_tokenizer()
+    print(f"### Convert {src} to {name}.bin/idx...", flush=True)
+    with tempfile.TemporaryFile(dir=out_dir, prefix=f".{name}.tokens.") as tokens_file:
+        size = src.stat().st_size
+        p1 = Pass1(tokenizer, tokens_file, args.skip_bad)
+        with _progress(size, "tokenizing", "B", show and size > (8 << 20)) as bar:
+            p1.run(src, int(args.max_line_mb * 1_000_000), bar)
+        print(f"### Found {p1.non_empty_lines} non-empty lines in {src}", flush=True)
+        if p1.bad:
+            print(f"### Skipped {len(p1.bad)} bad lines: {p1.skipped_summary()}", flush=True)
+        n_docs = p1.documents
+        if n_docs == 0:
+            if p1.bad:
+                raise UserError(f"all {len(p1.bad)} non-empty lines of {src} are bad; nothing to write")
+            raise UserError(
+                f"{src} has no documents ({'it is empty' if size == 0 else 'only blank lines'}); "
+                'give a .jsonl file with one {"text": "..."} object per line'
+            )
+        ends = np.frombuffer(p1.ends, dtype=np.int64)
+        doc_tokens = int(ends[-1])
+        print(f"### Tokenized {n_docs} documents once ({doc_tokens} tokens); "
+              f"writing {copies} shuffled copies (--seed {seed})...", flush=True)
+        token_map = _TokenMap(tokens_file, doc_tokens)
+        try:
+            with BinIdxWriter(prefix, DTYPE) as writer, \
+                    _progress(doc_tokens * copies, "writing", "tok", show and doc_tokens * copies > (16 << 20)) as bar:
+                write_copies(token_map, ends, copy_orders(n_docs, copies, seed), writer, bar)
+                with contextlib.suppress(FileNotFoundError):
+                    meta_path.unlink()  # never leave numbers of older files beside the new ones
+        finally:
+            token_map.close()
+    return _report(tokenizer, prefix, name, src, n_docs, copies, ctx_len, seed, len(p1.bad))
+
+
+def _report(tokenizer, prefix, name, src, n_docs, copies, ctx_len, seed, skipped) -> int:
+    print("### Verifying result...", flush=True)
+    data = BinIdx(prefix)
+    tokens, items = data.num_tokens, data.num_items
+    assert items == n_docs * copies, (items, n_docs, copies)
+    for i in sorted({0, items - 1}):
+        print(_preview(tokenizer, data, name, i))
+    print(f"{'-' * 80}\n### Final {name}.bin/idx has {tokens} tokens, {items} items. Dtype {data.dtype}")
+    p = magic_prime(tokens, ctx_len)
+    meta = {
+        "tokens": tokens, "items": items, "documents": n_docs, "ctx_len": ctx_len, "magic_prime": p,
+        "copies": copies, "vocab": tokenizer.vocab_name, "dtype": "uint16", "source": str(src),
+        "seed": seed, "skipped_lines": skipped,
+    }
+    if p is None:
+        print(f"\n### Not enough data for magic_prime: {tokens} tokens is fewer than 3 x ctx_len = "
+              f"{3 * ctx_len}. Use more data, more copies, or a smaller ctx_len.\n")
+    else:
+        print(f"\n### magic_prime = {p} (for ctxlen {ctx_len})")
+        print(f"\n--my_exit_tokens {tokens} --magic_prime {p} --ctx_len {ctx_len}\n")
+        try:
+            check_magic_prime(p, tokens, ctx_len)
+        except UserError:
+            print(f"### WARNING: {p} is under 0.9 x the {tokens // ctx_len} ctx_len slots of this data, "
+                  "so the trainer will refuse it; use more data or more copies.\n")
+    with atomic_open(Path(f"{prefix}.meta.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+        f.write("\n")
+    print(f"### Saved these numbers to {prefix}.meta.json", flush=True)
+    return 0
+
+
+def cli() -> int:
+    from .errors import run_cli
+
+    return run_cli(main, sys.argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,78 @@
+"""Optimiser parameter groups and the learning-rate schedule of the recipe.
+
+Groups: `att.w0` at 2x lr with no decay; 2-D `.weight` tensors with
+weight_decay (only when it is > 0); everything else at 1x lr with no decay.
+Each group carries `lr_scale`; the schedule sets `lr = lr_now * lr_scale`.
+
+lr: cosine from lr_init to lr_final over tokens, with a warmup over the first
+warmup_steps of a run (spec, "Optimiser and schedule").
+"""
+from __future__ import annotations
+
+import math
+
+
+def param_groups(model, weight_decay: float):
+    """Split model parameters into the recipe's groups (names sorted, stable)."""
+    lr_1x, lr_2x, lr_decay = [], [], []
+    for name, p in sorted(model.named_parameters()):
+        if not p.requires_grad:
+            continue
+        if "att.w0" in name:
+            lr_2x.append(p)
+        elif weight_decay > 0 and p.dim() >= 2 and ".weight" in name:
+            lr_decay.append(p)
+        else:
+            lr_1x.append(p)
+    groups = [
+        {"params": lr_1x, "weight_decay": 0.0, "lr_scale": 1.0, "name": "lr_1x"},
+        {"params": lr_2x, "weight_decay": 0.0, "lr_scale": 2.0, "name": "lr_2x"},
+    ]
+    if lr_decay:
+        groups.append({"params": lr_decay, "weight_decay": weight_decay, "lr_scale": 1.0, "name": "lr_decay"})
+    return [g for g in groups if g["params"]]
+
+
+def lr_at(step: int, run_step: int, cfg) -> float:
+    """Learning rate for global optimiser step `step` (0-based).
+
+    `run_step` is the step counted from the start of this run (warmup restarts
+    when a run starts from weights only; an exact resume continues the count).
+    """
+    tokens_seen = step * cfg.tokens_per_step
+    warmup_tokens = cfg.warmup_steps * cfg.tokens_per_step
+    if cfg.my_exit_tokens > warmup_tokens:
+        progress = (tokens_seen - warmup_tokens) / (cfg.my_exit_tokens - warmup_tokens)
+    else:
+        progress = 1.0
+    progress = min(1.0, max(0.0, progress))
+    f = cfg.lr_final / cfg.lr_init
+    lr = cfg.lr_init * ((0.5 + f / 2) + (0.5 - f / 2) * math.cos(math.pi * progress))
+    if run_step < cfg.warmup_steps:
+        lr *= 0.01 + 0.99 * run_step / cfg.warmup_steps
+    return lr
+
+
+def make_optimizer(groups, cfg, lr: float, device_type: str):
+    """Adam (AdamW when weight_decay > 0) as the recipe sets it up.
+
+    DeepSpeed runs use DeepSpeed's FusedAdam on GPU and DeepSpeedCPUAdam when
+    the optimiser is offloaded; other runs use torch's Adam/AdamW.
+    """
+    betas = (cfg.beta1, cfg.beta2)
+    decoupled = cfg.weight_decay > 0
+    if cfg.is_deepspeed and device_type == "cuda":
+        if "offload" in cfg.strategy:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            return DeepSpeedCPUAdam(groups, lr=lr, betas=betas, eps=cfg.adam_eps, bias_correction=True,
+                                    adamw_mode=decoupled, amsgrad=False)
+        from deepspeed.ops.adam import FusedAdam
+
+        return FusedAdam(groups, lr=lr, betas=betas, eps=cfg.adam_eps, bias_correction=True,
+                         adam_w_mode=decoupled, amsgrad=False)
+    import torch
+
+    cls = torch.optim.AdamW if decoupled else torch.optim.Adam
+    kwargs = {"fused": True} if device_type == "cuda" else {"foreach": True}
+    return cls(groups, lr=lr, betas=betas, eps=cfg.adam_eps, **kwargs)

@@ -1,0 +1,206 @@
+"""train.py: train_stage 1 writes rwkv-init.pth; train_stage 3 trains.
+
+    python train.py --train_stage 1 ...   # demo-training-prepare.sh
+    python train.py --train_stage 3 ...   # demo-training-run.sh (re-run to resume)
+
+Every setting is checked before any training work (rwkvlm.config,
+rwkvlm.data_checks, rwkvlm.checkpoint); mistakes end with a message that says
+what to change, never with an AssertionError.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+from rwkvlm.atomic import atomic_torch_save
+from rwkvlm.config import TrainConfig, parse_args
+from rwkvlm.errors import UserError, run_cli
+from rwkvlm.lit import SAVE_DTYPES
+
+
+def log(msg: str) -> None:
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0:
+        print(msg, flush=True)
+
+
+def _seed(cfg: TrainConfig) -> int:
+    seed = cfg.random_seed if cfg.random_seed >= 0 else random.SystemRandom().randrange(2**31)
+    import pytorch_lightning as pl
+
+    pl.seed_everything(seed, workers=True, verbose=False)
+    return seed
+
+
+def prepare(cfg: TrainConfig) -> int:
+    """train_stage 1: the spec's init pass, saved as rwkv-init.pth in the training precision."""
+    from rwkvlm.checkpoint import epoch_checkpoints
+    from rwkvlm.model import RWKV7, count_params
+
+    seed = _seed(cfg)
+    proj = cfg.proj_path
+    proj.mkdir(parents=True, exist_ok=True)
+    mcfg = cfg.model_config()
+    log(f"initialising RWKV-7 L{cfg.n_layer}-D{cfg.n_embd} vocab {cfg.vocab_size} "
+        f"({count_params(mcfg):,} parameters), seed {seed}")
+    model = RWKV7(mcfg)
+    model.init_weights()
+    dtype = SAVE_DTYPES[cfg.precision]
+    sd = {k: v.detach().to(dtype=dtype if v.is_floating_point() else v.dtype).contiguous()
+          for k, v in model.state_dict().items()}
+    out = proj / "rwkv-init.pth"
+    atomic_torch_save(sd, out)
+    log(f"wrote {out} ({dtype})")
+    later = epoch_checkpoints(proj)
+    if later:
+        log(f"note: {proj} already holds {later[0][1].name}; `sh demo-training-run.sh` resumes from it, not "
+            f"from this rwkv-init.pth. Use a new PROJ_DIR to start from scratch.")
+    if cfg.data_file:
+        try:
+            from rwkvlm.data_checks import open_training_data
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                open_training_data(cfg)
+        except UserError as e:
+            log(f"note: the run script will stop with this unless it is fixed:\n  {e}")
+    return 0
+
+
+def _resolve_hardware(cfg: TrainConfig):
+    """Pick accelerator, strategy and precision plugin objects for pl.Trainer."""
+    import pytorch_lightning as pl
+
+    if cfg.accelerator in ("gpu", "auto") and not torch.cuda.is_available():
+        if cfg.accelerator == "gpu":
+            raise UserError(
+                "--accelerator gpu, but no CUDA GPU is visible to PyTorch "
+                f"(torch {torch.__version__}, CUDA build: {torch.version.cuda}). Install a CUDA build of torch, "
+                "or train on CPU with: --accelerator cpu --strategy auto --precision fp32"
+            )
+        cfg.accelerator = "cpu"
+    on_gpu = cfg.accelerator in ("gpu", "auto")
+    precision = {"bf16": "bf16-mixed", "fp16": "16-mixed", "fp32": "32-true", "tf32": "32-true"}[cfg.precision]
+    if cfg.precision == "tf32" and on_gpu:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if cfg.precision == "fp32" and on_gpu:
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+    strategy = cfg.strategy
+    if cfg.is_deepspeed and not on_gpu:
+        fallback = "ddp" if cfg.world_size > 1 else "auto"
+        log(f"note: DeepSpeed needs GPUs; on CPU using --strategy {fallback} instead of {cfg.strategy}.")
+        strategy = fallback
+        cfg.strategy = fallback
+    if strategy.startswith("deepspeed"):
+        try:
+            import deepspeed  # noqa: F401
+        except ImportError:
+            raise UserError(
+                f"--strategy {cfg.strategy} needs DeepSpeed: pip install -e '.[gpu]' (or pip install deepspeed), "
+                f"or use --strategy ddp / auto."
+            ) from None
+        from pytorch_lightning.strategies import DeepSpeedStrategy
+
+        stage = int(strategy.split("_")[2])
+        offload = strategy.endswith("offload")
+        bucket = int(cfg.ds_bucket_mb * 1000 * 1000)
+        strategy = DeepSpeedStrategy(
+            stage=stage, offload_optimizer=offload, offload_parameters=offload and stage == 3,
+            allgather_bucket_size=bucket, reduce_bucket_size=bucket, logging_level=logging.WARNING,
+        )
+    elif strategy == "ddp":
+        from pytorch_lightning.strategies import DDPStrategy
+
+        strategy = DDPStrategy(process_group_backend="nccl" if on_gpu else "gloo", find_unused_parameters=False)
+    elif strategy == "single_device":
+        strategy = "auto"
+    return ("gpu" if on_gpu else "cpu"), strategy, precision
+
+
+def run(cfg: TrainConfig) -> int:
+    """train_stage 3: load the newest save, train to --my_exit_tokens."""
+    import pytorch_lightning as pl
+
+    from rwkvlm.checkpoint import check_weights_fit, find_start
+    from rwkvlm.data_checks import open_training_data
+    from rwkvlm.lit import RWKVTrainModule
+    from rwkvlm.model import RWKV7
+
+    data = open_training_data(cfg)
+    cfg.proj_path.mkdir(parents=True, exist_ok=True)
+    accelerator, strategy, precision = _resolve_hardware(cfg)
+    start = find_start(cfg, log=log)
+    if start.step >= cfg.total_steps:
+        log(f"nothing to do: {start.source} is at step {start.step}, and --my_exit_tokens {cfg.my_exit_tokens} "
+            f"ends at step {cfg.total_steps} (rwkv-final.pth). Raise --my_exit_tokens or use a new PROJ_DIR "
+            f"to train more.")
+        return 0
+    seed = _seed(cfg)
+    model = RWKV7(cfg.model_config())
+    if start.weights is not None:
+        check_weights_fit(start.weights, model, start.source)
+        model.load_state_dict({k: v.float() for k, v in start.weights.items()})
+        start.weights = None  # free the host copy
+    if accelerator == "gpu":
+        _build_kernel_early(cfg)
+
+    log(f"RWKV-7 L{cfg.n_layer}-D{cfg.n_embd} ctx {cfg.ctx_len}, {cfg.world_size} x {cfg.micro_bsz} samples/step, "
+        f"epoch_steps {cfg.epoch_steps}, {cfg.tokens_per_step} tokens/step, steps {start.step} -> "
+        f"{cfg.total_steps}, mini-epoch {start.step // cfg.epoch_steps}, from {start.source}, seed {seed}, "
+        f"{accelerator} {cfg.strategy} {cfg.precision}")
+    module = RWKVTrainModule(cfg, model, data, start, log=log)
+    trainer = pl.Trainer(
+        accelerator=accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes, strategy=strategy,
+        precision=precision, max_epochs=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=cfg.enable_progress_bar, enable_model_summary=False,
+        gradient_clip_val=cfg.grad_clip if cfg.grad_clip > 0 else None, use_distributed_sampler=False,
+        num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=cfg.proj_dir,
+        log_every_n_steps=1000000,
+    )
+    trainer.fit(module)
+    return 0
+
+
+def _build_kernel_early(cfg: TrainConfig) -> None:
+    """Compile (or load) the CUDA WKV kernel before training, so build problems show up first."""
+    try:
+        from rwkvlm import wkv_cuda
+    except ImportError:
+        log("note: rwkvlm.wkv_cuda is missing; training uses the PyTorch WKV path (slow).")
+        return
+    loader = getattr(wkv_cuda, "load_extension", None)
+    if loader is not None:
+        loader(cfg.head_size)
+
+
+def main(argv=None) -> int:
+    cfg = parse_args(argv)
+    cfg.check_settings()
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", ".*`training_step` returned `None`.*")
+    warnings.showwarning = _show_warning
+    if cfg.train_stage == 1:
+        return prepare(cfg)
+    return run(cfg)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    if category is UserWarning and "rwkvlm" in str(filename):
+        log(f"WARNING: {message}")
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
+def cli() -> None:
+    sys.exit(run_cli(main))
+
+
+if __name__ == "__main__":
+    cli()

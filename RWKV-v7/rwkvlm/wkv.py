@@ -1,0 +1,286 @@
+"""The RWKV-7 WKV operator: fp32 reference, chunked PyTorch path, CUDA seam.
+
+All public functions take r, w, k, v, a, b of shape (B, T, C) with C = H * N
+(N = head_size) and use decay_t = exp(-exp(w_t)). Per batch element and head
+the state S is N x N (row i = value channel, column j = key channel):
+
+    S_t = S_{t-1} diag(decay_t) + (S_{t-1} a_t) b_t^T + v_t k_t^T
+    y_t = S_t r_t
+
+A state passed in or returned has shape (B, H, N, N) in that [value, key]
+layout (the layout of the `rwkv` package's x070 state) and is kept in fp32
+(fp64 when the inputs are fp64).
+
+`wkv7_chunked` cuts T into chunks of `chunk_len` steps. Inside a chunk, with
+c_t the cumulative log-decay up to and including step t, every pairwise
+interaction carries the factor exp(c_t - c_s) (s <= t). Write u_t = S_{t-1} a_t
+and Z = S^T. Then, for one chunk starting from Z0,
+
+    U  = (I - A_ab)^{-1} (a~ Z0 + A_ak V)          u_t for every step
+    Y  = r~ Z0 + A_rk V + A_rb U                    outputs
+    Z' = diag(exp(c_last)) Z0 + K^T V + B^T U       state at chunk end
+
+with a~ = a * exp(c_{t-1}), r~ = r * exp(c_t) and K, B the keys / b-vectors
+decayed to the chunk end (all factors <= 1). The L x L matrices A_xy hold
+sum_j x_t[j] y_s[j] exp(c_t[j] - c_s[j]) (c_{t-1} for the a-rows), lower
+triangular. Everything that does not depend on Z0 is computed for all chunks
+at once with batched matmuls; the Python loop runs once per chunk and only
+does Z' = G Z0 + H0 (two N x N matmuls per head).
+
+The A_xy matrices are built one of two ways:
+  * factored (fast path): (x * exp(c_t)) @ (y * exp(-c_s))^T, i.e. relative to
+    the chunk start. exp(-c_s) grows with the decay accumulated inside the
+    chunk, so this path is taken only while every chunk's total log-decay is
+    at most _FACTORED_MAX_LOGDECAY (exp factors below ~3.3e6, far from fp32
+    limits, and every product term still carries full relative precision).
+    The model feeds w <= -0.5, so its per-step log-decay is >= -exp(-0.5) and
+    a 16-step chunk accumulates at most ~9.7: the model always gets this path.
+  * pairwise (general path): exp(c_t - c_s) formed directly for s <= t (every
+    exponent <= 0), at the cost of an (L, L, N) tensor per chunk. Used when a
+    call has stronger decays than the bound above (arbitrary w).
+Both are plain differentiable torch ops, so autograd works through them.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["wkv7", "wkv7_chunked", "wkv7_reference"]
+
+# Largest total log-decay inside one chunk for which the factored form is used.
+_FACTORED_MAX_LOGDECAY = 15.0
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """fp32 for fp32/bf16/fp16 inputs, fp64 for fp64 inputs."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _no_autocast(device: torch.device):
+    """Disable autocast so fp32 accumulation is not silently downcast."""
+    if device.type in ("cuda", "cpu"):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _check_inputs(r, w, k, v, a, b, head_size: int):
+    if r.dim() != 3:
+        raise ValueError(f"wkv7 inputs must be (B, T, C); got shape {tuple(r.shape)}")
+    for name, t in (("w", w), ("k", k), ("v", v), ("a", a), ("b", b)):
+        if t.shape != r.shape:
+            raise ValueError(f"wkv7: {name} has shape {tuple(t.shape)}, expected {tuple(r.shape)} like r")
+    C = r.shape[2]
+    if head_size <= 0 or C % head_size != 0:
+        raise ValueError(f"wkv7: C={C} is not a multiple of head_size={head_size}")
+
+
+def _check_state(state, B: int, H: int, N: int):
+    if state is not None and tuple(state.shape) != (B, H, N, N):
+        raise ValueError(f"wkv7: state has shape {tuple(state.shape)}, expected {(B, H, N, N)}")
+
+
+# --------------------------------------------------------------------------------------------
+# Reference: one step at a time
+# --------------------------------------------------------------------------------------------
+
+def wkv7_reference(r, w, k, v, a, b, head_size: int, state=None):
+    """Plain per-step recurrence in fp32 (fp64 for fp64 inputs): the ground truth.
+
+    Returns (y (B, T, C) in r's dtype, final state (B, H, N, N) in the compute dtype).
+    """
+    _check_inputs(r, w, k, v, a, b, head_size)
+    B, T, C = r.shape
+    N = head_size
+    H = C // N
+    _check_state(state, B, H, N)
+    cd = _compute_dtype(r)
+    with _no_autocast(r.device):
+        rr, ww, kk, vv, aa, bb = (t.to(cd).view(B, T, H, N) for t in (r, w, k, v, a, b))  # (B, T, H, N)
+        decay = torch.exp(-torch.exp(ww))  # (B, T, H, N)
+        if state is None:
+            S = torch.zeros(B, H, N, N, dtype=cd, device=r.device)  # (B, H, Nv, Nk)
+        else:
+            S = state.to(cd)
+        ys = []
+        for t in range(T):
+            sa = S @ aa[:, t].unsqueeze(-1)  # (B, H, Nv, 1)
+            S = (S * decay[:, t].unsqueeze(-2)                      # decay along the key axis
+                 + sa @ bb[:, t].unsqueeze(-2)                      # (B, H, Nv, 1) @ (B, H, 1, Nk)
+                 + vv[:, t].unsqueeze(-1) @ kk[:, t].unsqueeze(-2))  # (B, H, Nv, 1) @ (B, H, 1, Nk)
+            ys.append((S @ rr[:, t].unsqueeze(-1)).squeeze(-1))  # (B, H, Nv)
+        if T > 0:
+            y = torch.stack(ys, dim=1)  # (B, T, H, N)
+        else:
+            y = rr.new_zeros(B, 0, H, N)  # (B, 0, H, N)
+        y = y.reshape(B, T, C).to(r.dtype)  # (B, T, C)
+    return y, S
+
+
+# --------------------------------------------------------------------------------------------
+# Chunked path
+# --------------------------------------------------------------------------------------------
+
+def _to_chunks(x: torch.Tensor, B: int, T: int, H: int, N: int, L: int, pad: int, cd) -> torch.Tensor:
+    """(B, T, C) -> (B, H, NC, L, N) in the compute dtype, zero-padded at the end of time."""
+    x = x.to(cd).view(B, T, H, N)  # (B, T, H, N)
+    if pad:
+        x = F.pad(x, (0, 0, 0, 0, 0, pad))  # (B, T + pad, H, N)
+    NC = (T + pad) // L
+    x = x.view(B, NC, L, H, N)  # (B, NC, L, H, N)
+    return x.permute(0, 3, 1, 2, 4)  # (B, H, NC, L, N)
+
+
+def _intra_factored(r, k, a, b, c, cex, incl, strict):
+    """A matrices via products relative to the chunk start (bounded decay only)."""
+    e_pos = torch.exp(c)      # (B, H, NC, L, N), <= 1
+    e_neg = torch.exp(-c)     # (B, H, NC, L, N), <= exp(_FACTORED_MAX_LOGDECAY)
+    r_t = r * e_pos           # (B, H, NC, L, N)
+    a_t = a * torch.exp(cex)  # (B, H, NC, L, N)
+    L = r.shape[-2]
+    left = torch.cat((r_t, a_t), dim=-2)                 # (B, H, NC, 2L, N)
+    right = torch.cat((k * e_neg, b * e_neg), dim=-2)    # (B, H, NC, 2L, N)
+    A = left @ right.transpose(-1, -2)                   # (B, H, NC, 2L, 2L)
+    zero = A.new_zeros(())
+    A_rk = torch.where(incl, A[..., :L, :L], zero)       # (B, H, NC, L, L)
+    A_rb = torch.where(incl, A[..., :L, L:], zero)       # (B, H, NC, L, L)
+    A_ak = torch.where(strict, A[..., L:, :L], zero)     # (B, H, NC, L, L)
+    A_ab = torch.where(strict, A[..., L:, L:], zero)     # (B, H, NC, L, L)
+    return r_t, a_t, A_rk, A_rb, A_ak, A_ab
+
+
+def _intra_pairwise(r, k, a, b, c, cex, incl, strict):
+    """A matrices with exp(c_t - c_s) formed per pair: every exponent is <= 0."""
+    neg_inf = c.new_full((), float("-inf"))
+    d_in = c.unsqueeze(-2) - c.unsqueeze(-3)     # (B, H, NC, L_t, L_s, N): c_t - c_s
+    d_ex = cex.unsqueeze(-2) - c.unsqueeze(-3)   # (B, H, NC, L_t, L_s, N): c_{t-1} - c_s
+    D_in = torch.exp(torch.where(incl.unsqueeze(-1), d_in, neg_inf))    # (B, H, NC, L, L, N)
+    D_ex = torch.exp(torch.where(strict.unsqueeze(-1), d_ex, neg_inf))  # (B, H, NC, L, L, N)
+    Xr = r.unsqueeze(-2) * D_in                                         # (B, H, NC, L, L, N)
+    Xa = a.unsqueeze(-2) * D_ex                                         # (B, H, NC, L, L, N)
+    A_rk = (Xr * k.unsqueeze(-3)).sum(-1)  # (B, H, NC, L, L)
+    A_rb = (Xr * b.unsqueeze(-3)).sum(-1)  # (B, H, NC, L, L)
+    A_ak = (Xa * k.unsqueeze(-3)).sum(-1)  # (B, H, NC, L, L)
+    A_ab = (Xa * b.unsqueeze(-3)).sum(-1)  # (B, H, NC, L, L)
+    r_t = r * torch.exp(c)    # (B, H, NC, L, N)
+    a_t = a * torch.exp(cex)  # (B, H, NC, L, N)
+    return r_t, a_t, A_rk, A_rb, A_ak, A_ab
+
+
+def _unit_lower_inverse(A: torch.Tensor) -> torch.Tensor:
+    """(I - A)^{-1} for strictly lower-triangular A (nilpotent): (I+A)(I+A^2)(I+A^4)...
+
+    Exact product form of the finite Neumann series; log2(L) batched matmuls.
+    """
+    L = A.shape[-1]
+    eye = torch.eye(L, dtype=A.dtype, device=A.device)
+    inv = eye + A  # (..., L, L)
+    P = A
+    n = 2
+    while n < L:
+        P = P @ P          # A^n
+        inv = inv + inv @ P  # inv (I + A^n)
+        n *= 2
+    return inv
+
+
+def wkv7_chunked(r, w, k, v, a, b, head_size: int, state=None, chunk_len: int = 16, mode: str = "auto"):
+    """Chunked WKV7 in PyTorch, fp32 accumulation (fp64 for fp64 inputs).
+
+    Any T (padded internally to a multiple of chunk_len). `mode` is "auto"
+    (factored when the decay bound allows, else pairwise), "factored" or
+    "pairwise" (the latter two for tests). Returns (y (B, T, C) in r's dtype,
+    final state (B, H, N, N) in the compute dtype).
+    """
+    _check_inputs(r, w, k, v, a, b, head_size)
+    if not 1 <= chunk_len <= 256:
+        raise ValueError(f"wkv7_chunked: chunk_len={chunk_len} must be in 1..256")
+    if mode not in ("auto", "factored", "pairwise"):
+        raise ValueError(f"wkv7_chunked: unknown mode {mode!r}")
+    B, T, C = r.shape
+    N = head_size
+    H = C // N
+    _check_state(state, B, H, N)
+    cd = _compute_dtype(r)
+    dev = r.device
+    if T == 0:
+        S = torch.zeros(B, H, N, N, dtype=cd, device=dev) if state is None else state.to(cd)
+        return r.new_zeros(B, 0, C), S
+    L = min(chunk_len, T)
+    pad = (-T) % L
+    NC = (T + pad) // L
+
+    with _no_autocast(dev):
+        rc, kc, vc, ac, bc = (_to_chunks(x, B, T, H, N, L, pad, cd) for x in (r, k, v, a, b))  # (B, H, NC, L, N)
+        # log-decay <= 0; padded steps get 0 (decay 1) and zero k, v, a, b, so the state passes unchanged
+        ld = _to_chunks(-torch.exp(w.to(cd)), B, T, H, N, L, pad, cd)  # (B, H, NC, L, N)
+        c = torch.cumsum(ld, dim=-2)   # (B, H, NC, L, N): log-decay through step t (inclusive)
+        cex = c - ld                   # (B, H, NC, L, N): through step t-1
+        c_last = c[..., -1:, :]        # (B, H, NC, 1, N)
+
+        incl = torch.ones(L, L, dtype=torch.bool, device=dev).tril()   # s <= t
+        strict = torch.ones(L, L, dtype=torch.bool, device=dev).tril(-1)  # s < t
+        use_factored = mode == "factored"
+        if mode == "auto":
+            use_factored = bool((-c_last).max() <= _FACTORED_MAX_LOGDECAY)
+        intra = _intra_factored if use_factored else _intra_pairwise
+        r_t, a_t, A_rk, A_rb, A_ak, A_ab = intra(rc, kc, ac, bc, c, cex, incl, strict)
+
+        Minv = _unit_lower_inverse(A_ab)                 # (B, H, NC, L, L)
+        PQ = Minv @ torch.cat((a_t, A_ak @ vc), dim=-1)  # (B, H, NC, L, 2N)
+        P, Q = PQ[..., :N], PQ[..., N:]                  # (B, H, NC, L, N) each; U = P Z0 + Q
+        Rp = r_t + A_rb @ P                              # (B, H, NC, L, N); Y = Rp Z0 + Y0
+        Y0 = A_rk @ vc + A_rb @ Q                        # (B, H, NC, L, N)
+        e_end = torch.exp(c_last - c)                    # (B, H, NC, L, N), <= 1
+        k_end = kc * e_end                               # (B, H, NC, L, N)
+        b_end = bc * e_end                               # (B, H, NC, L, N)
+        bT = b_end.transpose(-1, -2)                     # (B, H, NC, N, L)
+        G = torch.diag_embed(torch.exp(c_last.squeeze(-2))) + bT @ P   # (B, H, NC, N, N)
+        H0 = k_end.transpose(-1, -2) @ vc + bT @ Q                     # (B, H, NC, N, N)
+
+        if state is None:
+            Z = torch.zeros(B, H, N, N, dtype=cd, device=dev)  # (B, H, Nk, Nv)
+        else:
+            Z = state.to(cd).transpose(-1, -2)  # (B, H, Nk, Nv)
+        # chunk-major, so each step reads a contiguous (B*H, N, N) slice (unbind's backward is one stack)
+        Gs = G.permute(2, 0, 1, 3, 4).reshape(NC, B * H, N, N).unbind(0)     # NC x (B*H, Nk, Nk)
+        Hs = H0.permute(2, 0, 1, 3, 4).reshape(NC, B * H, N, N).unbind(0)    # NC x (B*H, Nk, Nv)
+        Z = Z.reshape(B * H, N, N)  # (B*H, Nk, Nv)
+        starts = []
+        for i in range(NC):
+            starts.append(Z)
+            Z = torch.baddbmm(Hs[i], Gs[i], Z)  # (B*H, Nk, Nv)
+        Z0s = torch.stack(starts, dim=1).view(B, H, NC, N, N)  # (B, H, NC, Nk, Nv)
+        Z = Z.view(B, H, N, N)  # (B, H, Nk, Nv)
+        Y = Rp @ Z0s + Y0                 # (B, H, NC, L, Nv)
+        y = Y.permute(0, 2, 3, 1, 4).reshape(B, NC * L, C)[:, :T]  # (B, T, C)
+        S_out = Z.transpose(-1, -2)       # (B, H, Nv, Nk)
+    return y.to(r.dtype), S_out
+
+
+# --------------------------------------------------------------------------------------------
+# Public entry point
+# --------------------------------------------------------------------------------------------
+
+def wkv7(r, w, k, v, a, b, head_size: int):
+    """WKV7 output y (B, T, C) from a zero state.
+
+    CUDA tensors go to rwkvlm.wkv_cuda.wkv7_cuda when that module imports
+    (T padded to a multiple of 16 there; padding at the end cannot change
+    earlier outputs); everything else takes the chunked PyTorch path.
+    """
+    if r.is_cuda:
+        try:
+            from rwkvlm.wkv_cuda import wkv7_cuda
+        except ImportError:
+            wkv7_cuda = None
+        if wkv7_cuda is not None:
+            T = r.shape[1]
+            pad = (-T) % 16
+            if pad:
+                r, w, k, v, a, b = (F.pad(x, (0, 0, 0, pad)) for x in (r, w, k, v, a, b))  # (B, T + pad, C)
+            y = wkv7_cuda(r, w, k, v, a, b, head_size=head_size)
+            return y[:, :T] if pad else y
+    y, _ = wkv7_chunked(r, w, k, v, a, b, head_size)
+    return y

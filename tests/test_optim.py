@@ -1,0 +1,71 @@
+"""Learning-rate schedule values and optimiser parameter groups."""
+import math
+
+import pytest
+import torch
+
+from rwkvlm.config import parse_args
+from rwkvlm.optim import lr_at, param_groups
+
+
+def _cfg(**kw):
+    args = ["--micro_bsz", "16", "--ctx_len", "4096", "--lr_init", "6e-4", "--lr_final", "6e-5",
+            "--warmup_steps", "10", "--my_exit_tokens", str(65536 * 110), "--data_file", "x"]
+    for k, v in kw.items():
+        args += [f"--{k}", str(v)]
+    return parse_args(args)
+
+
+def test_lr_schedule_values():
+    cfg = _cfg()
+    assert cfg.tokens_per_step == 65536
+    # warmup on the first steps of a run: lr_init (progress clipped at 0) x (0.01 + 0.99 * s / 10)
+    assert lr_at(0, 0, cfg) == pytest.approx(6e-6, rel=1e-12)
+    assert lr_at(5, 5, cfg) == pytest.approx(6e-4 * 0.505, rel=1e-12)
+    # after warmup: cosine over tokens from lr_init to lr_final
+    assert lr_at(10, 10, cfg) == pytest.approx(6e-4, rel=1e-12)
+    assert lr_at(60, 60, cfg) == pytest.approx(3.3e-4, rel=1e-12)  # progress 0.5
+    assert lr_at(35, 35, cfg) == pytest.approx(6e-4 * (0.55 + 0.45 * math.cos(math.pi * 0.25)), rel=1e-12)
+    assert lr_at(110, 110, cfg) == pytest.approx(6e-5, rel=1e-12)
+    assert lr_at(500, 500, cfg) == pytest.approx(6e-5, rel=1e-12)  # clipped at progress 1
+    # a run that starts at step 60 from weights only warms up again
+    assert lr_at(60, 0, cfg) == pytest.approx(3.3e-4 * 0.01, rel=1e-12)
+
+
+def test_tokens_seen_counts_every_rank():
+    one = _cfg()
+    four = _cfg(devices=4, micro_bsz=4)
+    assert one.tokens_per_step == four.tokens_per_step
+    assert lr_at(60, 60, one) == lr_at(60, 60, four)
+
+
+class _Toy(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(10, 4)
+        self.blocks = torch.nn.ModuleList([torch.nn.Module()])
+        att = torch.nn.Module()
+        att.w0 = torch.nn.Parameter(torch.zeros(1, 1, 4))
+        att.x_r = torch.nn.Parameter(torch.zeros(1, 1, 4))
+        att.w1 = torch.nn.Parameter(torch.zeros(4, 2))
+        att.key = torch.nn.Linear(4, 4, bias=False)
+        att.ln_x = torch.nn.GroupNorm(1, 4)
+        self.blocks[0].att = att
+
+
+def test_param_groups():
+    m = _Toy()
+    groups = {g["name"]: g for g in param_groups(m, weight_decay=0.001)}
+    names = {id(p): n for n, p in m.named_parameters()}
+    by = {k: sorted(names[id(p)] for p in g["params"]) for k, g in groups.items()}
+    assert by["lr_2x"] == ["blocks.0.att.w0"] and groups["lr_2x"]["lr_scale"] == 2.0
+    assert groups["lr_2x"]["weight_decay"] == 0.0
+    # decay only on 2-D ".weight" tensors; w1 is 2-D but not a ".weight"
+    assert by["lr_decay"] == ["blocks.0.att.key.weight", "emb.weight"]
+    assert groups["lr_decay"]["weight_decay"] == 0.001
+    assert "blocks.0.att.w1" in by["lr_1x"] and "blocks.0.att.ln_x.weight" in by["lr_1x"]
+    # without weight decay there is no decay group
+    groups0 = {g["name"] for g in param_groups(m, weight_decay=0.0)}
+    assert groups0 == {"lr_1x", "lr_2x"}
+    total = sum(len(g["params"]) for g in param_groups(m, 0.001))
+    assert total == len(list(m.parameters()))

@@ -1,0 +1,122 @@
+"""CPU training through the tutorial's real scripts: loss falls, checkpoints
+follow the spec's contract, re-running resumes from the newest save."""
+import subprocess
+
+import pytest
+import torch
+
+from trainkit import TINY, TRAIN_TEMP, make_dataset, snapshot
+
+
+def _sh(script, *args, env, check=True):
+    r = subprocess.run(["sh", str(TRAIN_TEMP / script), *map(str, args)], env=env, capture_output=True,
+                       text=True, timeout=600)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{script} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    return r
+
+
+def _overrides(meta, proj, exit_tokens=None):
+    return ["--proj_dir", proj, "--data_file", meta["base"], "--ctx_len", "64",
+            "--my_exit_tokens", exit_tokens or meta["tokens"], "--magic_prime", meta["magic_prime"],
+            *TINY, "--random_seed", "3"]
+
+
+def _run_overrides():
+    return ["--accelerator", "cpu", "--strategy", "auto", "--precision", "fp32", "--micro_bsz", "4",
+            "--wandb", "", "--enable_progress_bar", "False", "--lr_init", "3e-3", "--lr_final", "1e-3",
+            "--warmup_steps", "5", "--mini_epoch_samples", "160", "--epoch_save", "1"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, cpu_env):
+    work = tmp_path_factory.mktemp("e2e")
+    meta = make_dataset(work / "data", n_docs=400, copies=2)
+    proj = work / "proj"
+    prep = _sh("demo-training-prepare.sh", *_overrides(meta, proj), env=cpu_env)
+    # about 3 mini-epochs of 40 steps (160 samples / 4)
+    exit_tokens = 3 * 160 * 64
+    run = _sh("demo-training-run.sh", *_overrides(meta, proj, exit_tokens), *_run_overrides(), env=cpu_env)
+    return dict(meta=meta, proj=proj, prep=prep, run=run, exit_tokens=exit_tokens, env=cpu_env)
+
+
+def test_prepare_writes_init(trained):
+    init = trained["proj"] / "rwkv-init.pth"
+    sd = torch.load(init, weights_only=True)
+    assert sd["emb.weight"].shape == (65536, 64)
+    assert sd["emb.weight"].dtype == torch.bfloat16  # the prepare script passes --precision bf16
+    assert "wrote" in trained["prep"].stdout
+
+
+def test_run_writes_checkpoints_and_logs(trained):
+    proj = trained["proj"]
+    names = sorted(p.name for p in proj.glob("rwkv-*.pth"))
+    assert names == ["rwkv-0.pth", "rwkv-1.pth", "rwkv-2.pth", "rwkv-final.pth", "rwkv-init.pth"]
+    for n in names:
+        sd = torch.load(proj / n, weights_only=True)
+        assert all(isinstance(v, torch.Tensor) for v in sd.values())
+        assert not any(k.startswith(("model.", "module.")) for k in sd)
+    lines = (proj / "train_log.txt").read_text().splitlines()
+    assert len(lines) == 3
+    fields = [ln.split() for ln in lines]
+    assert [f[0] for f in fields] == ["0", "1", "2"]
+    assert [f[-1] for f in fields] == ["0", "1", "2"]  # epoch_in_run
+    losses = [float(f[1]) for f in fields]
+    assert losses[2] < losses[0] - 0.5, losses  # loss falls
+    csv = (proj / "loss_log.csv").read_text().splitlines()
+    assert csv[0].startswith("step,tokens,loss,lr")
+    assert len(csv) == 1 + 120
+    first = float(csv[1].split(",")[2])
+    assert 10.0 < first < 12.5  # ln(65536) = 11.09 at init
+
+
+def test_rerun_after_final_does_nothing(trained):
+    proj = trained["proj"]
+    before = snapshot(proj)
+    r = _sh("demo-training-run.sh", *_overrides(trained["meta"], proj, trained["exit_tokens"]),
+            *_run_overrides(), env=trained["env"])
+    assert "nothing to do" in r.stdout
+    assert snapshot(proj) == before
+
+
+def test_rerun_resumes_from_newest_checkpoint(trained, tmp_path):
+    """A longer --my_exit_tokens starts from rwkv-2.pth (settings changed: weights only) at mini-epoch 3."""
+    proj = trained["proj"]
+    more = trained["exit_tokens"] + 160 * 64
+    r = _sh("demo-training-run.sh", *_overrides(trained["meta"], proj, more), *_run_overrides(),
+            env=trained["env"])
+    assert "rwkv-2.pth" in r.stdout and "mini-epoch 3" in r.stdout, r.stdout[-2000:]
+    assert (proj / "rwkv-3.pth").is_file()
+    last = (proj / "train_log.txt").read_text().splitlines()[-1].split()
+    assert last[0] == "3" and last[-1] == "0"
+
+
+def test_checkpoint_runs_in_rwkv_package(trained, tmp_path):
+    """rwkv-final.pth loads in the rwkv pip package and gives our model's logits."""
+    import json
+    import os
+    import sys
+
+    from rwkvlm.model import ModelConfig, RWKV7
+
+    path = trained["proj"] / "rwkv-final.pth"
+    tokens = [11, 22, 33, 4400, 0, 65000, 17]
+    code = f"""
+import os, json, torch
+os.environ["RWKV_V7_ON"] = "1"; os.environ["RWKV_JIT_ON"] = "0"; os.environ["RWKV_CUDA_ON"] = "0"
+from rwkv.model import RWKV
+m = RWKV(model={str(path.with_suffix(''))!r}, strategy="cpu fp32")
+out, state = m.forward({tokens}, None, full_output=True)
+print(json.dumps(out.float().tolist()))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=trained["env"],
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    theirs = torch.tensor(json.loads(r.stdout.strip().splitlines()[-1]))
+    model = RWKV7(ModelConfig(n_layer=2, n_embd=64, vocab_size=65536, head_size=64))
+    model.load_state_dict({k: v.float() for k, v in torch.load(path, weights_only=True).items()})
+    with torch.no_grad():
+        ours = model(torch.tensor([tokens]))[0].float()
+    assert theirs.shape == ours.shape
+    err = (theirs - ours).abs().max().item()
+    assert err < 1e-3 * max(1.0, ours.abs().max().item()), err
