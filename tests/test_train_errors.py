@@ -91,7 +91,7 @@ def test_exit_tokens_differs_is_a_warning(data, proj, monkeypatch):
 
 def test_token_ids_beyond_vocab(data, proj):
     args = run_args(data, proj) + ["--vocab_size", "300"]
-    _fails(args, "token id", "--vocab_size 300", "65536", proj_dir=proj)
+    _fails(args, "token id", "--vocab_size is 300", "--vocab_size 65536", proj_dir=proj)
 
 
 def test_data_shorter_than_three_contexts(data, proj):
@@ -108,8 +108,8 @@ def test_ctx_len_not_multiple_of_chunk(data, proj):
 
 
 def test_batch_not_dividing_mini_epoch(data, proj):
-    args = run_args(data, proj) + ["--micro_bsz", "7", "--devices", "2"]
-    _fails(args, "7 x 2 x 1 = 14", "40320", "M_BSZ", proj_dir=proj)
+    args = run_args(data, proj) + ["--micro_bsz", "11", "--devices", "2"]
+    _fails(args, "11 x 2 x 1 = 22", "40320", "M_BSZ", proj_dir=proj)
 
 
 def test_exit_tokens_missing(data, proj):

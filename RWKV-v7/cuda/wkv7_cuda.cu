@@ -280,7 +280,13 @@ __global__ void __launch_bounds__((RB / RPT) * (N / CPT))
 #pragma unroll
                 for (int e = 0; e < 4; e++) {
                     const int j = (cg + G * q) * 4 + e;
-                    if constexpr (RPT % 2 == 0) {
+                    if constexpr (RPT % 4 == 0) {
+#pragma unroll
+                        for (int i = 0; i < RPT; i += 4)
+                            *reinterpret_cast<float4*>(dst + (int64_t)j * N + i) =
+                                make_float4(s[i][4 * q + e], s[i + 1][4 * q + e], s[i + 2][4 * q + e],
+                                            s[i + 3][4 * q + e]);
+                    } else if constexpr (RPT % 2 == 0) {
 #pragma unroll
                         for (int i = 0; i < RPT; i += 2)
                             *reinterpret_cast<float2*>(dst + (int64_t)j * N + i) =
@@ -328,7 +334,7 @@ __global__ void __launch_bounds__((RB / RPT) * (N / CPT))
         for (int j = 0; j < CPT; j++) ds[i][j] = 0.f;
 
     // raw order: 0 w, 1 k, 2 a, 3 b, 4 r (same as the forward); f[0] = decay
-    row_stage<N, RB, NT>(sm, 0, w, k, a, b, r, dy, base, C, (nc - 1) * CL, row0, tid);
+    row_stage<N, RB, NT>(sm, (nc - 1) & 1, w, k, a, b, r, dy, base, C, (nc - 1) * CL, row0, tid);
     cp_async_commit();
 
     for (int c = nc - 1; c >= 0; c--) {
@@ -500,9 +506,11 @@ __device__ __forceinline__ void col_prep(ColSmem<N, CB, RH>& sm, int buf, int ti
     }
 }
 
-// Grid: B*H*(N/CB) blocks of CB*RH threads; dynamic shared memory sizeof(ColSmem).
-template <int N, int CB, int RH>
-__global__ void __launch_bounds__(CB * RH)
+// Grid: B*H*(N/CB) blocks of (CB/CPT2)*RH threads; dynamic shared memory sizeof(ColSmem).
+// A thread owns CPT2 adjacent columns (CR rows each): the per-step row vectors
+// it loads from shared memory serve CPT2 columns.
+template <int N, int CB, int RH, int CPT2>
+__global__ void __launch_bounds__((CB / CPT2) * RH)
     wkv7_bwd_cols(int T, int H, const bf16* __restrict__ r, const bf16* __restrict__ w,
                   const bf16* __restrict__ k, const bf16* __restrict__ v, const bf16* __restrict__ a,
                   const bf16* __restrict__ b, const bf16* __restrict__ dy, const float* __restrict__ sT,
@@ -510,15 +518,17 @@ __global__ void __launch_bounds__(CB * RH)
                   bf16* __restrict__ dw, bf16* __restrict__ dk, bf16* __restrict__ da, bf16* __restrict__ db) {
     using S = ColSmem<N, CB, RH>;
     constexpr int CR = S::CR;
-    constexpr int CPW = 32 / RH;
-    constexpr int NT = CB * RH;
-    static_assert(32 % RH == 0 && CB % CPW == 0 && CB % 8 == 0 && N % CB == 0 && CR % 8 == 0, "shape");
+    constexpr int CPW = 32 / RH;               // lanes per part in a warp
+    constexpr int NT = (CB / CPT2) * RH;
+    static_assert(CPT2 == 1 || CPT2 == 2, "columns per thread");
+    static_assert(32 % RH == 0 && (CB / CPT2) % CPW == 0 && CB % 8 == 0 && N % CB == 0 && CR % 8 == 0, "shape");
     extern __shared__ __align__(16) unsigned char smem_raw[];
     S& sm = *reinterpret_cast<S*>(smem_raw);
 
     const int tid = threadIdx.x;
     const int warp = tid / 32, lane = tid % 32;
-    const int part = lane / CPW, cl = warp * CPW + lane % CPW;
+    const int part = lane / CPW;
+    const int cl = (warp * CPW + lane % CPW) * CPT2;   // first local column
     const int ncb = N / CB;
     const int bh = blockIdx.x / ncb, cbk = blockIdx.x % ncb;
     const int bb = bh / H, hh = bh % H;
@@ -528,29 +538,38 @@ __global__ void __launch_bounds__(CB * RH)
     const int j = col0 + cl;
     const int nc = T / CL;
 
-    float s[CR], ds[CR], pre[CR];
+    float s[CPT2][CR], ds[CPT2][CR], pre[CPT2][CR];
 #pragma unroll
-    for (int m = 0; m < CR; m++) ds[m] = 0.f;
+    for (int cc = 0; cc < CPT2; cc++)
+#pragma unroll
+        for (int m = 0; m < CR; m++) ds[cc][m] = 0.f;
 
-    // state of the last chunk end: sT[bh][c][j][part*CR + m]
-    auto load_state = [&](int c, float* dst) {
-        const float4* src = reinterpret_cast<const float4*>(sT + (((int64_t)bh * nc + c) * N + j) * N + part * CR);
+    // chunk-end state, transposed: sT[bh][c][j][part*CR + m]
+    auto load_state = [&](int c) {
 #pragma unroll
-        for (int m = 0; m < CR / 4; m++) {
-            float4 x = __ldg(src + m);
-            dst[4 * m + 0] = x.x; dst[4 * m + 1] = x.y; dst[4 * m + 2] = x.z; dst[4 * m + 3] = x.w;
+        for (int cc = 0; cc < CPT2; cc++) {
+            const float4* src =
+                reinterpret_cast<const float4*>(sT + (((int64_t)bh * nc + c) * N + j + cc) * N + part * CR);
+#pragma unroll
+            for (int m = 0; m < CR / 4; m++) {
+                float4 x = __ldg(src + m);
+                pre[cc][4 * m + 0] = x.x; pre[cc][4 * m + 1] = x.y;
+                pre[cc][4 * m + 2] = x.z; pre[cc][4 * m + 3] = x.w;
+            }
         }
     };
-    load_state(nc - 1, pre);
-    col_stage<N, CB, RH, NT>(sm, 0, r, w, k, b, a, dy, v, sa, dsa, base, C, (nc - 1) * CL, col0, tid);
+    load_state(nc - 1);
+    col_stage<N, CB, RH, NT>(sm, (nc - 1) & 1, r, w, k, b, a, dy, v, sa, dsa, base, C, (nc - 1) * CL, col0, tid);
     cp_async_commit();
 
     for (int c = nc - 1; c >= 0; c--) {
         const int buf = c & 1;
 #pragma unroll
-        for (int m = 0; m < CR; m++) s[m] = pre[m];
+        for (int cc = 0; cc < CPT2; cc++)
+#pragma unroll
+            for (int m = 0; m < CR; m++) s[cc][m] = pre[cc][m];
         if (c > 0) {
-            load_state(c - 1, pre);
+            load_state(c - 1);
             col_stage<N, CB, RH, NT>(sm, buf ^ 1, r, w, k, b, a, dy, v, sa, dsa, base, C, (c - 1) * CL, col0, tid);
             cp_async_commit();
             cp_async_wait<1>();
@@ -563,10 +582,19 @@ __global__ void __launch_bounds__(CB * RH)
 
 #pragma unroll 2
         for (int tt = CL - 1; tt >= 0; tt--) {
-            const float rj = sm.fcol[0][tt][cl], kj = sm.fcol[1][tt][cl], bj = sm.fcol[2][tt][cl];
-            const float aj = sm.fcol[3][tt][cl], dj = sm.fcol[4][tt][cl], ij = sm.fcol[5][tt][cl];
-            const float wf = sm.fcol[6][tt][cl];
-            float pdr = 0.f, pdk = 0.f, pdb = 0.f, pdd = 0.f, pda = 0.f;
+            float rj[CPT2], kj[CPT2], bj[CPT2], aj[CPT2], dj[CPT2], ij[CPT2], wf[CPT2];
+            auto ldc = [&](int x, float* dst) {
+                if constexpr (CPT2 == 2) {
+                    float2 t2 = *reinterpret_cast<const float2*>(&sm.fcol[x][tt][cl]);
+                    dst[0] = t2.x; dst[1] = t2.y;
+                } else {
+                    dst[0] = sm.fcol[x][tt][cl];
+                }
+            };
+            ldc(0, rj); ldc(1, kj); ldc(2, bj); ldc(3, aj); ldc(4, dj); ldc(5, ij); ldc(6, wf);
+            float pdr[CPT2], pdk[CPT2], pdb[CPT2], pdd[CPT2], pda[CPT2];
+#pragma unroll
+            for (int cc = 0; cc < CPT2; cc++) pdr[cc] = pdk[cc] = pdb[cc] = pdd[cc] = pda[cc] = 0.f;
 #pragma unroll
             for (int m4 = 0; m4 < CR / 4; m4++) {
                 const float4 dy4 = *reinterpret_cast<const float4*>(&sm.fdy[tt][part][4 * m4]);
@@ -580,31 +608,48 @@ __global__ void __launch_bounds__(CB * RH)
 #pragma unroll
                 for (int e = 0; e < 4; e++) {
                     const int m = 4 * m4 + e;
-                    const float dsm = fmaf(dyx[e], rj, ds[m]);          // dS_t
-                    pdr = fmaf(dyx[e], s[m], pdr);                      // S_t
-                    pdk = fmaf(dsm, vx[e], pdk);
-                    pdb = fmaf(dsm, sax[e], pdb);
-                    const float sp = fmaf(-vx[e], kj, fmaf(-sax[e], bj, s[m])) * ij;   // S_{t-1}
-                    pdd = fmaf(dsm, sp, pdd);
-                    pda = fmaf(dsax[e], sp, pda);
-                    s[m] = sp;
-                    ds[m] = fmaf(dsm, dj, dsax[e] * aj);
+#pragma unroll
+                    for (int cc = 0; cc < CPT2; cc++) {
+                        const float dsm = fmaf(dyx[e], rj[cc], ds[cc][m]);       // dS_t
+                        pdr[cc] = fmaf(dyx[e], s[cc][m], pdr[cc]);                // uses S_t
+                        pdk[cc] = fmaf(dsm, vx[e], pdk[cc]);
+                        pdb[cc] = fmaf(dsm, sax[e], pdb[cc]);
+                        const float sp = fmaf(-vx[e], kj[cc], fmaf(-sax[e], bj[cc], s[cc][m])) * ij[cc];  // S_{t-1}
+                        pdd[cc] = fmaf(dsm, sp, pdd[cc]);
+                        pda[cc] = fmaf(dsax[e], sp, pda[cc]);
+                        s[cc][m] = sp;
+                        ds[cc][m] = fmaf(dsm, dj[cc], dsax[e] * aj[cc]);
+                    }
                 }
             }
 #pragma unroll
             for (int o = CPW; o < 32; o <<= 1) {
-                pdr += __shfl_xor_sync(0xffffffffu, pdr, o);
-                pdk += __shfl_xor_sync(0xffffffffu, pdk, o);
-                pdb += __shfl_xor_sync(0xffffffffu, pdb, o);
-                pdd += __shfl_xor_sync(0xffffffffu, pdd, o);
-                pda += __shfl_xor_sync(0xffffffffu, pda, o);
+#pragma unroll
+                for (int cc = 0; cc < CPT2; cc++) {
+                    pdr[cc] += __shfl_xor_sync(0xffffffffu, pdr[cc], o);
+                    pdk[cc] += __shfl_xor_sync(0xffffffffu, pdk[cc], o);
+                    pdb[cc] += __shfl_xor_sync(0xffffffffu, pdb[cc], o);
+                    pdd[cc] += __shfl_xor_sync(0xffffffffu, pdd[cc], o);
+                    pda[cc] += __shfl_xor_sync(0xffffffffu, pda[cc], o);
+                }
             }
             const int64_t off = base + (int64_t)(c * CL + tt) * C + j;
-            if (part == 0 % RH) dr[off] = f2bf(pdr);
-            if (part == 1 % RH) dk[off] = f2bf(pdk);
-            if (part == 2 % RH) db[off] = f2bf(pdb);
-            if (part == 3 % RH) da[off] = f2bf(pda);
-            if (part == 4 % RH) dw[off] = f2bf(pdd * wf);
+            auto st = [&](bf16* dst, const float* x, const float* f) {
+                if constexpr (CPT2 == 2) {
+                    __nv_bfloat162 h2;
+                    h2.x = f2bf(x[0] * f[0]);
+                    h2.y = f2bf(x[1] * f[1]);
+                    *reinterpret_cast<__nv_bfloat162*>(dst + off) = h2;
+                } else {
+                    dst[off] = f2bf(x[0] * f[0]);
+                }
+            };
+            const float one[2] = {1.f, 1.f};
+            if (part == 0 % RH) st(dr, pdr, one);
+            if (part == 1 % RH) st(dk, pdk, one);
+            if (part == 2 % RH) st(db, pdb, one);
+            if (part == 3 % RH) st(da, pda, one);
+            if (part == 4 % RH) st(dw, pdd, wf);
         }
         __syncthreads();
     }
@@ -613,23 +658,32 @@ __global__ void __launch_bounds__(CB * RH)
 }  // namespace wkv7
 
 // ------------------------------------------------------------ host launchers
-// Configurations.  Row kernels (forward and backward rows pass share one):
+// Configurations (measured on an H200, B16 T4096 H12, see benchmarks/RESULTS.md).
+// Row kernels (forward and backward rows pass share one id):
 //   id : RB  RPT CPT  threads  blocks/head
 //   0  : 32  1   16   128      2
 //   1  : 64  1   16   256      1
-//   2  : 32  2   16   64       2
+//   2  : 32  2   16   64       2      <- default
 //   3  : 32  2   8    128      2
-//   4  : 64  1   64   64       1     (one thread per row, as the reference design)
+//   4  : 64  1   64   64       1      (one thread per row, as the reference design)
 //   5  : 16  1   16   64       4
+//   6  : 32  4   8    64       2
+//   7  : 16  2   16   32       4
+//   8  : 64  4   16   64       1
+//   9  : 32  4   16   32       2
+//   10 : 64  2   16   128      1
 // Column kernel (backward columns pass):
-//   id : CB  RH  threads  blocks/head
-//   0  : 32  4   128      2
-//   1  : 32  2   64       2
-//   2  : 16  4   64       4
-//   3  : 64  2   128      1
+//   id : CB  RH  CPT2 threads  blocks/head
+//   0  : 32  4   1    128      2      <- default
+//   1  : 32  2   1    64       2
+//   2  : 16  4   1    64       4
+//   3  : 64  2   1    128      1
+//   4  : 32  4   2    64       2
+//   5  : 64  4   2    128      1
+//   6  : 16  4   2    32       4
 // WKV7_ALL_VARIANTS builds them all (benchmarks); otherwise only the defaults.
 #ifndef WKV7_ROW_DEFAULT
-#define WKV7_ROW_DEFAULT 0
+#define WKV7_ROW_DEFAULT 2
 #endif
 #ifndef WKV7_COL_DEFAULT
 #define WKV7_COL_DEFAULT 0
@@ -649,13 +703,13 @@ void launch_rows(bool fwd, int B, int T, int H, const bf16* r, const bf16* w, co
     else wkv7::wkv7_bwd_rows<N, RB, RPT, CPT><<<grid, NT, 0, st>>>(T, H, r, w, k, a, b, dy, dv, dsa);
 }
 
-template <int CB, int RH>
+template <int CB, int RH, int CPT2>
 cudaError_t launch_cols(int B, int T, int H, const bf16* r, const bf16* w, const bf16* k, const bf16* v,
                         const bf16* a, const bf16* b, const bf16* dy, const float* sT, const float* sa,
                         const float* dsa, bf16* dr, bf16* dw, bf16* dk, bf16* da, bf16* db, cudaStream_t st) {
-    constexpr int NT = CB * RH;
+    constexpr int NT = (CB / CPT2) * RH;
     const int smem = (int)sizeof(wkv7::ColSmem<N, CB, RH>);
-    auto kern = wkv7::wkv7_bwd_cols<N, CB, RH>;
+    auto kern = wkv7::wkv7_bwd_cols<N, CB, RH, CPT2>;
     // idempotent and cheap; needed for > 48 KB of dynamic shared memory
     cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (e != cudaSuccess) return e;
@@ -690,6 +744,21 @@ bool rows_dispatch(int cfg, bool fwd, int B, int T, int H, const bf16* r, const 
 #if defined(WKV7_ALL_VARIANTS) || WKV7_ROW_DEFAULT == 5
         WKV7_ROWS_CASE(5, 16, 1, 16)
 #endif
+#if defined(WKV7_ALL_VARIANTS) || WKV7_ROW_DEFAULT == 6
+        WKV7_ROWS_CASE(6, 32, 4, 8)
+#endif
+#if defined(WKV7_ALL_VARIANTS) || WKV7_ROW_DEFAULT == 7
+        WKV7_ROWS_CASE(7, 16, 2, 16)
+#endif
+#if defined(WKV7_ALL_VARIANTS) || WKV7_ROW_DEFAULT == 8
+        WKV7_ROWS_CASE(8, 64, 4, 16)
+#endif
+#if defined(WKV7_ALL_VARIANTS) || WKV7_ROW_DEFAULT == 9
+        WKV7_ROWS_CASE(9, 32, 4, 16)
+#endif
+#if defined(WKV7_ALL_VARIANTS) || WKV7_ROW_DEFAULT == 10
+        WKV7_ROWS_CASE(10, 64, 2, 16)
+#endif
         default: return false;
     }
 #undef WKV7_ROWS_CASE
@@ -698,21 +767,30 @@ bool rows_dispatch(int cfg, bool fwd, int B, int T, int H, const bf16* r, const 
 int cols_dispatch(int cfg, int B, int T, int H, const bf16* r, const bf16* w, const bf16* k, const bf16* v,
                   const bf16* a, const bf16* b, const bf16* dy, const float* sT, const float* sa, const float* dsa,
                   bf16* dr, bf16* dw, bf16* dk, bf16* da, bf16* db, cudaStream_t st) {
-#define WKV7_COLS_CASE(ID, CB, RH) \
-    case ID:                       \
-        return (int)launch_cols<CB, RH>(B, T, H, r, w, k, v, a, b, dy, sT, sa, dsa, dr, dw, dk, da, db, st);
+#define WKV7_COLS_CASE(ID, CB, RH, CPT2) \
+    case ID:                             \
+        return (int)launch_cols<CB, RH, CPT2>(B, T, H, r, w, k, v, a, b, dy, sT, sa, dsa, dr, dw, dk, da, db, st);
     switch (cfg) {
 #if defined(WKV7_ALL_VARIANTS) || WKV7_COL_DEFAULT == 0
-        WKV7_COLS_CASE(0, 32, 4)
+        WKV7_COLS_CASE(0, 32, 4, 1)
 #endif
 #if defined(WKV7_ALL_VARIANTS) || WKV7_COL_DEFAULT == 1
-        WKV7_COLS_CASE(1, 32, 2)
+        WKV7_COLS_CASE(1, 32, 2, 1)
 #endif
 #if defined(WKV7_ALL_VARIANTS) || WKV7_COL_DEFAULT == 2
-        WKV7_COLS_CASE(2, 16, 4)
+        WKV7_COLS_CASE(2, 16, 4, 1)
 #endif
 #if defined(WKV7_ALL_VARIANTS) || WKV7_COL_DEFAULT == 3
-        WKV7_COLS_CASE(3, 64, 2)
+        WKV7_COLS_CASE(3, 64, 2, 1)
+#endif
+#if defined(WKV7_ALL_VARIANTS) || WKV7_COL_DEFAULT == 4
+        WKV7_COLS_CASE(4, 32, 4, 2)
+#endif
+#if defined(WKV7_ALL_VARIANTS) || WKV7_COL_DEFAULT == 5
+        WKV7_COLS_CASE(5, 64, 4, 2)
+#endif
+#if defined(WKV7_ALL_VARIANTS) || WKV7_COL_DEFAULT == 6
+        WKV7_COLS_CASE(6, 16, 4, 2)
 #endif
         default: return -1;
     }

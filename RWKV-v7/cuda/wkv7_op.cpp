@@ -12,6 +12,7 @@
 #include <cuda_runtime.h>
 #include <torch/library.h>
 
+#include <cstdint>
 #include <string>
 #include <tuple>
 
@@ -36,6 +37,8 @@ void check_input(const at::Tensor& x, const char* name, const at::Tensor& ref) {
     TORCH_CHECK(x.is_contiguous(), "wkv7: ", name, " must be contiguous");
     TORCH_CHECK(x.sizes() == ref.sizes(), "wkv7: ", name, " has shape ", x.sizes(), ", expected ", ref.sizes());
     TORCH_CHECK(x.device() == ref.device(), "wkv7: ", name, " is on ", x.device(), ", expected ", ref.device());
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0, "wkv7: ", name,
+                " must start on a 16-byte boundary (clone it)");
 }
 
 void dims(const at::Tensor& r, int& B, int& T, int& H) {

@@ -8,9 +8,10 @@ The answer is a deterministic function of the problem: the problem restated
 in ASCII digits, then the exact result (decimal.Decimal, normalised), e.g.
 `32 + 15 = 47`, `5 - (-3) = 8`, `x = 12 - 5 = 7`.
 
-Held out by construction: a problem whose canonical form (e.g. `32 + 15`)
-hashes into the eval partition never appears in training documents, in any
-wording; make_eval_set draws only from that partition, with its own RNG salt.
+Held out by construction: a computation whose canonical form (e.g. `32 + 15`,
+also the solving step of `x - 15 = 32`) hashes into the eval partition never
+appears in training documents, in any wording or as an equation;
+make_eval_set draws only from that partition, with its own RNG salt.
 """
 from __future__ import annotations
 
@@ -211,6 +212,8 @@ def _ask(rng: random.Random, a, op: str, b, style: str) -> str:
     """One wording of `a op b` with numbers in `style`."""
     if style == "ascii" or (style in ("chinese", "chinese_upper", "english") and rng.random() < 0.15):
         # word-number styles are sometimes mixed with symbols: 三十二+十五=?
+        if style == "english":  # spaced: "fifteen-four" would read as one number
+            return f"{say(a, style)} {op} {_operand(b, style)} = ?"
         if style != "ascii":
             return f"{say(a, style)}{op}{_operand(b, style)}=?"
         if rng.random() < 0.3:
@@ -274,22 +277,22 @@ def _equation_problem(rng: random.Random):
         a = -max(a, 1)
     if form == "x+a":
         b = x + a
-        key, answer = f"x + {_operand(a)} = {ascii_num(b)}", f"x = {ascii_num(b)} - {_operand(a)}"
+        equation, step = f"x + {_operand(a)} = {ascii_num(b)}", _canonical(b, "-", a)
     elif form == "a+x":
         b = a + x
-        key, answer = f"{ascii_num(a)} + x = {ascii_num(b)}", f"x = {ascii_num(b)} - {_operand(a)}"
+        equation, step = f"{ascii_num(a)} + x = {ascii_num(b)}", _canonical(b, "-", a)
     elif form == "x-a":
         b = x - a
-        key, answer = f"x - {_operand(a)} = {ascii_num(b)}", f"x = {ascii_num(b)} + {_operand(a)}"
+        equation, step = f"x - {_operand(a)} = {ascii_num(b)}", _canonical(b, "+", a)
     else:
         b = a - x
-        key, answer = f"{ascii_num(a)} - x = {ascii_num(b)}", f"x = {ascii_num(a)} - {_operand(b)}"
-    answer += f" = {ascii_num(x)}"
+        equation, step = f"{ascii_num(a)} - x = {ascii_num(b)}", _canonical(a, "-", b)
+    answer = f"x = {step} = {ascii_num(x)}"
     roll = rng.random()
     if roll < 0.6:
-        question = rng.choice(_EQ_SYMBOLIC).format(eq=key)
+        question = rng.choice(_EQ_SYMBOLIC).format(eq=equation)
     elif roll < 0.75:
-        question = rng.choice(_EQ_SYMBOLIC[:1] + _EQ_SYMBOLIC[3:4]).format(eq=key).translate(_FULLWIDTH)
+        question = rng.choice(_EQ_SYMBOLIC[:1] + _EQ_SYMBOLIC[3:4]).format(eq=equation).translate(_FULLWIDTH)
     else:
         zh, en = _EQ_WORDS[form]
         if rng.random() < 0.5:
@@ -298,7 +301,7 @@ def _equation_problem(rng: random.Random):
         else:
             style = rng.choice(("ascii", "english"))
             question = en.format(a=say(a, style), b=say(b, style))
-    return key, question, answer
+    return step, question, answer  # held out by the computation, shared with plain sums
 
 
 def _problem(rng: random.Random, kind: str, heldout: bool) -> EvalItem:
@@ -374,7 +377,8 @@ def main(argv=None) -> int:
         description="Generate the arithmetic demo corpus (jsonl) that RWKV-7-Arithmetic-0.1B trains on.",
     )
     parser.add_argument("output", help="output .jsonl file, e.g. demo.jsonl")
-    parser.add_argument("--docs", type=int, default=None, help="number of documents (dialogues); default 40000 (about 10 MB) when --mb is not given")
+    parser.add_argument("--docs", type=int, default=None,
+                        help="number of documents (dialogues); default 40000 (about 10 MB) without --mb")
     parser.add_argument("--mb", type=float, default=None, help="stop at this many MB of jsonl")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     args = parser.parse_args(argv)

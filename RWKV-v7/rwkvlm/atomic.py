@@ -10,6 +10,12 @@ import tempfile
 from pathlib import Path
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _fsync_dir(directory: Path) -> None:
     try:
         fd = os.open(directory, os.O_RDONLY)
@@ -40,6 +46,7 @@ def atomic_path(dest, suffix: str = ""):
         with open(tmp, "rb+") as f:
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
         os.replace(tmp, dest)
         _fsync_dir(dest.parent)
     except BaseException:

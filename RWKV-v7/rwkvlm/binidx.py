@@ -83,7 +83,9 @@ class BinIdx:
         with open(self.idx_path, "rb") as f:
             magic, version, code, n, m = HEADER.unpack(f.read(HEADER.size))
         if magic != MAGIC:
-            raise self._fail(f"{self.idx_path.name} is not an MMIDIDX index (starts with {magic!r}, expected {MAGIC!r})")
+            raise self._fail(
+                f"{self.idx_path.name} is not an MMIDIDX index (starts with {magic!r}, expected {MAGIC!r})"
+            )
         if version != VERSION:
             raise self._fail(f"{self.idx_path.name} has index version {version}, expected {VERSION}")
         if code not in DTYPES:

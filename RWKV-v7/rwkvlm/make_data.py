@@ -8,15 +8,14 @@ saves the numbers to <name>.meta.json.
 How: each distinct document is tokenized once (pass 1) into an anonymous
 temporary file plus an offsets array; pass 2 writes the N permutations from
 it in bounded chunks. Memory does not grow with N, and inputs larger than
-RAM work: the token file is memory-mapped and its pages are released as
-pass 2 goes. Nothing appears under the output names until all is written.
+RAM work: past IN_MEMORY_BYTES the token file is read back by document.
+Nothing appears under the output names until all is written.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import json
-import mmap
 import os
 import secrets
 import sys
@@ -36,7 +35,7 @@ END_OF_DOC = 0
 PREVIEW_TOKENS = 100
 CHUNK_DOCS = 2048  # documents gathered per pass-2 chunk
 CHUNK_TOKENS = 1 << 20  # and at most this many tokens (unless one document is larger)
-RESIDENT_BUDGET = 32 << 20  # bytes of the token file allowed to stay mapped in pass 2
+IN_MEMORY_BYTES = 16 << 20  # pass 2 holds the token file in memory up to this size
 _BOM = b"\xef\xbb\xbf"
 
 
@@ -136,50 +135,56 @@ class Pass1:
         self.tokenizer, self.tokens_file, self.skip_bad = tokenizer, tokens_file, skip_bad
         self.ends = array("q", [0])  # token offset where each document ends
         self.non_empty_lines = 0
-        self.bad = []  # BadLine, when skipping
+        self.skipped = 0
+        self._bad_lines = {}  # category -> (count, first line numbers)
+
+    def _tokenize(self, raw, line_no: int) -> list:
+        if isinstance(raw, BadLine):
+            raise raw
+        text = _parse_line(raw, line_no)
+        try:
+            ids = self.tokenizer.encode(text)
+        except UnicodeEncodeError:  # lone surrogates; reported by the round-trip check
+            ids = []
+        _check_round_trip(self.tokenizer, text, ids, line_no)
+        return ids
+
+    def _bad(self, path: Path, e: BadLine) -> None:
+        if not self.skip_bad:
+            raise UserError(
+                f"{path}, {e}. Fix or delete that line, or run again with --skip-bad "
+                "to skip bad lines. Nothing was written."
+            )
+        self.skipped += 1
+        count, lines = self._bad_lines.get(e.category, (0, []))
+        self._bad_lines[e.category] = (count + 1, lines if len(lines) >= 5 else lines + [e.line_no])
 
     def run(self, path: Path, max_line_bytes: int, progress) -> None:
-        encode, tokenizer = self.tokenizer.encode, self.tokenizer
-        buf, ends, flush_at = [], self.ends, 1 << 20
-        total = 0
-        pending = 0
+        buf, ends, total, pending = [], self.ends, 0, 0
         with open(path, "rb") as f:
             for line_no, raw, consumed in _iter_lines(f, max_line_bytes):
                 pending += consumed
                 if pending >= 1 << 20:
                     progress.update(pending)
                     pending = 0
-                try:
-                    if isinstance(raw, BadLine):
-                        self.non_empty_lines += 1
-                        raise raw
+                if not isinstance(raw, BadLine):
                     raw = raw.strip()
                     if not raw:
                         continue
-                    self.non_empty_lines += 1
-                    text = _parse_line(raw, line_no)
-                    try:
-                        ids = encode(text)
-                    except UnicodeEncodeError:
-                        ids = None
-                    _check_round_trip(tokenizer, text, ids or [], line_no)
+                self.non_empty_lines += 1
+                try:
+                    ids = self._tokenize(raw, line_no)
                 except BadLine as e:
-                    if not self.skip_bad:
-                        raise UserError(
-                            f"{path}, {e}. Fix or delete that line, or run again with --skip-bad "
-                            "to skip bad lines. Nothing was written."
-                        ) from None
-                    self.bad.append(e)
+                    self._bad(path, e)
                     continue
                 buf.extend(ids)
                 buf.append(END_OF_DOC)
                 total += len(ids) + 1
                 ends.append(total)
-                if len(buf) >= flush_at:
+                if len(buf) >= 1 << 18:
                     self.tokens_file.write(np.array(buf, dtype=DTYPE).tobytes())
                     buf.clear()
-        if buf:
-            self.tokens_file.write(np.array(buf, dtype=DTYPE).tobytes())
+        self.tokens_file.write(np.array(buf, dtype=DTYPE).tobytes())
         self.tokens_file.flush()
         progress.update(pending)
 
@@ -188,13 +193,10 @@ class Pass1:
         return len(self.ends) - 1
 
     def skipped_summary(self) -> str:
-        by_kind = {}
-        for e in self.bad:
-            by_kind.setdefault(e.category, []).append(e.line_no)
         parts = []
-        for kind, lines in by_kind.items():
-            shown = ", ".join(map(str, lines[:5])) + (", ..." if len(lines) > 5 else "")
-            parts.append(f"{len(lines)} {kind} (line{'s' if len(lines) > 1 else ''} {shown})")
+        for category, (count, lines) in self._bad_lines.items():
+            shown = ", ".join(map(str, lines)) + (", ..." if count > len(lines) else "")
+            parts.append(f"{count} {category} (line{'s' if count > 1 else ''} {shown})")
         return "; ".join(parts)
 
 
@@ -203,8 +205,9 @@ class Pass1:
 def copy_orders(n_docs: int, copies: int, seed: int):
     """The document order of each copy: `copies` independent permutations of range(n_docs)."""
     rng = np.random.default_rng(seed)
+    dtype = np.int32 if n_docs < 2**31 else np.int64
     for _ in range(copies):
-        yield rng.permutation(n_docs)
+        yield rng.permutation(np.arange(n_docs, dtype=dtype))
 
 
 def _gather(tokens: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -220,48 +223,52 @@ def _gather(tokens: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.n
     return tokens[index]
 
 
-class _TokenMap:
-    """Read-only map of the pass-1 token file whose resident pages stay under a budget."""
+class _TokenSource:
+    """The pass-1 token file, read back by document.
+
+    Up to IN_MEMORY_BYTES it is loaded whole (fast vectorised gathers); beyond, each
+    document is read with pread, so memory stays flat however large the data is.
+    (A memory map would not: Linux maps whole page-cache folios, up to ~1 MB, per fault.)
+    """
 
     def __init__(self, f, n_tokens: int):
         self.size = n_tokens * DTYPE.itemsize
-        self._mm = mmap.mmap(f.fileno(), self.size, access=mmap.ACCESS_READ)
-        self.tokens = np.frombuffer(self._mm, dtype=DTYPE, count=n_tokens)
-        self._limit = self.size > RESIDENT_BUDGET and hasattr(self._mm, "madvise")
-        self._touched = 0
-        if self._limit:
-            self._mm.madvise(mmap.MADV_RANDOM)  # no read-around: map only the pages used
+        self._fd = f.fileno()
+        self.tokens = None
+        if self.size <= IN_MEMORY_BYTES:
+            f.seek(0)
+            self.tokens = np.frombuffer(f.read(self.size), dtype=DTYPE)
+            if self.tokens.size != n_tokens:
+                raise OSError(f"read {self.tokens.size} of {n_tokens} tokens back from the temporary file")
 
-    def touched(self, n_docs: int, n_tokens: int) -> None:
-        if self._limit:
-            self._touched += n_docs * 2 * mmap.PAGESIZE + n_tokens * DTYPE.itemsize
-            if self._touched > RESIDENT_BUDGET:
-                self._mm.madvise(mmap.MADV_DONTNEED)  # drop our mappings; the page cache keeps the data
-                self._touched = 0
-
-    def close(self) -> None:
-        del self.tokens
-        self._mm.close()
+    def gather(self, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        if self.tokens is not None:
+            return _gather(self.tokens, starts, lengths)
+        item, fd, pread = DTYPE.itemsize, self._fd, os.pread
+        data = b"".join([pread(fd, n * item, s * item) for s, n in zip(starts.tolist(), lengths.tolist())])
+        if len(data) != int(lengths.sum()) * item:
+            raise OSError("the temporary token file is shorter than what was written to it")
+        return np.frombuffer(data, dtype=DTYPE)
 
 
-def write_copies(token_map: _TokenMap, ends: np.ndarray, orders, writer: BinIdxWriter, progress) -> None:
-    """Append each order's documents (a permutation) to the writer, chunk by chunk."""
-    starts_all, lengths_all = ends[:-1], np.diff(ends)
-    tokens = token_map.tokens
+def write_copies(source: _TokenSource, ends: np.ndarray, orders, writer: BinIdxWriter, progress) -> None:
+    """Append each order's documents (a permutation) to the writer, in bounded chunks."""
     for order in orders:
-        lengths = lengths_all[order]
-        cum = np.cumsum(lengths)
-        i, n = 0, len(order)
-        while i < n:
-            base = cum[i - 1] if i else 0
-            j = int(np.searchsorted(cum, base + CHUNK_TOKENS, side="right"))
-            j = min(max(j, i + 1), i + CHUNK_DOCS, n)
-            docs = order[i:j]
-            flat = _gather(tokens, starts_all[docs], lengths[i:j])
-            writer.add_items(flat, lengths[i:j])
-            token_map.touched(j - i, flat.size)
-            progress.update(flat.size)
-            i = j
+        for i in range(0, len(order), CHUNK_DOCS):
+            docs = order[i : i + CHUNK_DOCS]
+            starts = ends[docs]
+            lengths = ends[docs + 1] - starts
+            # cut the chunk further where it passes CHUNK_TOKENS (long documents)
+            cum = np.cumsum(lengths)
+            cuts = [0]
+            while cuts[-1] < len(docs):
+                base = cum[cuts[-1] - 1] if cuts[-1] else 0
+                nxt = int(np.searchsorted(cum, base + CHUNK_TOKENS, side="right"))
+                cuts.append(min(max(nxt, cuts[-1] + 1), len(docs)))
+            for a, b in zip(cuts[:-1], cuts[1:]):
+                flat = source.gather(starts[a:b], lengths[a:b])
+                writer.add_items(flat, lengths[a:b])
+                progress.update(flat.size)
 
 
 # ---------------------------------------------------------------- reporting
@@ -365,12 +372,12 @@ def main(argv=None) -> int:
         with _progress(size, "tokenizing", "B", show and size > (8 << 20)) as bar:
             p1.run(src, int(args.max_line_mb * 1_000_000), bar)
         print(f"### Found {p1.non_empty_lines} non-empty lines in {src}", flush=True)
-        if p1.bad:
-            print(f"### Skipped {len(p1.bad)} bad lines: {p1.skipped_summary()}", flush=True)
+        if p1.skipped:
+            print(f"### Skipped {p1.skipped} bad lines: {p1.skipped_summary()}", flush=True)
         n_docs = p1.documents
         if n_docs == 0:
-            if p1.bad:
-                raise UserError(f"all {len(p1.bad)} non-empty lines of {src} are bad; nothing to write")
+            if p1.skipped:
+                raise UserError(f"all {p1.skipped} non-empty lines of {src} are bad; nothing to write")
             raise UserError(
                 f"{src} has no documents ({'it is empty' if size == 0 else 'only blank lines'}); "
                 'give a .jsonl file with one {"text": "..."} object per line'
@@ -379,16 +386,13 @@ def main(argv=None) -> int:
         doc_tokens = int(ends[-1])
         print(f"### Tokenized {n_docs} documents once ({doc_tokens} tokens); "
               f"writing {copies} shuffled copies (--seed {seed})...", flush=True)
-        token_map = _TokenMap(tokens_file, doc_tokens)
-        try:
-            with BinIdxWriter(prefix, DTYPE) as writer, \
-                    _progress(doc_tokens * copies, "writing", "tok", show and doc_tokens * copies > (16 << 20)) as bar:
-                write_copies(token_map, ends, copy_orders(n_docs, copies, seed), writer, bar)
-                with contextlib.suppress(FileNotFoundError):
-                    meta_path.unlink()  # never leave numbers of older files beside the new ones
-        finally:
-            token_map.close()
-    return _report(tokenizer, prefix, name, src, n_docs, copies, ctx_len, seed, len(p1.bad))
+        source = _TokenSource(tokens_file, doc_tokens)
+        with BinIdxWriter(prefix, DTYPE) as writer, \
+                _progress(doc_tokens * copies, "writing", "tok", show and doc_tokens * copies > (16 << 20)) as bar:
+            write_copies(source, ends, copy_orders(n_docs, copies, seed), writer, bar)
+            with contextlib.suppress(FileNotFoundError):
+                meta_path.unlink()  # never leave numbers of older files beside the new ones
+    return _report(tokenizer, prefix, name, src, n_docs, copies, ctx_len, seed, p1.skipped)
 
 
 def _report(tokenizer, prefix, name, src, n_docs, copies, ctx_len, seed, skipped) -> int:
@@ -402,7 +406,7 @@ def _report(tokenizer, prefix, name, src, n_docs, copies, ctx_len, seed, skipped
     p = magic_prime(tokens, ctx_len)
     meta = {
         "tokens": tokens, "items": items, "documents": n_docs, "ctx_len": ctx_len, "magic_prime": p,
-        "copies": copies, "vocab": tokenizer.vocab_name, "dtype": "uint16", "source": str(src),
+        "copies": copies, "vocab": tokenizer.vocab_name, "dtype": "uint16", "source": str(src.resolve()),
         "seed": seed, "skipped_lines": skipped,
     }
     if p is None:

@@ -32,7 +32,9 @@ def _load_table(vocab_file: str) -> list:
                 ids.append(int(line[:first]))
                 lengths.append(int(line[last:]))
                 literals.append(line[first + 1 : last])
-    values = ast.literal_eval("[" + ",".join(literals) + "]")  # one parse: ~0.1 s
+    values = []
+    for start in range(0, len(literals), 2048):  # a few big parses: fast, little peak memory
+        values += ast.literal_eval("[" + ",".join(literals[start : start + 2048]) + "]")
     table = [_REPLACEMENT] * VOCAB_SIZE
     for i, n, value in zip(ids, lengths, values):
         if isinstance(value, str):

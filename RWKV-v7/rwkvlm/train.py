@@ -118,7 +118,8 @@ def _resolve_hardware(cfg: TrainConfig):
     elif strategy == "ddp":
         from pytorch_lightning.strategies import DDPStrategy
 
-        strategy = DDPStrategy(process_group_backend="nccl" if on_gpu else "gloo", find_unused_parameters=False)
+        strategy = DDPStrategy(process_group_backend="nccl" if on_gpu else "gloo",
+                               find_unused_parameters=True)  # layer 0 does not use v0/v1/v2
     elif strategy == "single_device":
         strategy = "auto"
     return ("gpu" if on_gpu else "cpu"), strategy, precision

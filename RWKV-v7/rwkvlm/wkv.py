@@ -25,7 +25,7 @@ decayed to the chunk end (all factors <= 1). The L x L matrices A_xy hold
 sum_j x_t[j] y_s[j] exp(c_t[j] - c_s[j]) (c_{t-1} for the a-rows), lower
 triangular. Everything that does not depend on Z0 is computed for all chunks
 at once with batched matmuls; the Python loop runs once per chunk and only
-does Z' = G Z0 + H0 (two N x N matmuls per head).
+does Z' = diag(exp(c_last)) Z0 + G Z0 + H0 (one N x N matmul per head).
 
 The A_xy matrices are built one of two ways:
   * factored (fast path): (x * exp(c_t)) @ (y * exp(-c_s))^T, i.e. relative to
@@ -123,48 +123,50 @@ def wkv7_reference(r, w, k, v, a, b, head_size: int, state=None):
 # --------------------------------------------------------------------------------------------
 
 def _to_chunks(x: torch.Tensor, B: int, T: int, H: int, N: int, L: int, pad: int, cd) -> torch.Tensor:
-    """(B, T, C) -> (B, H, NC, L, N) in the compute dtype, zero-padded at the end of time."""
+    """(B, T, C) -> chunk-major (NC, B, H, L, N) in the compute dtype, zero-padded at the end of time."""
     x = x.to(cd).view(B, T, H, N)  # (B, T, H, N)
     if pad:
         x = F.pad(x, (0, 0, 0, 0, 0, pad))  # (B, T + pad, H, N)
     NC = (T + pad) // L
     x = x.view(B, NC, L, H, N)  # (B, NC, L, H, N)
-    return x.permute(0, 3, 1, 2, 4)  # (B, H, NC, L, N)
+    return x.permute(1, 0, 3, 2, 4).contiguous()  # (NC, B, H, L, N)
 
 
 def _intra_factored(r, k, a, b, c, cex, incl, strict):
-    """A matrices via products relative to the chunk start (bounded decay only)."""
-    e_pos = torch.exp(c)      # (B, H, NC, L, N), <= 1
-    e_neg = torch.exp(-c)     # (B, H, NC, L, N), <= exp(_FACTORED_MAX_LOGDECAY)
-    r_t = r * e_pos           # (B, H, NC, L, N)
-    a_t = a * torch.exp(cex)  # (B, H, NC, L, N)
+    """A matrices via products relative to the chunk start (bounded decay only).
+
+    All tensors (..., L, N); returns r~, a~ (..., L, N) and A_rk, A_rb, A_ak, A_ab (..., L, L).
+    """
+    e_neg = torch.exp(-c)     # (..., L, N), <= exp(_FACTORED_MAX_LOGDECAY)
+    r_t = r * torch.exp(c)    # (..., L, N), factor <= 1
+    a_t = a * torch.exp(cex)  # (..., L, N), factor <= 1
     L = r.shape[-2]
-    left = torch.cat((r_t, a_t), dim=-2)                 # (B, H, NC, 2L, N)
-    right = torch.cat((k * e_neg, b * e_neg), dim=-2)    # (B, H, NC, 2L, N)
-    A = left @ right.transpose(-1, -2)                   # (B, H, NC, 2L, 2L)
+    left = torch.cat((r_t, a_t), dim=-2)                 # (..., 2L, N)
+    right = torch.cat((k * e_neg, b * e_neg), dim=-2)    # (..., 2L, N)
+    A = left @ right.transpose(-1, -2)                   # (..., 2L, 2L)
     zero = A.new_zeros(())
-    A_rk = torch.where(incl, A[..., :L, :L], zero)       # (B, H, NC, L, L)
-    A_rb = torch.where(incl, A[..., :L, L:], zero)       # (B, H, NC, L, L)
-    A_ak = torch.where(strict, A[..., L:, :L], zero)     # (B, H, NC, L, L)
-    A_ab = torch.where(strict, A[..., L:, L:], zero)     # (B, H, NC, L, L)
+    A_rk = torch.where(incl, A[..., :L, :L], zero)       # (..., L, L)
+    A_rb = torch.where(incl, A[..., :L, L:], zero)       # (..., L, L)
+    A_ak = torch.where(strict, A[..., L:, :L], zero)     # (..., L, L)
+    A_ab = torch.where(strict, A[..., L:, L:], zero)     # (..., L, L)
     return r_t, a_t, A_rk, A_rb, A_ak, A_ab
 
 
 def _intra_pairwise(r, k, a, b, c, cex, incl, strict):
     """A matrices with exp(c_t - c_s) formed per pair: every exponent is <= 0."""
     neg_inf = c.new_full((), float("-inf"))
-    d_in = c.unsqueeze(-2) - c.unsqueeze(-3)     # (B, H, NC, L_t, L_s, N): c_t - c_s
-    d_ex = cex.unsqueeze(-2) - c.unsqueeze(-3)   # (B, H, NC, L_t, L_s, N): c_{t-1} - c_s
-    D_in = torch.exp(torch.where(incl.unsqueeze(-1), d_in, neg_inf))    # (B, H, NC, L, L, N)
-    D_ex = torch.exp(torch.where(strict.unsqueeze(-1), d_ex, neg_inf))  # (B, H, NC, L, L, N)
-    Xr = r.unsqueeze(-2) * D_in                                         # (B, H, NC, L, L, N)
-    Xa = a.unsqueeze(-2) * D_ex                                         # (B, H, NC, L, L, N)
-    A_rk = (Xr * k.unsqueeze(-3)).sum(-1)  # (B, H, NC, L, L)
-    A_rb = (Xr * b.unsqueeze(-3)).sum(-1)  # (B, H, NC, L, L)
-    A_ak = (Xa * k.unsqueeze(-3)).sum(-1)  # (B, H, NC, L, L)
-    A_ab = (Xa * b.unsqueeze(-3)).sum(-1)  # (B, H, NC, L, L)
-    r_t = r * torch.exp(c)    # (B, H, NC, L, N)
-    a_t = a * torch.exp(cex)  # (B, H, NC, L, N)
+    d_in = c.unsqueeze(-2) - c.unsqueeze(-3)     # (..., L_t, L_s, N): c_t - c_s
+    d_ex = cex.unsqueeze(-2) - c.unsqueeze(-3)   # (..., L_t, L_s, N): c_{t-1} - c_s
+    D_in = torch.exp(torch.where(incl.unsqueeze(-1), d_in, neg_inf))    # (..., L, L, N)
+    D_ex = torch.exp(torch.where(strict.unsqueeze(-1), d_ex, neg_inf))  # (..., L, L, N)
+    Xr = r.unsqueeze(-2) * D_in                                         # (..., L, L, N)
+    Xa = a.unsqueeze(-2) * D_ex                                         # (..., L, L, N)
+    A_rk = (Xr * k.unsqueeze(-3)).sum(-1)  # (..., L, L)
+    A_rb = (Xr * b.unsqueeze(-3)).sum(-1)  # (..., L, L)
+    A_ak = (Xa * k.unsqueeze(-3)).sum(-1)  # (..., L, L)
+    A_ab = (Xa * b.unsqueeze(-3)).sum(-1)  # (..., L, L)
+    r_t = r * torch.exp(c)    # (..., L, N)
+    a_t = a * torch.exp(cex)  # (..., L, N)
     return r_t, a_t, A_rk, A_rb, A_ak, A_ab
 
 
@@ -179,7 +181,7 @@ def _unit_lower_inverse(A: torch.Tensor) -> torch.Tensor:
     P = A
     n = 2
     while n < L:
-        P = P @ P          # A^n
+        P = P @ P            # A^n
         inv = inv + inv @ P  # inv (I + A^n)
         n *= 2
     return inv
@@ -212,50 +214,54 @@ def wkv7_chunked(r, w, k, v, a, b, head_size: int, state=None, chunk_len: int = 
     NC = (T + pad) // L
 
     with _no_autocast(dev):
-        rc, kc, vc, ac, bc = (_to_chunks(x, B, T, H, N, L, pad, cd) for x in (r, k, v, a, b))  # (B, H, NC, L, N)
+        # chunk-major layout: every per-chunk quantity below is (NC, B, H, ...)
+        rc, kc, vc, ac, bc = (_to_chunks(x, B, T, H, N, L, pad, cd) for x in (r, k, v, a, b))  # (NC, B, H, L, N)
         # log-decay <= 0; padded steps get 0 (decay 1) and zero k, v, a, b, so the state passes unchanged
-        ld = _to_chunks(-torch.exp(w.to(cd)), B, T, H, N, L, pad, cd)  # (B, H, NC, L, N)
-        c = torch.cumsum(ld, dim=-2)   # (B, H, NC, L, N): log-decay through step t (inclusive)
-        cex = c - ld                   # (B, H, NC, L, N): through step t-1
-        c_last = c[..., -1:, :]        # (B, H, NC, 1, N)
+        ld = _to_chunks(-torch.exp(w.to(cd)), B, T, H, N, L, pad, cd)  # (NC, B, H, L, N)
+        c = torch.cumsum(ld, dim=-2)   # (NC, B, H, L, N): log-decay through step t (inclusive)
+        cex = c - ld                   # (NC, B, H, L, N): through step t-1
+        c_last = c[..., -1:, :]        # (NC, B, H, 1, N)
 
-        incl = torch.ones(L, L, dtype=torch.bool, device=dev).tril()   # s <= t
+        incl = torch.ones(L, L, dtype=torch.bool, device=dev).tril()      # s <= t
         strict = torch.ones(L, L, dtype=torch.bool, device=dev).tril(-1)  # s < t
         use_factored = mode == "factored"
         if mode == "auto":
-            use_factored = bool((-c_last).max() <= _FACTORED_MAX_LOGDECAY)
+            use_factored = bool((-c_last.detach()).max() <= _FACTORED_MAX_LOGDECAY)
         intra = _intra_factored if use_factored else _intra_pairwise
         r_t, a_t, A_rk, A_rb, A_ak, A_ab = intra(rc, kc, ac, bc, c, cex, incl, strict)
 
-        Minv = _unit_lower_inverse(A_ab)                 # (B, H, NC, L, L)
-        PQ = Minv @ torch.cat((a_t, A_ak @ vc), dim=-1)  # (B, H, NC, L, 2N)
-        P, Q = PQ[..., :N], PQ[..., N:]                  # (B, H, NC, L, N) each; U = P Z0 + Q
-        Rp = r_t + A_rb @ P                              # (B, H, NC, L, N); Y = Rp Z0 + Y0
-        Y0 = A_rk @ vc + A_rb @ Q                        # (B, H, NC, L, N)
-        e_end = torch.exp(c_last - c)                    # (B, H, NC, L, N), <= 1
-        k_end = kc * e_end                               # (B, H, NC, L, N)
-        b_end = bc * e_end                               # (B, H, NC, L, N)
-        bT = b_end.transpose(-1, -2)                     # (B, H, NC, N, L)
-        G = torch.diag_embed(torch.exp(c_last.squeeze(-2))) + bT @ P   # (B, H, NC, N, N)
-        H0 = k_end.transpose(-1, -2) @ vc + bT @ Q                     # (B, H, NC, N, N)
+        # U = P Z0 + Q with [P | Q] = (I - A_ab)^{-1} [a~ | A_ak V]
+        PQ = _unit_lower_inverse(A_ab) @ torch.cat((a_t, A_ak @ vc), dim=-1)  # (NC, B, H, L, 2N)
+        # Y = Rp Z0 + Y0 with Rp = r~ + A_rb P, Y0 = A_rk V + A_rb Q
+        X_P, X_Q = torch.split(A_rb @ PQ, N, dim=-1)     # (NC, B, H, L, N) each (split: cheap backward)
+        Rp = r_t + X_P                                   # (NC, B, H, L, N)
+        Y0 = X_Q + A_rk @ vc                             # (NC, B, H, L, N)
+        # Z' = diag(exp(c_last)) Z0 + G Z0 + H0 with G = B~^T P, H0 = K~^T V + B~^T Q
+        e_end = torch.exp(c_last - c)                    # (NC, B, H, L, N), <= 1
+        G, GH_Q = torch.split((bc * e_end).transpose(-1, -2) @ PQ, N, dim=-1)  # (NC, B, H, N, N) each
+        E = torch.exp(c_last).reshape(NC, B * H, N, 1)   # (NC, B*H, Nk, 1): whole-chunk decay per key row
+        H0 = torch.baddbmm(GH_Q.reshape(NC * B * H, N, N),
+                           (kc * e_end).transpose(-1, -2).reshape(NC * B * H, N, L),
+                           vc.reshape(NC * B * H, L, N))  # (NC*B*H, N, N)
 
         if state is None:
-            Z = torch.zeros(B, H, N, N, dtype=cd, device=dev)  # (B, H, Nk, Nv)
+            Z = torch.zeros(B * H, N, N, dtype=cd, device=dev)  # (B*H, Nk, Nv)
         else:
-            Z = state.to(cd).transpose(-1, -2)  # (B, H, Nk, Nv)
-        # chunk-major, so each step reads a contiguous (B*H, N, N) slice (unbind's backward is one stack)
-        Gs = G.permute(2, 0, 1, 3, 4).reshape(NC, B * H, N, N).unbind(0)     # NC x (B*H, Nk, Nk)
-        Hs = H0.permute(2, 0, 1, 3, 4).reshape(NC, B * H, N, N).unbind(0)    # NC x (B*H, Nk, Nv)
-        Z = Z.reshape(B * H, N, N)  # (B*H, Nk, Nv)
+            Z = state.to(cd).transpose(-1, -2).reshape(B * H, N, N)  # (B*H, Nk, Nv)
+        Gs = G.reshape(NC, B * H, N, N).unbind(0)    # NC x (B*H, Nk, Nk)
+        Hs = H0.view(NC, B * H, N, N).unbind(0)      # NC x (B*H, Nk, Nv)
+        Es = E.unbind(0)                             # NC x (B*H, Nk, 1)
         starts = []
         for i in range(NC):
             starts.append(Z)
-            Z = torch.baddbmm(Hs[i], Gs[i], Z)  # (B*H, Nk, Nv)
-        Z0s = torch.stack(starts, dim=1).view(B, H, NC, N, N)  # (B, H, NC, Nk, Nv)
-        Z = Z.view(B, H, N, N)  # (B, H, Nk, Nv)
-        Y = Rp @ Z0s + Y0                 # (B, H, NC, L, Nv)
-        y = Y.permute(0, 2, 3, 1, 4).reshape(B, NC * L, C)[:, :T]  # (B, T, C)
-        S_out = Z.transpose(-1, -2)       # (B, H, Nv, Nk)
+            Z = torch.baddbmm(torch.addcmul(Hs[i], Es[i], Z), Gs[i], Z)  # (B*H, Nk, Nv)
+        Z0s = torch.stack(starts, dim=0).view(NC, B, H, N, N)  # (NC, B, H, Nk, Nv)
+        Y = torch.baddbmm(Y0.reshape(NC * B * H, L, N), Rp.reshape(NC * B * H, L, N),
+                          Z0s.view(NC * B * H, N, N)).view(NC, B, H, L, N)  # (NC, B, H, L, Nv)
+        y = Y.permute(1, 0, 3, 2, 4).reshape(B, NC * L, C)  # (B, T + pad, C)
+        if pad:
+            y = y[:, :T].contiguous()  # (B, T, C)
+        S_out = Z.view(B, H, N, N).transpose(-1, -2)  # (B, H, Nv, Nk)
     return y.to(r.dtype), S_out
 
 
@@ -264,11 +270,11 @@ def wkv7_chunked(r, w, k, v, a, b, head_size: int, state=None, chunk_len: int = 
 # --------------------------------------------------------------------------------------------
 
 def wkv7(r, w, k, v, a, b, head_size: int):
-    """WKV7 output y (B, T, C) from a zero state.
+    """WKV7 output y (B, T, C) in r's dtype, from a zero state.
 
-    CUDA tensors go to rwkvlm.wkv_cuda.wkv7_cuda when that module imports
-    (T padded to a multiple of 16 there; padding at the end cannot change
-    earlier outputs); everything else takes the chunked PyTorch path.
+    CUDA tensors go to rwkvlm.wkv_cuda.wkv7_cuda when that module imports (it
+    takes any T and any float dtype); everything else, and CUDA when the module
+    is missing, takes the chunked PyTorch path.
     """
     if r.is_cuda:
         try:
@@ -276,11 +282,6 @@ def wkv7(r, w, k, v, a, b, head_size: int):
         except ImportError:
             wkv7_cuda = None
         if wkv7_cuda is not None:
-            T = r.shape[1]
-            pad = (-T) % 16
-            if pad:
-                r, w, k, v, a, b = (F.pad(x, (0, 0, 0, pad)) for x in (r, w, k, v, a, b))  # (B, T + pad, C)
-            y = wkv7_cuda(r, w, k, v, a, b, head_size=head_size)
-            return y[:, :T] if pad else y
+            return wkv7_cuda(r, w, k, v, a, b, head_size=head_size)
     y, _ = wkv7_chunked(r, w, k, v, a, b, head_size)
     return y

@@ -1,0 +1,299 @@
+"""Held-out arithmetic accuracy of one or more checkpoints.
+
+Each held-out item (`rwkvlm.arithmetic.make_eval_set(n, seed)`, problems that
+never appear in the training corpus in any wording) is asked as
+`User: {question}\\n\\nAssistant:`; the greedy reply up to the blank line,
+stripped, must equal the item's answer exactly. Results are broken down by
+kind, one column per checkpoint.
+
+Prompts are batched: prompts of equal token length are prefilled together,
+then all replies are decoded as one batch (finished rows drop out).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import UserError
+
+DEFAULT_N = 400
+DEFAULT_SEED = 0
+DEFAULT_LAST = 2
+
+
+# ---------------------------------------------------------------- scoring
+
+def reply_of(text: str) -> str:
+    """The assistant's reply: up to the first blank line, stripped."""
+    return text.split("\n\n", 1)[0].strip()
+
+
+@dataclass
+class KindScore:
+    n: int = 0
+    correct: int = 0
+
+    @property
+    def accuracy(self) -> float:
+        return 100.0 * self.correct / self.n if self.n else 0.0
+
+    def as_dict(self) -> dict:
+        return {"n": self.n, "correct": self.correct, "accuracy": round(self.accuracy, 2)}
+
+
+@dataclass
+class Result:
+    """The score of one checkpoint (or one answering function) on an eval set."""
+
+    label: str
+    path: str = ""
+    by_kind: dict = field(default_factory=dict)  # kind -> KindScore
+    overall: KindScore = field(default_factory=KindScore)
+    errors: list = field(default_factory=list)  # {"kind", "question", "expected", "got"}
+    seconds: float = 0.0
+    info: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {"label": self.label, "path": self.path, "overall": self.overall.as_dict(),
+                "by_kind": {k: v.as_dict() for k, v in self.by_kind.items()},
+                "seconds": round(self.seconds, 3), "info": self.info, "errors": self.errors}
+
+
+def score(items, replies, label: str = "", kinds=None) -> Result:
+    """Exact-match score of `replies` (raw generated texts) against the items' answers."""
+    if len(items) != len(replies):
+        raise ValueError(f"{len(items)} items but {len(replies)} replies")
+    if kinds is None:
+        from .arithmetic import KINDS as kinds
+    res = Result(label=label, by_kind={k: KindScore() for k in kinds})
+    for item, text in zip(items, replies):
+        got = reply_of(text)
+        ok = got == item.answer.strip()
+        ks = res.by_kind.setdefault(item.kind, KindScore())
+        ks.n += 1
+        ks.correct += ok
+        res.overall.n += 1
+        res.overall.correct += ok
+        if not ok:
+            res.errors.append({"kind": item.kind, "question": item.question, "expected": item.answer, "got": got})
+    return res
+
+
+def evaluate_with(items, answer_fn, label: str = "", kinds=None) -> Result:
+    """Score `answer_fn(prompts) -> list of generated texts` on the items."""
+    from .arithmetic import format_prompt
+
+    t0 = time.perf_counter()
+    replies = answer_fn([format_prompt(it.question) for it in items])
+    res = score(items, list(replies), label, kinds)
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+def default_max_tokens(items, tokenizer) -> int:
+    """Enough tokens for the longest expected answer plus its blank line, and some slack."""
+    longest = max((len(tokenizer.encode(" " + it.answer + "\n\n")) for it in items), default=16)
+    return longest + 8
+
+
+def model_answerer(gen, max_tokens: int, batch_size: int, prefix_end_of_doc: bool = False):
+    """answer_fn for evaluate_with: greedy batched replies of a Generator."""
+    from .generate import SamplingOptions
+
+    opts = SamplingOptions(temperature=0.0, max_tokens=max_tokens)
+
+    def answer(prompts):
+        out = gen.generate_batch(prompts, opts, batch_size=batch_size, prefix=[0] if prefix_end_of_doc else None)
+        return [g.text for g in out]
+
+    return answer
+
+
+# ---------------------------------------------------------------- checkpoints
+
+_EPOCH_RE = re.compile(r"^rwkv-(\d+)\.pth$")
+
+
+def expand_checkpoints(paths, last: int = DEFAULT_LAST) -> list:
+    """Files as given; a directory gives its last `last` rwkv-N.pth (by N) and rwkv-final.pth."""
+    from .generate import _no_such_checkpoint
+
+    out = []
+    for p in paths:
+        p = Path(p)
+        if p.is_dir():
+            numbered = sorted((int(m.group(1)), q) for q in p.glob("rwkv-*.pth") if (m := _EPOCH_RE.match(q.name)))
+            chosen = [q for _, q in numbered[-last:]] if last > 0 else []
+            final = p / "rwkv-final.pth"
+            if final.is_file():
+                chosen.append(final)
+            if not chosen:
+                raise UserError(f"{p} holds no rwkv-N.pth or rwkv-final.pth checkpoint; checkpoints are in "
+                                f"RWKV-v7/train_temp/out/<PROJ_DIR>/ once training has finished a mini-epoch.")
+            out.extend(chosen)
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise _no_such_checkpoint(p)
+    seen, unique = set(), []
+    for p in out:
+        key = p.resolve()
+        if key not in seen:
+            seen.add(key)
+            unique.append(p)
+    return unique
+
+
+def labels_for(paths) -> list:
+    """Column names: the file stem, with the folder name when stems repeat."""
+    stems = [Path(p).stem for p in paths]
+    out = []
+    for p, s in zip(paths, stems):
+        out.append(f"{Path(p).parent.name}/{s}" if stems.count(s) > 1 else s)
+    return out
+
+
+# ---------------------------------------------------------------- output
+
+def format_table(results, kinds=None, title: str = "") -> str:
+    """Rows: kinds then overall; one column per result: `correct/n  acc%`."""
+    if kinds is None:
+        from .arithmetic import KINDS as kinds
+    kinds = list(kinds) + [k for r in results for k in r.by_kind if k not in kinds]
+    kinds = list(dict.fromkeys(kinds))
+    cells = {}
+    for r in results:
+        for k in kinds:
+            ks = r.by_kind.get(k, KindScore())
+            cells[r.label, k] = f"{ks.correct}/{ks.n} {ks.accuracy:5.1f}%" if ks.n else "-"
+        cells[r.label, "overall"] = f"{r.overall.correct}/{r.overall.n} {r.overall.accuracy:5.1f}%"
+    w0 = max([len("overall"), len("kind")] + [len(k) for k in kinds])
+    widths = [max([len(r.label)] + [len(cells[r.label, k]) for k in kinds + ["overall"]]) for r in results]
+    lines = []
+    if title:
+        lines.append(title)
+    lines.append("  ".join(["kind".ljust(w0)] + [r.label.rjust(w) for r, w in zip(results, widths)]))
+    lines.append("  ".join(["-" * w0] + ["-" * w for w in widths]))
+    for k in kinds:
+        lines.append("  ".join([k.ljust(w0)] + [cells[r.label, k].rjust(w) for r, w in zip(results, widths)]))
+    lines.append("  ".join(["-" * w0] + ["-" * w for w in widths]))
+    lines.append("  ".join(["overall".ljust(w0)] + [cells[r.label, "overall"].rjust(w)
+                                                    for r, w in zip(results, widths)]))
+    return "\n".join(lines)
+
+
+def format_errors(res: Result, limit: int) -> str:
+    if not res.errors or limit <= 0:
+        return f"{res.label}: no wrong answers" if not res.errors else ""
+    lines = [f"{res.label}: {len(res.errors)} wrong, first {min(limit, len(res.errors))}:"]
+    for e in res.errors[:limit]:
+        lines.append(f"  [{e['kind']}] {e['question']!r}\n      expected {e['expected']!r}\n      got      {e['got']!r}")
+    return "\n".join(lines)
+
+
+def write_json(path, results, n: int, seed: int, kinds) -> None:
+    from .atomic import atomic_open
+
+    doc = {"n": n, "seed": seed, "kinds": list(kinds), "metric": "exact match of the greedy reply",
+           "checkpoints": [r.as_dict() for r in results]}
+    with atomic_open(path, "w") as f:
+        json.dump(doc, f, ensure_ascii=False, indent=1)
+        f.write("\n")
+
+
+# ---------------------------------------------------------------- command line
+
+def _parser():
+    p = argparse.ArgumentParser(
+        prog="evaluate.py",
+        description="Held-out arithmetic accuracy (greedy, exact match) of RWKV-7 checkpoints, by kind.",
+    )
+    p.add_argument("checkpoints", nargs="+",
+                   help="rwkv-*.pth files, or a PROJ_DIR (its last --last rwkv-N.pth plus rwkv-final.pth)")
+    p.add_argument("--n", type=int, default=DEFAULT_N, help=f"number of held-out items (default {DEFAULT_N})")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED,
+                   help=f"seed of the held-out set (default {DEFAULT_SEED}; the held-out problems never "
+                        f"appear in training data, whatever the seed)")
+    p.add_argument("--last", type=int, default=DEFAULT_LAST,
+                   help=f"for a directory: how many of the newest rwkv-N.pth to evaluate (default {DEFAULT_LAST})")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: cuda when available)")
+    p.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on CUDA), fp32 or bf16")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="rows decoded together (default 512 on CUDA, 400 on CPU)")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="longest reply in tokens (default: longest expected answer + 8)")
+    p.add_argument("--eod-prefix", action="store_true",
+                   help="feed token 0 (end of document) before each prompt, like a document start in training")
+    p.add_argument("--show-errors", type=int, nargs="?", const=5, default=0, metavar="K",
+                   help="print K wrong answers per checkpoint (default K=5 when the flag is given)")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the results to this JSON file")
+    return p
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    if args.n < 1:
+        raise UserError(f"--n must be at least 1, found {args.n}")
+    if args.last < 0:
+        raise UserError(f"--last must be >= 0, found {args.last}")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, found {args.batch_size}")
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise UserError(f"--max-tokens must be at least 1, found {args.max_tokens}")
+    paths = expand_checkpoints(args.checkpoints, args.last)
+
+    import torch
+
+    from .arithmetic import KINDS, make_eval_set
+    from .generate import Generator, load_model, resolve_device, resolve_dtype
+    from .tokenizer import get_tokenizer
+
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    batch_size = args.batch_size or (512 if device.type == "cuda" else 400)
+    items = make_eval_set(args.n, args.seed)
+    tok = get_tokenizer()
+    max_tokens = args.max_tokens or default_max_tokens(items, tok)
+    print(f"held-out arithmetic: {len(items)} items (seed {args.seed}), greedy, exact match, "
+          f"max {max_tokens} tokens, {device} {str(dtype).replace('torch.', '')}", flush=True)
+
+    results = []
+    for path, label in zip(paths, labels_for(paths)):
+        t0 = time.perf_counter()
+        model = load_model(path, device, dtype)
+        gen = Generator(model, tok)
+        res = evaluate_with(items, model_answerer(gen, max_tokens, batch_size, args.eod_prefix), label, KINDS)
+        res.path = str(path)
+        cfg = getattr(model, "cfg", None)
+        if cfg is not None:
+            res.info = {"n_layer": cfg.n_layer, "n_embd": cfg.n_embd, "vocab_size": cfg.vocab_size,
+                        "load_seconds": round(time.perf_counter() - t0 - res.seconds, 3)}
+        print(f"  {label}: {res.overall.correct}/{res.overall.n} = {res.overall.accuracy:.1f}% "
+              f"({res.seconds:.1f} s)  [{path}]", flush=True)
+        results.append(res)
+        del model, gen
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    print()
+    print(format_table(results, KINDS))
+    if args.show_errors:
+        for res in results:
+            text = format_errors(res, args.show_errors)
+            if text:
+                print("\n" + text)
+    if args.json:
+        write_json(args.json, results, len(items), args.seed, KINDS)
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    from .errors import run_cli
+
+    sys.exit(run_cli(main))

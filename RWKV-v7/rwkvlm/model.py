@@ -1,0 +1,668 @@
+"""The RWKV-7 "x070" model: configuration, modules, initialisation and loss.
+
+State-dict names and shapes are the checkpoint format of
+/work/shared/spec/rwkv7-x070.md (no wrapper prefixes); the forward pass
+follows the `rwkv` package's x070 inference code, so a state dict saved from
+RWKV7 loads there unchanged.
+
+Typical use:
+    cfg = ModelConfig(n_layer=12, n_embd=768)
+    model = RWKV7(cfg)
+    model.init_weights()                 # or model.load_state_dict(torch.load(...))
+    loss = model.loss(idx, targets)      # mean CE + L2Wrap gradient
+    logits, state = model.forward_rnn(idx)            # inference, carried state
+    logits, state = model.forward_rnn(next_idx, state)
+
+A freshly constructed RWKV7 holds the spec's deterministic table values and
+zero matrices (no random draws); call init_weights() for a fresh model.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from rwkvlm.errors import UserError
+from rwkvlm.wkv import wkv7, wkv7_chunked
+
+__all__ = ["ModelConfig", "RWKV7", "count_params", "l2wrap_loss", "L2Wrap", "head_l2wrap_loss"]
+
+L2WRAP_FACTOR = 1e-4
+
+
+# ============================================================================================
+# Configuration
+# ============================================================================================
+
+def _lora_dim(n_embd: int, factor: float) -> int:
+    """max(32, round(factor * sqrt(C) / 32) * 32)."""
+    return max(32, int(round(factor * math.sqrt(n_embd) / 32)) * 32)
+
+
+@dataclass
+class ModelConfig:
+    n_layer: int
+    n_embd: int
+    vocab_size: int = 65536
+    head_size: int = 64
+    grad_cp: bool = False
+
+    def __post_init__(self):
+        for flag, value in (("--n_layer", self.n_layer), ("--n_embd", self.n_embd),
+                            ("--vocab_size", self.vocab_size), ("--head_size", self.head_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise UserError(f"{flag} must be a positive integer; got {value!r}.")
+        if self.n_embd % 64 != 0:
+            raise UserError(
+                f"--n_embd {self.n_embd} is not a multiple of 64; RWKV-7 needs n_embd to be a multiple "
+                f"of 64 (e.g. {max(64, self.n_embd // 64 * 64)} or {(self.n_embd // 64 + 1) * 64}). "
+                f"Change --n_embd.")
+        if self.n_embd % self.head_size != 0:
+            raise UserError(
+                f"--n_embd {self.n_embd} is not a multiple of --head_size {self.head_size}; the channels "
+                f"are split into n_embd / head_size heads. Use --head_size 64 (the standard) or an "
+                f"--n_embd divisible by {self.head_size}.")
+
+    # derived dimensions
+    @property
+    def n_head(self) -> int:
+        return self.n_embd // self.head_size
+
+    @property
+    def dim_att(self) -> int:
+        return self.n_embd
+
+    @property
+    def dim_ffn(self) -> int:
+        return 4 * self.n_embd
+
+    @property
+    def d_decay_lora(self) -> int:  # Dw
+        return _lora_dim(self.n_embd, 2.5)
+
+    @property
+    def d_aaa_lora(self) -> int:  # Da
+        return _lora_dim(self.n_embd, 2.5)
+
+    @property
+    def d_mv_lora(self) -> int:  # Dv
+        return _lora_dim(self.n_embd, 1.7)
+
+    @property
+    def d_gate_lora(self) -> int:  # Dg
+        return _lora_dim(self.n_embd, 5.0)
+
+
+def count_params(cfg: ModelConfig) -> int:
+    """Number of parameters of RWKV7(cfg), computed without allocating anything."""
+    C, V, L = cfg.n_embd, cfg.vocab_size, cfg.n_layer
+    Dw, Da, Dv, Dg = cfg.d_decay_lora, cfg.d_aaa_lora, cfg.d_mv_lora, cfg.d_gate_lora
+    att = (6 * C                      # x_r x_w x_k x_v x_a x_g
+           + C + 2 * C * Dw           # w0 w1 w2
+           + C + 2 * C * Da           # a0 a1 a2
+           + C + 2 * C * Dv           # v0 v1 v2
+           + 2 * C * Dg               # g1 g2
+           + 2 * C                    # k_k k_a
+           + cfg.n_head * cfg.head_size  # r_k
+           + 4 * C * C                # receptance key value output
+           + 2 * C)                   # ln_x
+    ffn = C + 2 * cfg.dim_ffn * C     # x_k key value
+    block = 4 * C + att + ffn         # ln1 ln2
+    return 2 * V * C + 2 * C + 2 * C + L * block  # emb head, ln0, ln_out
+
+
+# ============================================================================================
+# Init helpers
+# ============================================================================================
+
+def _orthogonal_(p: torch.Tensor, gain: float) -> None:
+    """torch's orthogonal init with exactly `gain` (drawn in fp32, copied in p's dtype)."""
+    t = torch.empty(p.shape, dtype=torch.float32, device=p.device)
+    nn.init.orthogonal_(t, gain=gain)
+    p.copy_(t)
+
+
+def _orthogonal_spec_(p: torch.Tensor, g: float) -> None:
+    """The spec's "orthogonal, gain g": gain g * sqrt(rows/cols) when rows > cols, else g."""
+    rows, cols = p.shape
+    _orthogonal_(p, g * math.sqrt(rows / cols) if rows > cols else g)
+
+
+def _skip_init_linear(n_in: int, n_out: int) -> nn.Linear:
+    lin = nn.utils.skip_init(nn.Linear, n_in, n_out, bias=False)
+    with torch.no_grad():
+        lin.weight.zero_()
+    return lin
+
+
+# ============================================================================================
+# Modules
+# ============================================================================================
+
+def _shift(x: torch.Tensor, x_prev: torch.Tensor | None) -> torch.Tensor:
+    """shift(x)[t] = x[t-1]; shift(x)[0] = x_prev (zeros when None). x: (B, T, C)."""
+    if x_prev is None:
+        return F.pad(x, (0, 0, 1, -1))  # (B, T, C)
+    return torch.cat((x_prev.unsqueeze(1).to(x.dtype), x[:, :-1]), dim=1)  # (B, T, C)
+
+
+class TimeMix(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.cfg = cfg
+        self.layer_id = layer_id
+        C, H, N = cfg.n_embd, cfg.n_head, cfg.head_size
+
+        def vec():
+            return nn.Parameter(torch.zeros(1, 1, C))
+
+        def mat(rows, cols):
+            return nn.Parameter(torch.zeros(rows, cols))
+
+        self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g = (vec() for _ in range(6))
+        self.w0, self.w1, self.w2 = vec(), mat(C, cfg.d_decay_lora), mat(cfg.d_decay_lora, C)
+        self.a0, self.a1, self.a2 = vec(), mat(C, cfg.d_aaa_lora), mat(cfg.d_aaa_lora, C)
+        self.v0, self.v1, self.v2 = vec(), mat(C, cfg.d_mv_lora), mat(cfg.d_mv_lora, C)
+        self.g1, self.g2 = mat(C, cfg.d_gate_lora), mat(cfg.d_gate_lora, C)
+        self.k_k, self.k_a = vec(), vec()
+        self.r_k = nn.Parameter(torch.zeros(H, N))
+        self.receptance = _skip_init_linear(C, C)
+        self.key = _skip_init_linear(C, C)
+        self.value = _skip_init_linear(C, C)
+        self.output = _skip_init_linear(C, C)
+        self.ln_x = nn.GroupNorm(H, C, eps=64e-5)
+        self.init_table()
+
+    @torch.no_grad()
+    def init_table(self, randomize: bool = False) -> None:
+        """The spec's per-parameter table values; random LoRA w2/a2/v2/g2 only when randomize."""
+        cfg, l = self.cfg, self.layer_id
+        C, L, N = cfg.n_embd, cfg.n_layer, cfg.head_size
+        dev = self.x_r.device
+        n = torch.arange(C, dtype=torch.float64, device=dev)
+        d = n / C                                   # (C,)
+        lin = n / (C - 1) - 0.5                     # (C,)
+        z = ((n % N) - (N - 1) / 2) / ((N - 1) / 2)
+        zig = z * z.abs()                           # (C,)
+        r0 = l / (L - 1) if L > 1 else 0.0          # 0 .. 1
+        r1 = 1.0 - l / L                            # 1 .. almost 0
+        www = -6 + 6 * (n / (C - 1)) ** (1 + r0 ** 0.3)
+
+        def put(p, values):
+            p.copy_(values.view(p.shape).to(p.dtype))
+
+        for p, e in ((self.x_r, 0.2), (self.x_w, 0.9), (self.x_k, 0.7),
+                     (self.x_v, 0.7), (self.x_a, 0.9), (self.x_g, 0.2)):
+            put(p, 1.0 - d ** (e * r1))
+        put(self.w0, www + 0.5 + 2.5 * zig)
+        put(self.a0, -0.19 + 0.3 * zig + 0.4 * lin)
+        put(self.v0, 0.73 - 0.4 * lin)
+        put(self.k_k, 0.71 - 0.1 * lin)
+        self.k_a.fill_(1.02)
+        self.r_k.fill_(-0.04)
+        for p in (self.w1, self.a1, self.v1, self.g1):
+            p.zero_()
+        for p in (self.w2, self.a2, self.v2, self.g2):
+            if randomize:
+                _orthogonal_spec_(p, 0.1)
+            else:
+                p.zero_()
+        self.ln_x.weight.fill_(((1 + l) / L) ** 0.7)
+        self.ln_x.bias.zero_()
+
+    def forward(self, x, v_first, x_prev=None, state=None, return_state=False):
+        """x: (B, T, C) (the ln1 output). Returns (out, v_first) or, with return_state,
+        (out, v_first, new_wkv_state)."""
+        B, T, C = x.shape
+        H, N = self.cfg.n_head, self.cfg.head_size
+        xx = _shift(x, x_prev) - x  # (B, T, C)
+        xr = x + xx * self.x_r
+        xw = x + xx * self.x_w
+        xk = x + xx * self.x_k
+        xv = x + xx * self.x_v
+        xa = x + xx * self.x_a
+        xg = x + xx * self.x_g
+
+        r = self.receptance(xr)  # (B, T, C)
+        w_raw = self.w0.float() + (torch.tanh(xw @ self.w1) @ self.w2).float()  # (B, T, C) fp32
+        k = self.key(xk)         # (B, T, C)
+        v = self.value(xv)       # (B, T, C)
+        if self.layer_id == 0:
+            v_first = v
+        else:
+            v = v + (v_first - v) * torch.sigmoid(self.v0 + (xv @ self.v1) @ self.v2)
+        a = torch.sigmoid(self.a0 + (xa @ self.a1) @ self.a2)  # (B, T, C) in-context learning rate
+        g = torch.sigmoid(xg @ self.g1) @ self.g2              # (B, T, C)
+
+        kk = F.normalize((k * self.k_k).view(B, T, H, N), dim=-1, p=2.0, eps=1e-12)  # (B, T, H, N)
+        kk = kk.view(B, T, C)  # (B, T, C)
+        k = k * (1 + (a - 1) * self.k_a)
+        w = -F.softplus(-w_raw) - 0.5  # (B, T, C) fp32; decay = exp(-exp(w))
+
+        if return_state:
+            y, new_state = wkv7_chunked(r, w, k, v, -kk, kk * a, N, state=state)
+        else:
+            y = wkv7(r, w, k, v, -kk, kk * a, N)  # (B, T, C)
+        y = self.ln_x(y.reshape(B * T, C)).view(B, T, C)  # (B*T, C) -> (B, T, C)
+        bonus = (r * k * self.r_k.view(H * N)).view(B, T, H, N).sum(dim=-1, keepdim=True)  # (B, T, H, 1)
+        y = y + (bonus * v.view(B, T, H, N)).view(B, T, C)  # (B, T, H, N) -> (B, T, C)
+        out = self.output(y * g)  # (B, T, C)
+        if return_state:
+            return out, v_first, new_state
+        return out, v_first
+
+
+class ChannelMix(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.cfg = cfg
+        self.layer_id = layer_id
+        C = cfg.n_embd
+        self.x_k = nn.Parameter(torch.zeros(1, 1, C))
+        self.key = _skip_init_linear(C, cfg.dim_ffn)
+        self.value = _skip_init_linear(cfg.dim_ffn, C)
+        self.init_table()
+
+    @torch.no_grad()
+    def init_table(self) -> None:
+        C, L = self.cfg.n_embd, self.cfg.n_layer
+        r1 = 1.0 - self.layer_id / L
+        d = torch.arange(C, dtype=torch.float64, device=self.x_k.device) / C
+        self.x_k.copy_((1.0 - d ** (r1 ** 4)).view(1, 1, C).to(self.x_k.dtype))
+
+    def forward(self, x, x_prev=None):
+        """x: (B, T, C) (the ln2 output)."""
+        xx = _shift(x, x_prev) - x  # (B, T, C)
+        h = x + xx * self.x_k
+        h = torch.relu(self.key(h)) ** 2  # (B, T, 4C)
+        return self.value(h)              # (B, T, C)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        self.ln1 = nn.LayerNorm(cfg.n_embd)
+        self.ln2 = nn.LayerNorm(cfg.n_embd)
+        if layer_id == 0:
+            self.ln0 = nn.LayerNorm(cfg.n_embd)
+        self.att = TimeMix(cfg, layer_id)
+        self.ffn = ChannelMix(cfg, layer_id)
+
+    def forward(self, x, v_first):
+        if self.layer_id == 0:
+            x = self.ln0(x)
+        dx, v_first = self.att(self.ln1(x), v_first)
+        x = x + dx
+        x = x + self.ffn(self.ln2(x))
+        return x, v_first
+
+
+class RWKV7(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.emb = nn.utils.skip_init(nn.Embedding, cfg.vocab_size, cfg.n_embd)
+        with torch.no_grad():
+            self.emb.weight.zero_()
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.ln_out = nn.LayerNorm(cfg.n_embd)
+        self.head = _skip_init_linear(cfg.n_embd, cfg.vocab_size)
+
+    count_params = staticmethod(count_params)
+
+    # ---------------------------------------------------------------------------------------
+    # init
+    # ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """The spec's whole-model init pass, in place; deterministic given torch.manual_seed."""
+        cfg = self.cfg
+        for block in self.blocks:
+            for ln in (block.ln1, block.ln2) + ((block.ln0,) if block.layer_id == 0 else ()):
+                ln.weight.fill_(1.0)
+                ln.bias.zero_()
+            block.att.init_table(randomize=True)  # also sets ln_x.weight = ((1 + l) / L) ** 0.7
+            block.ffn.init_table()
+        self.ln_out.weight.fill_(1.0)
+        self.ln_out.bias.zero_()
+
+        V, C = cfg.vocab_size, cfg.n_embd
+        for name, p in self.named_parameters():
+            if "ln_" in name or ".ln" in name or ".weight" not in name:
+                continue  # table value (set above)
+            if name == "emb.weight":
+                p.uniform_(-1e-4, 1e-4)
+            elif name == "head.weight":
+                _orthogonal_(p, 0.5 * math.sqrt(V / C) if V > C else 0.5)
+            elif name.endswith("att.output.weight") or name.endswith("ffn.value.weight"):
+                p.zero_()
+            elif name.endswith("att.key.weight"):
+                _orthogonal_(p, 0.1)
+            elif p.dim() == 2:
+                _orthogonal_(p, 1.0)  # att.receptance, att.value, ffn.key: plain gain
+            else:
+                raise AssertionError(f"init_weights: no rule for {name} {tuple(p.shape)}")
+
+    # ---------------------------------------------------------------------------------------
+    # training forward
+    # ---------------------------------------------------------------------------------------
+    def _check_idx(self, idx: torch.Tensor) -> None:
+        if idx.dim() != 2:
+            raise ValueError(f"idx must be (B, T) token ids; got shape {tuple(idx.shape)}")
+
+    def forward_hidden(self, idx: torch.Tensor) -> torch.Tensor:
+        """ln_out(x) before the head: (B, T, C)."""
+        self._check_idx(idx)
+        x = self.emb(idx)  # (B, T, C)
+        v_first = None
+        use_cp = self.cfg.grad_cp and torch.is_grad_enabled()
+        for block in self.blocks:
+            if use_cp:
+                x, v_first = checkpoint(block, x, v_first, use_reentrant=False)
+            else:
+                x, v_first = block(x, v_first)
+        return self.ln_out(x)  # (B, T, C)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """Logits (B, T, V) for training / scoring (zero initial state)."""
+        return self.head(self.forward_hidden(idx))
+
+    def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy over all B*T positions, with the L2Wrap gradient.
+
+        The head and the loss run fused in row chunks: full-vocabulary logits
+        are never held whole (see head_l2wrap_loss).
+        """
+        h = self.forward_hidden(idx)  # (B, T, C)
+        return head_l2wrap_loss(h, self.head.weight, targets)
+
+    # ---------------------------------------------------------------------------------------
+    # inference with a carried state
+    # ---------------------------------------------------------------------------------------
+    def zero_state(self, batch_size: int, device=None, dtype=None) -> list:
+        """Per layer (att shift x (B, C), wkv state (B, H, N, N) fp32, ffn shift x (B, C))."""
+        cfg = self.cfg
+        p = self.emb.weight
+        device = p.device if device is None else device
+        dtype = p.dtype if dtype is None else dtype
+        B, C, H, N = batch_size, cfg.n_embd, cfg.n_head, cfg.head_size
+        return [(torch.zeros(B, C, device=device, dtype=dtype),
+                 torch.zeros(B, H, N, N, device=device, dtype=torch.float32),
+                 torch.zeros(B, C, device=device, dtype=dtype)) for _ in range(cfg.n_layer)]
+
+    def forward_rnn(self, idx: torch.Tensor, state: list | None = None):
+        """Logits (B, T, V) and the state after the last token.
+
+        `state` is None (zero state) or what a previous call returned: a list with one
+        (att shift x (B, C), wkv state (B, H, N, N) fp32, ffn shift x (B, C)) per layer.
+        Feeding a sequence in pieces gives the same logits as feeding it whole.
+        Call under torch.no_grad() for inference.
+        """
+        self._check_idx(idx)
+        B, T = idx.shape
+        if T == 0:
+            raise ValueError("forward_rnn needs at least one token")
+        if state is None:
+            state = self.zero_state(B, device=idx.device)
+        if len(state) != self.cfg.n_layer:
+            raise ValueError(f"state has {len(state)} layers, the model has {self.cfg.n_layer}")
+        x = self.emb(idx)  # (B, T, C)
+        v_first = None
+        new_state = []
+        for block, (att_prev, wkv_state, ffn_prev) in zip(self.blocks, state):
+            if block.layer_id == 0:
+                x = block.ln0(x)
+            h = block.ln1(x)  # (B, T, C)
+            dx, v_first, wkv_new = block.att(h, v_first, x_prev=att_prev, state=wkv_state, return_state=True)
+            x = x + dx
+            h2 = block.ln2(x)  # (B, T, C)
+            x = x + block.ffn(h2, x_prev=ffn_prev)
+            new_state.append((h[:, -1], wkv_new.float(), h2[:, -1]))
+        logits = self.head(self.ln_out(x))  # (B, T, V)
+        return logits, new_state
+
+
+# ============================================================================================
+# Loss: cross-entropy + L2Wrap
+# ============================================================================================
+
+def _default_chunk_rows(vocab: int) -> int:
+    """Rows per chunk so one fp32 logits chunk is about 128 MiB."""
+    return max(1, (1 << 25) // max(1, vocab))
+
+
+class L2Wrap(torch.autograd.Function):
+    """loss' = L2Wrap.apply(loss, logits): forward returns loss unchanged; backward adds
+    1e-4 / (B*T) * max_logit to the arg-max logit's gradient at every position (scaled
+    by the incoming gradient). logits: (..., V); B*T = number of positions."""
+
+    @staticmethod
+    def forward(ctx, loss, logits):
+        maxx, ids = logits.detach().max(dim=-1, keepdim=True)  # (..., 1)
+        ctx.save_for_backward(maxx, ids)
+        ctx.logits_shape = logits.shape
+        ctx.logits_dtype = logits.dtype
+        ctx.n_pos = max(1, logits.numel() // logits.shape[-1])
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        maxx, ids = ctx.saved_tensors
+        gy = torch.zeros(ctx.logits_shape, dtype=ctx.logits_dtype, device=maxx.device)
+        gy.scatter_(-1, ids, (maxx.float() * (L2WRAP_FACTOR / ctx.n_pos) * grad_output).to(gy.dtype))
+        return grad_output, gy
+
+
+def _ce_chunk_stats(chunk32: torch.Tensor, tgt: torch.Tensor):
+    """In place on an fp32 (n, V) logits chunk: returns (max, argmax, target logit, sum exp(l - max));
+    chunk32 holds exp(l - max) afterwards."""
+    m, am = chunk32.max(dim=1)                             # (n,)
+    tl = chunk32.gather(1, tgt.unsqueeze(1)).squeeze(1)    # (n,)
+    chunk32.sub_(m.unsqueeze(1)).exp_()
+    s = chunk32.sum(dim=1)                                 # (n,)
+    return m, am, tl, s
+
+
+def _grad_chunk_(p: torch.Tensor, s, tgt, am, m, scale):
+    """In place: exp(l - max) chunk -> (softmax - onehot + L2Wrap) * scale. scale: 1/M or g/M."""
+    rows = torch.arange(p.shape[0], device=p.device)
+    p.mul_(scale / s.unsqueeze(1))
+    p[rows, tgt] -= scale
+    p[rows, am] += (L2WRAP_FACTOR * scale) * m
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for fp32/bf16/fp16, fp64 for fp64: the dtype of softmax statistics."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _fp32_copy(t: torch.Tensor) -> torch.Tensor:
+    """A fresh copy in the accumulation dtype (never a view of the caller's tensor)."""
+    acc = _acc_dtype(t.dtype)
+    return t.clone() if t.dtype == acc else t.to(acc)
+
+
+class _ChunkedCE(torch.autograd.Function):
+    """Mean CE over logits (M, V) + L2Wrap, holding no fp32 copy of the whole logits."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, chunk_rows):
+        M, V = logits.shape
+        acc = _acc_dtype(logits.dtype)
+        lse = torch.empty(M, dtype=acc, device=logits.device)
+        mx = torch.empty(M, dtype=acc, device=logits.device)
+        amx = torch.empty(M, dtype=torch.long, device=logits.device)
+        total = torch.zeros((), dtype=torch.float64, device=logits.device)
+        with torch.no_grad():
+            for i in range(0, M, chunk_rows):
+                c32 = _fp32_copy(logits[i:i + chunk_rows])
+                m, am, tl, s = _ce_chunk_stats(c32, targets[i:i + chunk_rows])
+                lse[i:i + chunk_rows] = m + s.log()
+                mx[i:i + chunk_rows] = m
+                amx[i:i + chunk_rows] = am
+                total += (lse[i:i + chunk_rows] - tl).sum(dtype=torch.float64)
+        ctx.save_for_backward(logits, targets, lse, mx, amx)
+        ctx.chunk_rows = chunk_rows
+        return (total / M).float()
+
+    @staticmethod
+    def backward(ctx, g):
+        logits, targets, lse, mx, amx = ctx.saved_tensors
+        M, V = logits.shape
+        R = ctx.chunk_rows
+        grad = torch.empty_like(logits)
+        scale = g.to(lse.dtype) / M
+        rows_all = torch.arange(min(R, M), device=logits.device)
+        for i in range(0, M, R):
+            c32 = _fp32_copy(logits[i:i + R])
+            n = c32.shape[0]
+            rows = rows_all[:n]
+            c32.sub_(lse[i:i + R].unsqueeze(1)).exp_()   # softmax
+            c32.mul_(scale)
+            c32[rows, targets[i:i + R]] -= scale
+            c32[rows, amx[i:i + R]] += (L2WRAP_FACTOR * scale) * mx[i:i + R]
+            grad[i:i + R] = c32
+        return grad, None, None
+
+
+def l2wrap_loss(logits: torch.Tensor, targets: torch.Tensor, chunk_rows: int | None = None) -> torch.Tensor:
+    """Mean CE of logits (B, T, V) against targets (B, T), plus the L2Wrap gradient.
+
+    Chunked over rows: besides the logits themselves (and their gradient in backward)
+    it holds only one fp32 chunk of about 128 MiB.
+    """
+    V = logits.shape[-1]
+    if targets.shape != logits.shape[:-1]:
+        raise ValueError(f"targets shape {tuple(targets.shape)} does not match logits {tuple(logits.shape)}")
+    R = chunk_rows or _default_chunk_rows(V)
+    return _ChunkedCE.apply(logits.reshape(-1, V), targets.reshape(-1).long(), R)
+
+
+_SCRATCH: dict = {}
+
+
+def _scratch(role: str, shape, dtype, device) -> torch.Tensor:
+    """A reusable CPU work buffer (fresh large allocations page-fault on every step);
+    elsewhere a plain torch.empty."""
+    device = torch.device(device)
+    if device.type != "cpu":
+        return torch.empty(shape, dtype=dtype, device=device)
+    t = _SCRATCH.get(role)
+    if t is None or t.shape != torch.Size(shape) or t.dtype != dtype:
+        _SCRATCH.pop(role, None)
+        t = torch.empty(shape, dtype=dtype, device=device)
+        _SCRATCH[role] = t
+    return t
+
+
+def _softmax_into(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+    """Row softmax of src (n, V) written into dst: one fused pass per row."""
+    try:
+        return torch._softmax(src, 1, False, out=dst)
+    except (AttributeError, RuntimeError, TypeError):
+        return dst.copy_(torch.softmax(src, dim=1))
+
+
+class _HeadCE(torch.autograd.Function):
+    """Fused head matmul + mean CE + L2Wrap over row chunks.
+
+    The loss is a scalar, so its gradient with respect to the logits is known in
+    forward up to the incoming scale: each chunk's logits are computed, turned into
+    M * dloss/dlogits = softmax - onehot + 1e-4 * max_logit at the arg-max, and
+    consumed right away (grad_x = G W / M, grad_W += G^T x). Backward only scales
+    by the incoming gradient. Three matmuls of the head's size in all, as with
+    autograd, but never more than one logits chunk (plus its softmax) in memory.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, chunk_rows):
+        M, C = x.shape
+        V = weight.shape[0]
+        dev = x.device
+        cdt = x.dtype
+        acc = _acc_dtype(cdt)
+        Wc = weight if weight.dtype == cdt else weight.to(cdt)
+        need_gx, need_gw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        gx = torch.empty_like(x) if need_gx else None
+        gw = torch.zeros(V, C, dtype=acc, device=dev) if need_gw else None
+        R = min(chunk_rows, M)
+        logits_buf = _scratch("head_logits", (R, V), cdt, dev)
+        prob_buf = _scratch("head_probs", (R, V), acc, dev)
+        rows_all = torch.arange(R, device=dev)
+        total = torch.zeros((), dtype=torch.float64, device=dev)
+        with torch.no_grad():
+            for i in range(0, M, R):
+                xc = x[i:i + R]
+                n = xc.shape[0]
+                rows = rows_all[:n]
+                tgt = targets[i:i + R]
+                lg = torch.mm(xc, Wc.t(), out=logits_buf[:n])  # (n, V)
+                if cdt != acc:
+                    lg = lg.to(acc)                             # (n, V) fp32
+                m, am = lg.max(dim=1)                           # (n,)
+                p = _softmax_into(lg, prob_buf[:n])             # (n, V)
+                pt = p[rows, tgt]                               # (n,)
+                row_loss = -torch.log(pt)
+                tiny = pt < 1e-30                               # p_t underflows: exact lse for those rows
+                if bool(tiny.any()):
+                    row_loss[tiny] = torch.logsumexp(lg[tiny], dim=1) - lg[rows[tiny], tgt[tiny]]
+                total += row_loss.sum(dtype=torch.float64)
+                if need_gx or need_gw:
+                    p[rows, tgt] -= 1.0
+                    p[rows, am] += L2WRAP_FACTOR * m            # M * (dCE/dlogits + L2Wrap)
+                    gc = p if cdt == acc else p.to(cdt)
+                    if need_gx:
+                        torch.mm(gc, Wc, out=gx[i:i + n])       # (n, C)
+                    if need_gw:
+                        if gc.dtype == acc:
+                            gw.addmm_(gc.t(), xc)               # (V, C)
+                        else:
+                            gw.add_(gc.t() @ xc)
+        ctx.gx, ctx.gw, ctx.M = gx, gw, M
+        ctx.w_dtype = weight.dtype
+        return (total / M).to(acc)
+
+    @staticmethod
+    def backward(ctx, g):
+        gx, gw = ctx.gx, ctx.gw
+        if gx is None and gw is None and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
+            raise RuntimeError("the fused head loss supports one backward pass per forward")
+        ctx.gx = ctx.gw = None  # scaled in place below: release them
+        scale = g / ctx.M
+        if gx is not None:
+            gx = gx.mul_(scale.to(gx.dtype))
+        if gw is not None:
+            gw = gw.mul_(scale.to(gw.dtype)).to(ctx.w_dtype)
+        return gx, gw, None, None
+
+
+def head_l2wrap_loss(hidden: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor,
+                     chunk_rows: int | None = None) -> torch.Tensor:
+    """Mean CE of (hidden @ head_weight^T) against targets, plus the L2Wrap gradient, fused.
+
+    hidden: (B, T, C); head_weight: (V, C); targets: (B, T). Under autocast the
+    matmuls run in the autocast dtype; softmax statistics are always fp32.
+    """
+    B, T, C = hidden.shape
+    V = head_weight.shape[0]
+    if targets.shape != (B, T):
+        raise ValueError(f"targets shape {tuple(targets.shape)} does not match hidden {(B, T)}")
+    dev_type = hidden.device.type
+    if dev_type in ("cuda", "cpu") and torch.is_autocast_enabled(dev_type):
+        hidden = hidden.to(torch.get_autocast_dtype(dev_type))
+    R = chunk_rows or _default_chunk_rows(V)
+    with torch.autocast(device_type=dev_type, enabled=False) if dev_type in ("cuda", "cpu") else _null():
+        return _HeadCE.apply(hidden.reshape(B * T, C), head_weight, targets.reshape(-1).long(), R)
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False

@@ -1,0 +1,269 @@
+"""The loss curve of a training run, as <PROJ_DIR>/loss.png.
+
+Reads the trainer's logs in PROJ_DIR:
+- `loss_log.csv`: `step,tokens,loss,lr,kt_s,time`, one row per optimiser step
+  (after a resume a step may appear twice: the last row wins);
+- `train_log.txt`: one line per mini-epoch, `epoch loss ppl lr datetime epoch_in_run`
+  (the datetime holds a space: `2026-11-28 01:02:03.123456`).
+
+The plot shows the raw per-step loss faintly, a smoothed line over it, the
+mini-epoch mean losses as points, and the learning rate on a second axis;
+the x axis is tokens seen (M or G); a mini-epoch mean is drawn at the middle
+of its mini-epoch. Without loss_log.csv the mini-epoch means
+are plotted against the mini-epoch number.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UserError
+
+LOSS_CSV = "loss_log.csv"
+TRAIN_LOG = "train_log.txt"
+OUTPUT = "loss.png"
+
+
+@dataclass
+class StepLog:
+    step: np.ndarray
+    tokens: np.ndarray
+    loss: np.ndarray
+    lr: np.ndarray
+
+
+@dataclass
+class EpochLog:
+    epoch: np.ndarray
+    loss: np.ndarray
+    lr: np.ndarray
+    when: list = field(default_factory=list)
+
+
+def read_loss_csv(path) -> StepLog | None:
+    """Rows of loss_log.csv sorted by step, the last row of a repeated step kept; None if absent/empty."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    rows: dict[int, tuple] = {}
+    with open(path, "r", encoding="utf-8", errors="replace") as f:
+        header = None
+        for line in f:
+            parts = line.strip().split(",")
+            if not parts or parts == [""]:
+                continue
+            if header is None and parts[0] == "step":
+                header = parts
+                continue
+            cols = header or ["step", "tokens", "loss", "lr", "kt_s", "time"]
+            rec = dict(zip(cols, parts))
+            try:
+                step = int(float(rec["step"]))
+                tokens = float(rec.get("tokens", "nan"))
+                loss = float(rec["loss"])
+                lr = float(rec.get("lr", "nan"))
+            except (KeyError, ValueError):
+                continue  # a torn last line of a killed run, or junk
+            rows[step] = (tokens, loss, lr)
+    if not rows:
+        return None
+    steps = np.array(sorted(rows), dtype=np.int64)
+    vals = np.array([rows[s] for s in steps], dtype=np.float64)
+    return StepLog(step=steps, tokens=vals[:, 0], loss=vals[:, 1], lr=vals[:, 2])
+
+
+def read_train_log(path) -> EpochLog | None:
+    """Mini-epoch lines of train_log.txt (the last line of a repeated epoch kept); None if absent/empty."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    rows: dict[int, tuple] = {}
+    with open(path, "r", encoding="utf-8", errors="replace") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) < 4:
+                continue
+            try:
+                epoch, loss, lr = int(parts[0]), float(parts[1]), float(parts[3])
+            except ValueError:
+                continue
+            when = " ".join(parts[4:6]) if len(parts) >= 6 else ""
+            rows[epoch] = (loss, lr, when)
+    if not rows:
+        return None
+    epochs = sorted(rows)
+    return EpochLog(epoch=np.array(epochs, dtype=np.int64),
+                    loss=np.array([rows[e][0] for e in epochs], dtype=np.float64),
+                    lr=np.array([rows[e][1] for e in epochs], dtype=np.float64),
+                    when=[rows[e][2] for e in epochs])
+
+
+def smooth(y: np.ndarray, window: int | None = None) -> np.ndarray:
+    """Centred moving average (shorter windows at the ends); window ~ len/50 by default."""
+    y = np.asarray(y, dtype=np.float64)
+    n = len(y)
+    if n == 0:
+        return y
+    if window is None:
+        window = max(1, min(500, n // 50))
+    if window <= 1:
+        return y.copy()
+    half = window // 2
+    c = np.concatenate(([0.0], np.cumsum(y)))
+    lo = np.clip(np.arange(n) - half, 0, n)
+    hi = np.clip(np.arange(n) + half + 1, 0, n)
+    return (c[hi] - c[lo]) / (hi - lo)
+
+
+def epoch_steps_from_logs(steps: StepLog, epochs: EpochLog, mini_epoch_samples: int = 40320) -> int | None:
+    """Steps per mini-epoch, found as the value whose per-epoch means of the
+    step losses best match train_log.txt (mini-epoch e covers steps e*E+1 .. (e+1)*E).
+
+    Values of the form mini_epoch_samples / batch are tried first; any value
+    in the range the last logged mini-epoch allows is tried if none fits.
+    """
+    last = int(epochs.epoch.max())
+    s_max = int(steps.step.max())
+    lo = max(1, s_max // (last + 2))
+    hi = max(lo, s_max // (last + 1))
+    dense = np.full(s_max + 1, np.nan)
+    dense[steps.step] = steps.loss
+    have = ~np.isnan(dense)
+    csum = np.concatenate(([0.0], np.cumsum(np.where(have, dense, 0.0))))
+    ccnt = np.concatenate(([0], np.cumsum(have)))
+
+    def mismatch(E: int) -> float:
+        a = epochs.epoch * E + 1
+        b = np.minimum((epochs.epoch + 1) * E, s_max)
+        ok = a <= b
+        cnt = ccnt[b[ok] + 1] - ccnt[a[ok]]
+        valid = cnt > 0
+        if not valid.any():
+            return math.inf
+        mean = (csum[b[ok] + 1] - csum[a[ok]])[valid] / cnt[valid]
+        return float(np.mean(np.abs(mean - epochs.loss[ok][valid])))
+
+    def best_of(candidates):
+        best, best_err = None, math.inf
+        for E in candidates:
+            err = mismatch(E)
+            if err < best_err - 1e-12:
+                best, best_err = E, err
+        return best, best_err
+
+    m = int(mini_epoch_samples)
+    natural = sorted({m // k for k in range(1, m + 1) if m % k == 0 and lo <= m // k <= hi})
+    best, err = best_of(natural)
+    if best is not None and err < 2e-3:
+        return best
+    span = hi - lo + 1
+    stride = max(1, span // 20000)
+    scan, scan_err = best_of(range(lo, hi + 1, stride))
+    if scan is None or (best is not None and err <= scan_err):
+        return best
+    return scan
+
+
+def _token_scale(max_tokens: float):
+    if max_tokens >= 1e9:
+        return 1e9, "G"
+    return 1e6, "M"
+
+
+def plot_run(proj_dir, out=None, title: str | None = None) -> Path:
+    """Write the loss plot of proj_dir (default <proj_dir>/loss.png); return its path."""
+    proj = Path(proj_dir)
+    if not proj.is_dir():
+        raise UserError(f"no such PROJ_DIR {proj}; give the folder that holds {LOSS_CSV} and {TRAIN_LOG} "
+                        f"(e.g. RWKV-v7/train_temp/out/L12-D768-x070).")
+    steps = read_loss_csv(proj / LOSS_CSV)
+    epochs = read_train_log(proj / TRAIN_LOG)
+    if steps is None and epochs is None:
+        raise UserError(f"no training logs in {proj}: expected {LOSS_CSV} (one row per step) or {TRAIN_LOG} "
+                        f"(one line per mini-epoch), written by train.py while training. Point plot_loss.py "
+                        f"at the PROJ_DIR of a run that has trained at least one step.")
+    try:
+        import matplotlib
+    except ImportError:
+        raise UserError("matplotlib is not installed; run `pip install matplotlib` "
+                        "(or `pip install -e .[plot]` in the repository root).") from None
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    from .atomic import atomic_path
+
+    out = Path(out) if out is not None else proj / OUTPUT
+    fig, ax = plt.subplots(figsize=(11, 6), dpi=110)
+    lr_x = lr_y = None
+    summary = []
+    if steps is not None:
+        tokens = steps.tokens
+        if np.isnan(tokens).any():  # no tokens column: estimate from the steps
+            tokens = steps.step.astype(np.float64)
+            scale, unit, xlabel = 1.0, "", "step"
+        else:
+            scale, unit = _token_scale(float(tokens.max()))
+            xlabel = f"tokens ({unit})"
+        x = tokens / scale
+        ax.plot(x, steps.loss, color="tab:blue", alpha=0.25, linewidth=0.7, label="loss (per step)")
+        if len(x) > 2:
+            ax.plot(x, smooth(steps.loss), color="tab:blue", linewidth=1.8, label="loss (smoothed)")
+        lr_x, lr_y = x, steps.lr
+        summary.append(f"step {int(steps.step[-1])}, last smoothed loss {smooth(steps.loss)[-1]:.4f}")
+        if epochs is not None:
+            E = epoch_steps_from_logs(steps, epochs)
+            if E:
+                tok_per_step = float(np.median(steps.tokens / np.maximum(steps.step, 1))) \
+                    if xlabel != "step" else 1.0
+                ex = (epochs.epoch + 0.5) * E * tok_per_step / scale  # a mean sits mid-interval
+                ax.scatter(ex, epochs.loss, color="tab:red", s=22, zorder=5, label="mini-epoch mean")
+    else:
+        x = epochs.epoch.astype(np.float64)
+        xlabel = "mini-epoch"
+        ax.plot(x, epochs.loss, color="tab:red", marker="o", markersize=4, label="mini-epoch mean")
+        lr_x, lr_y = x, epochs.lr
+    if epochs is not None:
+        summary.append(f"mini-epoch {int(epochs.epoch[-1])} loss {epochs.loss[-1]:.4f}")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("loss")
+    ax.grid(True, alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    if lr_y is not None and not np.isnan(lr_y).all():
+        ax2 = ax.twinx()
+        (line,) = ax2.plot(lr_x, lr_y, color="tab:green", linewidth=1.0, alpha=0.8, label="learning rate")
+        ax2.set_ylabel("learning rate")
+        ax2.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+        handles.append(line)
+        labels.append("learning rate")
+    ax.legend(handles, labels, loc="upper right")
+    ax.set_title((title or proj.resolve().name) + ("\n" + "; ".join(summary) if summary else ""), fontsize=10)
+    fig.tight_layout()
+    with atomic_path(out, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(
+        prog="plot_loss.py",
+        description="Plot loss (and lr) from a PROJ_DIR's loss_log.csv / train_log.txt into <PROJ_DIR>/loss.png.",
+    )
+    p.add_argument("proj_dir", help="the run's PROJ_DIR, e.g. train_temp/out/L12-D768-x070")
+    p.add_argument("--out", default=None, help="output PNG (default <proj_dir>/loss.png)")
+    p.add_argument("--title", default=None, help="plot title (default: the folder name)")
+    args = p.parse_args(argv)
+    out = plot_run(args.proj_dir, args.out, args.title)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    from .errors import run_cli
+
+    sys.exit(run_cli(main))

@@ -1,0 +1,311 @@
+"""make_data: the tutorial command, N shuffled copies, exact tokens, bad input, atomic output."""
+import json
+import os
+import re
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import rwkvlm.make_data as md
+from rwkvlm.binidx import BinIdx
+from rwkvlm.errors import run_cli
+from rwkvlm.magic_prime import magic_prime
+from rwkvlm.make_data import read_meta
+from rwkvlm.tokenizer import get_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+WRAPPER = ROOT / "RWKV-v5" / "make_data.py"
+
+DOCS = [
+    "Hello world.",
+    "User: 三十二加十五等于多少？\n\nAssistant: 32 + 15 = 47",
+    "全角 １２３ and emoji 👩‍👩‍👧 ZWJ",
+    "",  # an empty document is still a document: just its end-of-document token
+    "  leading and trailing spaces  ",
+    "tabs\tand\nnewlines\r\n",
+    "x" * 3000,
+    "def f():\n    return 1\n",
+] + [f"document number {i} 第{i}号 {'ab' * (i % 7)}" for i in range(40)]
+
+
+def write_jsonl(path, docs, extra_lines=()):
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
+        for d in docs:
+            f.write(json.dumps({"text": d}, ensure_ascii=bool(len(d) % 2)) + "\n")
+        for line in extra_lines:
+            f.write(line)
+
+
+def run(tmp_path, *argv):
+    """make_data's main through run_cli in tmp_path; (exit code)."""
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        return run_cli(md.main, [str(a) for a in argv])
+    finally:
+        os.chdir(cwd)
+
+
+def decoded_items(prefix):
+    tok = get_tokenizer()
+    d = BinIdx(prefix)
+    out = []
+    for i in range(d.num_items):
+        ids = d.get(i).tolist()
+        assert ids[-1] == 0 and 0 not in ids[:-1]
+        out.append(tok.decode(ids[:-1]))
+    return d, out
+
+
+def test_every_document_exactly_n_times_each_copy_a_permutation(tmp_path, capsys):
+    write_jsonl(tmp_path / "demo.jsonl", DOCS)
+    assert run(tmp_path, "demo.jsonl", 4, 512, "--seed", 3) == 0
+    d, items = decoded_items(tmp_path / "demo")
+    assert d.num_items == 4 * len(DOCS) and d.dtype == np.dtype("<u2")
+    assert Counter(items) == Counter({t: 4 for t in DOCS})
+    n = len(DOCS)
+    copies = [items[k * n : (k + 1) * n] for k in range(4)]
+    for copy in copies:
+        assert sorted(copy) == sorted(DOCS)
+    assert len({tuple(c) for c in copies}) == 4  # each copy shuffled afresh
+    orders = list(md.copy_orders(n, 4, 3))  # the documented order (the benchmark's baseline uses it)
+    assert copies == [[DOCS[i] for i in order] for order in orders]
+    assert d.doc_idx.tolist() == list(range(4 * n + 1))
+
+
+def test_tokens_equal_reference_tokenizer(tmp_path):
+    rwkv = pytest.importorskip("rwkv")
+    from rwkv.rwkv_tokenizer import TRIE_TOKENIZER
+
+    ref = TRIE_TOKENIZER(str(Path(rwkv.__file__).parent / "rwkv_vocab_v20230424.txt"))
+    write_jsonl(tmp_path / "demo.jsonl", DOCS)
+    assert run(tmp_path, "demo.jsonl", 2, 512, "--seed", 0) == 0
+    d = BinIdx(tmp_path / "demo")
+    expected = {tuple(ref.encode(t) + [0]) for t in DOCS}
+    got = {tuple(d.get(i).tolist()) for i in range(d.num_items)}
+    assert got == expected
+    assert d.num_tokens == 2 * sum(len(ref.encode(t)) + 1 for t in DOCS)
+
+
+def test_same_seed_same_bytes_other_seed_other_order(tmp_path):
+    write_jsonl(tmp_path / "demo.jsonl", DOCS)
+    outs = []
+    for seed in (5, 5, 6):
+        assert run(tmp_path, "demo.jsonl", 3, 512, "--seed", seed) == 0
+        outs.append(((tmp_path / "demo.bin").read_bytes(), (tmp_path / "demo.idx").read_bytes()))
+    assert outs[0] == outs[1]
+    assert outs[0] != outs[2]
+    assert sorted(outs[0][0]) == sorted(outs[2][0])  # same tokens, other order
+
+
+def test_chunked_and_file_read_paths_give_identical_bytes(tmp_path, monkeypatch):
+    write_jsonl(tmp_path / "demo.jsonl", DOCS)
+    assert run(tmp_path, "demo.jsonl", 3, 512, "--seed", 9) == 0
+    expected = (tmp_path / "demo.bin").read_bytes(), (tmp_path / "demo.idx").read_bytes()
+    for in_memory, chunk_docs, chunk_tokens in ((0, 5, 40), (1 << 30, 1, 1), (0, 2048, 1 << 20)):
+        monkeypatch.setattr(md, "IN_MEMORY_BYTES", in_memory)
+        monkeypatch.setattr(md, "CHUNK_DOCS", chunk_docs)
+        monkeypatch.setattr(md, "CHUNK_TOKENS", chunk_tokens)
+        assert run(tmp_path, "demo.jsonl", 3, 512, "--seed", 9) == 0
+        got = (tmp_path / "demo.bin").read_bytes(), (tmp_path / "demo.idx").read_bytes()
+        assert got == expected, (in_memory, chunk_docs, chunk_tokens)
+
+
+def test_printed_numbers_and_meta(tmp_path, capsys):
+    docs = [f"line {i}: " + "token " * (i % 50) for i in range(400)]
+    write_jsonl(tmp_path / "big.jsonl", docs, extra_lines=["\n", "   \n"])
+    assert run(tmp_path, "big.jsonl", 30, 512, "--seed", 1) == 0
+    out = capsys.readouterr().out
+    d = BinIdx(tmp_path / "big")
+    p = magic_prime(d.num_tokens, 512)
+    assert p is not None
+    assert f"\n--my_exit_tokens {d.num_tokens} --magic_prime {p} --ctx_len 512\n" in out
+    assert "Found 400 non-empty lines" in out
+    assert f"{d.num_tokens} tokens, {d.num_items} items" in out
+    assert re.search(r"\[big idx 0 sz \d+\]", out) and f"[big idx {d.num_items - 1} sz" in out
+    meta = read_meta(tmp_path / "big")
+    assert meta["tokens"] == d.num_tokens and meta["items"] == d.num_items == 12000
+    assert meta["documents"] == 400 and meta["copies"] == 30 and meta["ctx_len"] == 512
+    assert meta["magic_prime"] == p and meta["dtype"] == "uint16" and meta["seed"] == 1
+    assert meta["vocab"] == "rwkv_vocab_v20230424" and meta["source"].endswith("big.jsonl")
+    assert read_meta(tmp_path / "missing") is None
+
+
+def test_preview_is_shortened_for_long_documents(tmp_path, capsys):
+    write_jsonl(tmp_path / "long.jsonl", ["START " + "word " * 500 + "END"])
+    assert run(tmp_path, "long.jsonl", 1, 512) == 0
+    out = capsys.readouterr().out
+    assert "START" in out and "END" in out and "· " * 30 in out
+    assert out.count("word") < 300
+
+
+def test_too_little_data_prints_no_magic_prime(tmp_path, capsys):
+    write_jsonl(tmp_path / "tiny.jsonl", ["a few tokens only"])
+    assert run(tmp_path, "tiny.jsonl", 2, 4096, "--seed", 0) == 0
+    out = capsys.readouterr().out
+    assert "--magic_prime" not in out and "fewer than 3 x ctx_len" in out
+    assert read_meta(tmp_path / "tiny")["magic_prime"] is None
+
+
+def test_magic_prime_under_ninety_percent_is_flagged(tmp_path, capsys):
+    # 129 slots -> p = 113, and 113/129 < 0.9: the trainer would refuse it, so say so
+    doc = "hello " * 100
+    tokens = 200 * (len(get_tokenizer().encode(doc)) + 1)
+    ctx = tokens // 129
+    assert tokens // ctx == 129 and magic_prime(tokens, ctx) == 113
+    write_jsonl(tmp_path / "w.jsonl", [doc])
+    assert run(tmp_path, "w.jsonl", 200, ctx) == 0
+    out = capsys.readouterr().out
+    assert f"--magic_prime 113 --ctx_len {ctx}" in out and "WARNING" in out and "refuse" in out
+
+
+def test_bom_crlf_blank_lines_and_extra_fields(tmp_path):
+    raw = ("\ufeff" + json.dumps({"text": "first", "meta": 1}) + "\r\n\r\n"
+           + json.dumps({"id": 7, "text": "second"}) + "\r\n   \n\t\n" + json.dumps({"text": "third"}))
+    (tmp_path / "x.jsonl").write_bytes(raw.encode("utf-8"))
+    assert run(tmp_path, "x.jsonl", 1, 512) == 0
+    _, items = decoded_items(tmp_path / "x")
+    assert sorted(items) == ["first", "second", "third"]
+
+
+BAD_CASES = {
+    "invalid JSON": (b'{"text": "ok"}\n{"text": "broken\n', 2, "not valid JSON"),
+    "missing text": (b'{"text": "ok"}\n{"content": "x"}\n', 2, 'no "text" field'),
+    "text is a number": (b'{"text": "ok"}\n\n{"text": 5}\n', 3, "must be a string"),
+    "text is null": (b'{"text": null}\n', 1, "must be a string"),
+    "not an object": (b'{"text": "ok"}\n["text", "x"]\n', 2, "JSON object"),
+    "invalid UTF-8": (b'{"text": "ok"}\n{"text": "caf\xe9"}\n', 2, "UTF-8"),
+    "lone surrogate": (b'{"text": "ok"}\n{"text": "bad \\ud800 here"}\n', 2, "surrogate"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CASES))
+def test_bad_input_is_a_clear_error_and_writes_nothing(tmp_path, capsys, case):
+    content, line_no, words = BAD_CASES[case]
+    (tmp_path / "demo.jsonl").write_bytes(content)
+    assert run(tmp_path, "demo.jsonl", 3, 512) == 2
+    err = capsys.readouterr().err
+    assert f"line {line_no}" in err and words in err and "--skip-bad" in err, err
+    assert sorted(os.listdir(tmp_path)) == ["demo.jsonl"]  # no .bin/.idx/.meta, no temporaries
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CASES))
+def test_skip_bad_skips_and_reports(tmp_path, capsys, case):
+    content, line_no, words = BAD_CASES[case]
+    (tmp_path / "demo.jsonl").write_bytes(content + b'{"text": "last good"}\n')
+    assert run(tmp_path, "demo.jsonl", 2, 512, "--skip-bad") == 0
+    out = capsys.readouterr().out
+    assert "Skipped 1 bad lines" in out and f"line {line_no}" in out
+    _, items = decoded_items(tmp_path / "demo")
+    good = ["ok", "last good"] if content.startswith(b'{"text": "ok"}') else ["last good"]
+    assert Counter(items) == Counter({g: 2 for g in good})
+    assert read_meta(tmp_path / "demo")["skipped_lines"] == 1
+
+
+def test_empty_and_blank_files(tmp_path, capsys):
+    (tmp_path / "empty.jsonl").write_bytes(b"")
+    assert run(tmp_path, "empty.jsonl", 30, 4096) == 2
+    assert "it is empty" in capsys.readouterr().err
+    (tmp_path / "blank.jsonl").write_bytes(b"\n  \n\t\n")
+    assert run(tmp_path, "blank.jsonl", 30, 4096) == 2
+    assert "only blank lines" in capsys.readouterr().err
+    (tmp_path / "allbad.jsonl").write_bytes(b"nope\n{]\n")
+    assert run(tmp_path, "allbad.jsonl", 30, 4096, "--skip-bad") == 2
+    assert "all 2 non-empty lines" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["allbad.jsonl", "blank.jsonl", "empty.jsonl"]
+
+
+def test_100_mb_line(tmp_path, capsys):
+    with open(tmp_path / "huge.jsonl", "wb") as f:
+        f.write(b'{"text": "fine"}\n{"text": "')
+        chunk = b"a" * (1 << 20)
+        for _ in range(100):
+            f.write(chunk)
+        f.write(b'"}\n{"text": "after"}\n')
+    assert run(tmp_path, "huge.jsonl", 2, 512) == 2
+    err = capsys.readouterr().err
+    assert "line 2" in err and "104.9 MB" in err and "--max-line-mb" in err
+    assert sorted(os.listdir(tmp_path)) == ["huge.jsonl"]
+    assert run(tmp_path, "huge.jsonl", 2, 512, "--skip-bad") == 0
+    _, items = decoded_items(tmp_path / "huge")
+    assert sorted(items) == ["after", "after", "fine", "fine"]
+
+
+def test_failure_keeps_previous_outputs(tmp_path, monkeypatch):
+    write_jsonl(tmp_path / "demo.jsonl", DOCS)
+    assert run(tmp_path, "demo.jsonl", 2, 512, "--seed", 1) == 0
+    before = {p: (tmp_path / p).read_bytes() for p in ("demo.bin", "demo.idx", "demo.meta.json")}
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(md, "write_copies", boom)
+    with pytest.raises(RuntimeError):
+        run(tmp_path, "demo.jsonl", 5, 512, "--seed", 2)
+    assert sorted(os.listdir(tmp_path)) == ["demo.bin", "demo.idx", "demo.jsonl", "demo.meta.json"]
+    assert {p: (tmp_path / p).read_bytes() for p in before} == before
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["demo.jsonl", "0", "512"], "copies"),
+    (["demo.jsonl", "abc", "512"], "whole number"),
+    (["demo.jsonl", "3", "0"], "ctx_len"),
+    (["nope.jsonl", "3", "512"], "does not exist"),
+    (["demo.jsonl", "3", "512", "--seed", "-4"], "--seed"),
+])
+def test_bad_arguments(tmp_path, capsys, argv, words):
+    write_jsonl(tmp_path / "demo.jsonl", DOCS)
+    assert run(tmp_path, *argv) == 2
+    assert words in capsys.readouterr().err
+
+
+def test_refuses_to_overwrite_its_input(tmp_path, capsys):
+    write_jsonl(tmp_path / "demo.bin", DOCS)
+    assert run(tmp_path, "demo.bin", 2, 512) == 2
+    assert "overwrite the input" in capsys.readouterr().err
+
+
+def test_out_dir(tmp_path):
+    write_jsonl(tmp_path / "demo.jsonl", DOCS)
+    assert run(tmp_path, "demo.jsonl", 1, 512, "--out-dir", "sub/dir") == 0
+    assert BinIdx(tmp_path / "sub" / "dir" / "demo").num_items == len(DOCS)
+
+
+def test_tutorial_command_through_the_wrapper(tmp_path):
+    """`cd RWKV-v5 && python make_data.py demo.jsonl 30 4096`, run from the data's directory."""
+    write_jsonl(tmp_path / "demo.jsonl", DOCS * 10)
+    r = subprocess.run([sys.executable, str(WRAPPER), "demo.jsonl", "30", "4096"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    d = BinIdx(tmp_path / "demo")
+    m = re.search(r"^--my_exit_tokens (\d+) --magic_prime (\d+) --ctx_len 4096$", r.stdout, re.M)
+    assert m and int(m.group(1)) == d.num_tokens and int(m.group(2)) == magic_prime(d.num_tokens, 4096)
+    assert d.num_items == 30 * len(DOCS) * 10
+
+
+def test_wrapper_without_package_says_what_to_do(tmp_path):
+    r = subprocess.run([sys.executable, "-S", str(WRAPPER), "demo.jsonl", "30", "4096"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                       env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert r.returncode == 1
+    assert "pip install -e ." in r.stderr
+
+
+def test_memory_does_not_grow_with_copies(tmp_path):
+    """Peak RSS at N=200 stays within a few MiB of N=1 (the output is ~65 MB at N=200)."""
+    write_jsonl(tmp_path / "m.jsonl", [f"doc {i} " + "lorem ipsum " * (i % 80) for i in range(2000)])
+    code = ("import resource, sys, rwkvlm.make_data as m; from rwkvlm.errors import run_cli;"
+            "rc = run_cli(m.main, sys.argv[1:]);"
+            "print('RSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)")
+    rss = {}
+    for n in (1, 200):
+        r = subprocess.run([sys.executable, "-c", code, "m.jsonl", str(n), "512", "--seed", "0"],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        rss[n] = int(r.stdout.rsplit("RSS", 1)[1]) / 1024
+    assert (tmp_path / "m.bin").stat().st_size > 50e6
+    assert rss[200] - rss[1] < 20, rss
