@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--save_every_steps", default=0, type=int, help="also write an exact-resume state every N steps (0: off)")
     a("--save_every_minutes", default=0.0, type=float, help="also write an exact-resume state every N minutes (0: off)")
     a("--keep_resume", default=2, type=int, help="keep the last K exact-resume states")
+    a("--dump_samples", default="", type=str,
+      help="diagnostics: append 'step,rank,start' of every sample to <this path>.rank<R>.csv")
     a("--mini_epoch_samples", default=MINI_EPOCH_SAMPLES, type=int,
       help="samples per mini-epoch; keep 40320 (the recipe): smaller values are for quick tests")
     return p
@@ -130,6 +132,7 @@ class TrainConfig:
     save_every_minutes: float
     keep_resume: int
     mini_epoch_samples: int
+    dump_samples: str
 
     # ---- derived values
     @property

@@ -12,6 +12,7 @@ import datetime
 import json
 import math
 import os
+import secrets
 import time
 from pathlib import Path
 
@@ -54,7 +55,7 @@ class RWKVTrainModule(pl.LightningModule):
         return self.start.step + self.trainer.global_step
 
     def train_dataloader(self):
-        ds = MagicPrimeDataset(
+        self.dataset = ds = MagicPrimeDataset(
             self.data.tokens, self.cfg.ctx_len, self.cfg.magic_prime, self.cfg.micro_bsz,
             self.cfg.epoch_steps, rank=self.global_rank, world_size=self.cfg.world_size,
             mini_epoch_samples=self.cfg.mini_epoch_samples,
@@ -90,6 +91,11 @@ class RWKVTrainModule(pl.LightningModule):
         self.lr_now = lr_at(step, step - self.run_start_step, self.cfg)
         for g in self.trainer.optimizers[0].param_groups:
             g["lr"] = self.lr_now * g.get("lr_scale", 1.0)
+        if self.cfg.dump_samples:
+            mb = self.cfg.micro_bsz
+            with open(f"{self.cfg.dump_samples}.rank{self.global_rank}.csv", "a") as f:
+                f.writelines(f"{step},{self.global_rank},{self.dataset.start(s)}\n"
+                             for s in range(step * mb, (step + 1) * mb))
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         cfg = self.cfg
@@ -175,6 +181,9 @@ class RWKVTrainModule(pl.LightningModule):
         }
 
         def write_payload(d: Path):
+            # RNG states per rank (the recipe draws no random numbers while training, but a
+            # model change that adds dropout or noise should still resume exactly)
+            atomic_torch_save(_rng_state(), d / f"rng-rank{self.global_rank}.pt")
             if engine is not None:
                 engine.save_checkpoint(str(d / "ds"), tag="state", save_latest=False)
             elif self.global_rank == 0:
@@ -193,6 +202,9 @@ class RWKVTrainModule(pl.LightningModule):
                                    load_lr_scheduler_states=False, load_module_strict=True)
         else:
             self.trainer.optimizers[0].load_state_dict(self.start.payload["optimizer"])
+        rng = d / f"rng-rank{self.global_rank}.pt"
+        if rng.is_file():
+            _set_rng_state(torch.load(rng, weights_only=True))
         if self.global_rank == 0:
             self.print_fn(f"resumed exactly from {d} (step {self.start.step})")
 
@@ -229,13 +241,41 @@ class RWKVTrainModule(pl.LightningModule):
         if not os.environ.get("WANDB_MODE") and not _wandb_logged_in():
             settings["mode"] = "offline"
             self.print_fn("note: no wandb login found: logging offline (sync later with `wandb sync`).")
-        self.wandb_id = self.wandb_id or wandb.util.generate_id()
+        self.wandb_id = self.wandb_id or secrets.token_hex(4)  # a wandb run id: [a-z0-9]{8}
         cfg = dict(vars(self.cfg))
         self.wandb_run = wandb.init(
             project=self.cfg.wandb, id=self.wandb_id, resume="allow", dir=str(self.proj),
             name=f"L{self.cfg.n_layer}-D{self.cfg.n_embd}-x070 {datetime.datetime.now():%Y-%m-%d %H:%M}",
             config=json.loads(json.dumps(cfg, default=str)), **settings,
         )
+
+
+def _rng_state() -> dict:
+    import random
+
+    import numpy as np
+
+    st = {"torch": torch.get_rng_state(),
+          "numpy": torch.from_numpy(np.append(np.random.get_state()[1], np.random.get_state()[2])
+                                    .astype(np.int64)),
+          "python": torch.tensor(list(random.getstate()[1]), dtype=torch.int64)}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        st["cuda"] = torch.cuda.get_rng_state()
+    return st
+
+
+def _set_rng_state(st: dict) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state(st["cuda"])
+    keys = st["numpy"].numpy()
+    np.random.set_state(("MT19937", keys[:624].astype(np.uint32), int(keys[624])))
+    py = tuple(int(x) for x in st["python"].tolist())
+    random.setstate((3, py, None))
 
 
 def _filter_lines(path: Path, keep) -> None:

@@ -193,7 +193,7 @@ class TimeMix(nn.Module):
         www = -6 + 6 * (n / (C - 1)) ** (1 + r0 ** 0.3)
 
         def put(p, values):
-            p.copy_(values.view(p.shape).to(p.dtype))
+            p.copy_(values.view(p.shape).to(p.dtype))  # (C,) -> (1, 1, C)
 
         for p, e in ((self.x_r, 0.2), (self.x_w, 0.9), (self.x_k, 0.7),
                      (self.x_v, 0.7), (self.x_a, 0.9), (self.x_g, 0.2)):
@@ -228,9 +228,9 @@ class TimeMix(nn.Module):
         xg = x + xx * self.x_g
 
         r = self.receptance(xr)  # (B, T, C)
-        w_raw = self.w0.float() + (torch.tanh(xw @ self.w1) @ self.w2).float()  # (B, T, C) fp32
         k = self.key(xk)         # (B, T, C)
         v = self.value(xv)       # (B, T, C)
+        w_raw = self.w0.float() + (torch.tanh(xw @ self.w1) @ self.w2).float()  # (B, T, C) fp32
         if self.layer_id == 0:
             v_first = v
         else:
@@ -272,7 +272,7 @@ class ChannelMix(nn.Module):
         C, L = self.cfg.n_embd, self.cfg.n_layer
         r1 = 1.0 - self.layer_id / L
         d = torch.arange(C, dtype=torch.float64, device=self.x_k.device) / C
-        self.x_k.copy_((1.0 - d ** (r1 ** 4)).view(1, 1, C).to(self.x_k.dtype))
+        self.x_k.copy_((1.0 - d ** (r1 ** 4)).view(1, 1, C).to(self.x_k.dtype))  # (1, 1, C)
 
     def forward(self, x, x_prev=None):
         """x: (B, T, C) (the ln2 output)."""
@@ -454,7 +454,7 @@ class L2Wrap(torch.autograd.Function):
     def backward(ctx, grad_output):
         maxx, ids = ctx.saved_tensors
         gy = torch.zeros(ctx.logits_shape, dtype=ctx.logits_dtype, device=maxx.device)
-        gy.scatter_(-1, ids, (maxx.float() * (L2WRAP_FACTOR / ctx.n_pos) * grad_output).to(gy.dtype))
+        gy.scatter_(-1, ids, (maxx.to(_acc_dtype(maxx.dtype)) * (L2WRAP_FACTOR / ctx.n_pos) * grad_output).to(gy.dtype))
         return grad_output, gy
 
 
@@ -466,14 +466,6 @@ def _ce_chunk_stats(chunk32: torch.Tensor, tgt: torch.Tensor):
     chunk32.sub_(m.unsqueeze(1)).exp_()
     s = chunk32.sum(dim=1)                                 # (n,)
     return m, am, tl, s
-
-
-def _grad_chunk_(p: torch.Tensor, s, tgt, am, m, scale):
-    """In place: exp(l - max) chunk -> (softmax - onehot + L2Wrap) * scale. scale: 1/M or g/M."""
-    rows = torch.arange(p.shape[0], device=p.device)
-    p.mul_(scale / s.unsqueeze(1))
-    p[rows, tgt] -= scale
-    p[rows, am] += (L2WRAP_FACTOR * scale) * m
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -540,7 +532,7 @@ def l2wrap_loss(logits: torch.Tensor, targets: torch.Tensor, chunk_rows: int | N
     if targets.shape != logits.shape[:-1]:
         raise ValueError(f"targets shape {tuple(targets.shape)} does not match logits {tuple(logits.shape)}")
     R = chunk_rows or _default_chunk_rows(V)
-    return _ChunkedCE.apply(logits.reshape(-1, V), targets.reshape(-1).long(), R)
+    return _ChunkedCE.apply(logits.reshape(-1, V), targets.reshape(-1).long(), R)  # (B*T, V), (B*T,)
 
 
 _SCRATCH: dict = {}
@@ -657,6 +649,7 @@ def head_l2wrap_loss(hidden: torch.Tensor, head_weight: torch.Tensor, targets: t
         hidden = hidden.to(torch.get_autocast_dtype(dev_type))
     R = chunk_rows or _default_chunk_rows(V)
     with torch.autocast(device_type=dev_type, enabled=False) if dev_type in ("cuda", "cpu") else _null():
+        # (B*T, C), (V, C), (B*T,)
         return _HeadCE.apply(hidden.reshape(B * T, C), head_weight, targets.reshape(-1).long(), R)
 
 
