@@ -1,6 +1,5 @@
 """Shared pytest fixtures and markers: GPU tests skip cleanly without CUDA."""
 import os
-import sys
 from pathlib import Path
 
 import pytest

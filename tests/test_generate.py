@@ -49,7 +49,7 @@ class ScriptedModel(torch.nn.Module):
         self.dummy = torch.nn.Parameter(torch.zeros(1))
         self.script, self.prompt_len, self.vocab = list(script), prompt_len, vocab
 
-    def forward_rnn(self, idx, state=None):
+    def forward_rnn(self, idx, state=None, last_only=False):
         B, T = idx.shape
         fed = torch.zeros(B, 1, dtype=torch.long) if state is None else state
         logits = torch.zeros(B, T, self.vocab)
@@ -59,7 +59,7 @@ class ScriptedModel(torch.nn.Module):
                 i = int(n[b]) - self.prompt_len
                 nxt = self.script[i] if 0 <= i < len(self.script) else 100
                 logits[b, t, nxt] = 10.0
-        return logits, fed + T
+        return (logits[:, -1:] if last_only else logits), fed + T
 
 
 # ---------------------------------------------------------------- loading

@@ -395,3 +395,19 @@ def test_bf16_model_trains_on_cuda(model):
         whole = m(idx).float()
         rnn, _ = m.forward_rnn(idx)
     assert (rnn.float() - whole).abs().max().item() < 0.1 * max(1.0, whole.abs().max().item())
+
+
+def test_forward_rnn_last_only_matches_full():
+    torch.manual_seed(1)
+    model = RWKV7(ModelConfig(n_layer=2, n_embd=64, vocab_size=1000))
+    model.init_weights()
+    for p in model.parameters():  # move off the zero-init so every path matters
+        p.data.add_(torch.randn_like(p) * 0.02)
+    idx = torch.randint(0, model.cfg.vocab_size, (2, 11))
+    with torch.no_grad():
+        full, s_full = model.forward_rnn(idx)
+        last, s_last = model.forward_rnn(idx, last_only=True)
+    assert last.shape == (2, 1, model.cfg.vocab_size)
+    torch.testing.assert_close(last[:, 0], full[:, -1], rtol=1e-5, atol=1e-6)
+    for a, b in zip(s_full, s_last):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))  # the state does not depend on the head

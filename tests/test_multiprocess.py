@@ -1,7 +1,6 @@
 """Several processes on CPU (DDP over gloo): two devices on one node, and two
 nodes on one host (NODE_RANK, MASTER_ADDR=127.0.0.1). Each rank draws its own
 samples by the magic_prime formula; no window is read twice."""
-import os
 import socket
 import subprocess
 import sys

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from rwkvlm.errors import UserError
-from rwkvlm.plot import epoch_steps_from_logs, main, plot_run, read_loss_csv, read_train_log, smooth
+from rwkvlm.plot import main, plot_run, read_loss_csv, read_train_log, smooth, tokens_per_mini_epoch
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 EPOCH_STEPS = 20
@@ -44,7 +44,9 @@ def test_reading_logs_keeps_the_last_row_of_a_step(tmp_path):
     assert log.tokens[9] == 10 * TOKENS_PER_STEP
     ep = read_train_log(tmp_path / "train_log.txt")
     assert list(ep.epoch) == [0, 1, 2, 3] and ep.when[0] == "2026-11-28 01:02:00.123456"
-    assert epoch_steps_from_logs(log, ep, mini_epoch_samples=80) == EPOCH_STEPS
+    assert tokens_per_mini_epoch(tmp_path) is None
+    (tmp_path / "train_config.json").write_text('{"tokens_per_mini_epoch": %d}' % (EPOCH_STEPS * TOKENS_PER_STEP))
+    assert tokens_per_mini_epoch(tmp_path) == EPOCH_STEPS * TOKENS_PER_STEP
     assert np.allclose(smooth(np.ones(10), 3), 1.0)
 
 

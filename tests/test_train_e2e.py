@@ -94,7 +94,6 @@ def test_rerun_resumes_from_newest_checkpoint(trained, tmp_path):
 def test_checkpoint_runs_in_rwkv_package(trained, tmp_path):
     """rwkv-final.pth loads in the rwkv pip package and gives our model's logits."""
     import json
-    import os
     import sys
 
     from rwkvlm.model import ModelConfig, RWKV7

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import codecs
-import contextlib
 import re
 import sys
 import time
@@ -360,38 +359,6 @@ class StateBatch:
 
 # ---------------------------------------------------------------- generation
 
-class _LastPositionHead(torch.nn.Module):
-    """Stands in for model.head while prefilling: only the last position needs logits.
-
-    The head is most of the work of a small model with a 65536-token vocabulary;
-    forward_rnn then returns logits (B, 1, V) instead of (B, T, V).
-    """
-
-    def __init__(self, head):
-        super().__init__()
-        self.inner = head
-
-    @property
-    def weight(self):
-        return self.inner.weight
-
-    def forward(self, x):
-        return self.inner(x[:, -1:] if x.dim() == 3 else x)
-
-
-@contextlib.contextmanager
-def _last_position_head(model, enabled: bool = True):
-    head = getattr(model, "head", None)
-    if not enabled or not isinstance(head, torch.nn.Module) or isinstance(head, _LastPositionHead):
-        yield
-        return
-    model.head = _LastPositionHead(head)
-    try:
-        yield
-    finally:
-        model.head = head
-
-
 @dataclass
 class Generation:
     """One generated reply."""
@@ -452,9 +419,8 @@ class Generator:
             raise ValueError("forward() needs at least one token")
         step = max(1, self.chunk_tokens // B)
         logits = None
-        with _last_position_head(self.model, T > 1):
-            for t0 in range(0, T, step):
-                logits, state = self.model.forward_rnn(idx[:, t0:t0 + step], state)
+        for t0 in range(0, T, step):
+            logits, state = self.model.forward_rnn(idx[:, t0:t0 + step], state, last_only=True)
         return logits[:, -1].float(), state
 
     def prefill(self, prompt, state=None):

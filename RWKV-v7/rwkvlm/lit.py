@@ -82,6 +82,7 @@ class RWKVTrainModule(pl.LightningModule):
             self._restore_resume_state()
         if self.global_rank == 0:
             self._trim_logs()
+            self._write_run_config()
         if self.global_rank == 0 and self.cfg.wandb:
             self._start_wandb()
         self.t_last = time.perf_counter()
@@ -209,6 +210,16 @@ class RWKVTrainModule(pl.LightningModule):
             self.print_fn(f"resumed exactly from {d} (step {self.start.step})")
 
     # ------------------------------------------------------------ logs
+    def _write_run_config(self):
+        """train_config.json: this run's settings and derived sizes, for tools (the loss plot)."""
+        cfg = self.cfg
+        info = dict(vars(cfg), world_size=cfg.world_size, epoch_steps=cfg.epoch_steps,
+                    tokens_per_step=cfg.tokens_per_step, total_steps=cfg.total_steps,
+                    tokens_per_mini_epoch=cfg.mini_epoch_samples * cfg.ctx_len, start_step=self.start.step,
+                    started_from=str(self.start.source))
+        with atomic_open(self.proj / "train_config.json", "w") as f:
+            json.dump(info, f, indent=1, default=str)
+
     def _trim_logs(self):
         """Drop log lines past the start point, left by a run that was killed after writing them."""
         first_epoch = self.start.step // self.cfg.epoch_steps

@@ -395,8 +395,8 @@ class RWKV7(nn.Module):
                  torch.zeros(B, H, N, N, device=device, dtype=torch.float32),
                  torch.zeros(B, C, device=device, dtype=dtype)) for _ in range(cfg.n_layer)]
 
-    def forward_rnn(self, idx: torch.Tensor, state: list | None = None):
-        """Logits (B, T, V) and the state after the last token.
+    def forward_rnn(self, idx: torch.Tensor, state: list | None = None, last_only: bool = False):
+        """Logits (B, T, V) (or (B, 1, V) with last_only) and the state after the last token.
 
         `state` is None (zero state) or what a previous call returned: a list with one
         (att shift x (B, C), wkv state (B, H, N, N) fp32, ffn shift x (B, C)) per layer.
@@ -423,6 +423,8 @@ class RWKV7(nn.Module):
             h2 = block.ln2(x)  # (B, T, C)
             x = x + block.ffn(h2, x_prev=ffn_prev)
             new_state.append((h[:, -1], wkv_new.float(), h2[:, -1]))
+        if last_only:
+            x = x[:, -1:]  # (B, 1, C): the head is most of the work of a prefill
         logits = self.head(self.ln_out(x))  # (B, T, V)
         return logits, new_state
 

@@ -15,7 +15,7 @@ are plotted against the mini-epoch number.
 from __future__ import annotations
 
 import argparse
-import math
+import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,53 +120,12 @@ def smooth(y: np.ndarray, window: int | None = None) -> np.ndarray:
     return (c[hi] - c[lo]) / (hi - lo)
 
 
-def epoch_steps_from_logs(steps: StepLog, epochs: EpochLog, mini_epoch_samples: int = 40320) -> int | None:
-    """Steps per mini-epoch, found as the value whose per-epoch means of the
-    step losses best match train_log.txt (mini-epoch e covers steps e*E+1 .. (e+1)*E).
-
-    Values of the form mini_epoch_samples / batch are tried first; any value
-    in the range the last logged mini-epoch allows is tried if none fits.
-    """
-    last = int(epochs.epoch.max())
-    s_max = int(steps.step.max())
-    lo = max(1, s_max // (last + 2))
-    hi = max(lo, s_max // (last + 1))
-    dense = np.full(s_max + 1, np.nan)
-    dense[steps.step] = steps.loss
-    have = ~np.isnan(dense)
-    csum = np.concatenate(([0.0], np.cumsum(np.where(have, dense, 0.0))))
-    ccnt = np.concatenate(([0], np.cumsum(have)))
-
-    def mismatch(E: int) -> float:
-        a = epochs.epoch * E + 1
-        b = np.minimum((epochs.epoch + 1) * E, s_max)
-        ok = a <= b
-        cnt = ccnt[b[ok] + 1] - ccnt[a[ok]]
-        valid = cnt > 0
-        if not valid.any():
-            return math.inf
-        mean = (csum[b[ok] + 1] - csum[a[ok]])[valid] / cnt[valid]
-        return float(np.mean(np.abs(mean - epochs.loss[ok][valid])))
-
-    def best_of(candidates):
-        best, best_err = None, math.inf
-        for E in candidates:
-            err = mismatch(E)
-            if err < best_err - 1e-12:
-                best, best_err = E, err
-        return best, best_err
-
-    m = int(mini_epoch_samples)
-    natural = sorted({m // k for k in range(1, m + 1) if m % k == 0 and lo <= m // k <= hi})
-    best, err = best_of(natural)
-    if best is not None and err < 2e-3:
-        return best
-    span = hi - lo + 1
-    stride = max(1, span // 20000)
-    scan, scan_err = best_of(range(lo, hi + 1, stride))
-    if scan is None or (best is not None and err <= scan_err):
-        return best
-    return scan
+def tokens_per_mini_epoch(proj_dir) -> float | None:
+    """From train_config.json, written by the trainer at the start of each run."""
+    try:
+        return float(json.loads((Path(proj_dir) / "train_config.json").read_text())["tokens_per_mini_epoch"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _token_scale(max_tokens: float):
@@ -216,11 +175,9 @@ def plot_run(proj_dir, out=None, title: str | None = None) -> Path:
         lr_x, lr_y = x, steps.lr
         summary.append(f"step {int(steps.step[-1])}, last smoothed loss {smooth(steps.loss)[-1]:.4f}")
         if epochs is not None:
-            E = epoch_steps_from_logs(steps, epochs)
-            if E:
-                tok_per_step = float(np.median(steps.tokens / np.maximum(steps.step, 1))) \
-                    if xlabel != "step" else 1.0
-                ex = (epochs.epoch + 0.5) * E * tok_per_step / scale  # a mean sits mid-interval
+            per_epoch = tokens_per_mini_epoch(proj_dir)
+            if per_epoch and xlabel != "step":
+                ex = (epochs.epoch + 0.5) * per_epoch / scale  # a mean sits mid-interval
                 ax.scatter(ex, epochs.loss, color="tab:red", s=22, zorder=5, label="mini-epoch mean")
     else:
         x = epochs.epoch.astype(np.float64)

@@ -14,7 +14,6 @@ import os
 import random
 import sys
 import warnings
-from pathlib import Path
 
 import torch
 
@@ -74,8 +73,6 @@ def prepare(cfg: TrainConfig) -> int:
 
 def _resolve_hardware(cfg: TrainConfig):
     """Pick accelerator, strategy and precision plugin objects for pl.Trainer."""
-    import pytorch_lightning as pl
-
     if cfg.accelerator in ("gpu", "auto") and not torch.cuda.is_available():
         if cfg.accelerator == "gpu":
             raise UserError(

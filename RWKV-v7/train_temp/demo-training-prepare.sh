@@ -4,6 +4,7 @@
 # Extra flags are passed on to train.py (later flags win), e.g. --random_seed 42
 set -eu
 cd "$(dirname "$0")"
+PYTHON=$(command -v python || command -v python3)   # the Python that has torch (your venv/conda env)
 
 MODEL_TYPE="x070"      # RWKV-7 (the only type this trainer implements)
 N_LAYER="12"           # layers   } 12 x 768 is the 0.1B model; see the tutorial's
@@ -16,7 +17,7 @@ data_file="../../RWKV-v5/demo"
 MY_EXIT_TOKENS="51033270"   # --my_exit_tokens from make_data.py
 MAGIC_PRIME="12437"         # --magic_prime from make_data.py
 
-python train.py --wandb "" --proj_dir "$PROJ_DIR" \
+"$PYTHON" train.py --wandb "" --proj_dir "$PROJ_DIR" \
  --data_file "$data_file" --data_type "binidx" --vocab_size 65536 --my_testing "$MODEL_TYPE" \
  --ctx_len "$CTX_LEN" --train_stage 1 --epoch_count 1 --epoch_begin 0 \
  --epoch_save 1 --weight_decay 0 --head_size 64 \

@@ -5,6 +5,7 @@
 # Extra flags are passed on to train.py (later flags win), e.g. --save_every_minutes 30
 set -eu
 cd "$(dirname "$0")"
+PYTHON=$(command -v python || command -v python3)   # the Python that has torch (your venv/conda env)
 
 MODEL_TYPE="x070"      # the same as in demo-training-prepare.sh
 N_LAYER="12"
@@ -27,7 +28,7 @@ GPU_PER_NODE=1         # GPUs per machine
 DS_BUCKET_MB=2         # DeepSpeed bucket: 2 for consumer GPUs, 200 for A100 / H100
 WANDB="Test"           # wandb project name; "" to turn wandb off
 
-python train.py --load_model "0" --wandb "$WANDB" --proj_dir "$PROJ_DIR" --my_testing "$MODEL_TYPE" \
+"$PYTHON" train.py --load_model "0" --wandb "$WANDB" --proj_dir "$PROJ_DIR" --my_testing "$MODEL_TYPE" \
  --ctx_len "$CTX_LEN" --train_stage 3 --epoch_count 999999 --epoch_begin 0 \
  --data_file "$data_file" --my_exit_tokens "$MY_EXIT_TOKENS" --magic_prime "$MAGIC_PRIME" \
  --num_nodes "$N_NODE" --micro_bsz "$M_BSZ" --n_layer "$N_LAYER" --n_embd "$N_EMBD" \
