@@ -143,6 +143,21 @@ def _skip_init_linear(n_in: int, n_out: int) -> nn.Linear:
 # Modules
 # ============================================================================================
 
+class Head(nn.Linear):
+    """The output projection (state-dict name `head.weight`, no bias).
+
+    Called with targets it returns the fused cross-entropy + L2Wrap loss
+    instead of logits, so that full-vocabulary logits are never held whole.
+    Going through forward() (rather than reading head.weight from outside)
+    also lets DeepSpeed ZeRO-3 gather the partitioned weight first.
+    """
+
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        if targets is None:
+            return super().forward(x)
+        return head_l2wrap_loss(x, self.weight, targets)
+
+
 def _shift(x: torch.Tensor, x_prev: torch.Tensor | None) -> torch.Tensor:
     """shift(x)[t] = x[t-1]; shift(x)[0] = x_prev (zeros when None). x: (B, T, C)."""
     if x_prev is None:
@@ -311,7 +326,9 @@ class RWKV7(nn.Module):
             self.emb.weight.zero_()
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.ln_out = nn.LayerNorm(cfg.n_embd)
-        self.head = _skip_init_linear(cfg.n_embd, cfg.vocab_size)
+        self.head = nn.utils.skip_init(Head, cfg.n_embd, cfg.vocab_size, bias=False)
+        with torch.no_grad():
+            self.head.weight.zero_()
 
     count_params = staticmethod(count_params)
 
@@ -379,7 +396,7 @@ class RWKV7(nn.Module):
         are never held whole (see head_l2wrap_loss).
         """
         h = self.forward_hidden(idx)  # (B, T, C)
-        return head_l2wrap_loss(h, self.head.weight, targets)
+        return self.head(h, targets)
 
     # ---------------------------------------------------------------------------------------
     # inference with a carried state
