@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--n_embd", default=768, type=int)
     a("--head_size", default=64, type=int)
     a("--grad_cp", default=0, type=int, choices=[0, 1], help="1: gradient checkpointing (less memory)")
+    a("--wkv_impl", default="auto", choices=["auto", "cuda", "torch"],
+      help="WKV op: auto (the CUDA kernel on GPU), cuda, or torch (the PyTorch reference path)")
     # --- hardware
     a("--accelerator", default="gpu", type=str, choices=["gpu", "cuda", "cpu", "auto"])
     a("--devices", default=1, type=int, help="GPUs (or CPU processes) per node")
@@ -121,6 +123,7 @@ class TrainConfig:
     n_embd: int
     head_size: int
     grad_cp: int
+    wkv_impl: str
     accelerator: str
     devices: int
     num_nodes: int
@@ -169,7 +172,7 @@ class TrainConfig:
 
         return ModelConfig(
             n_layer=self.n_layer, n_embd=self.n_embd, vocab_size=self.vocab_size,
-            head_size=self.head_size, grad_cp=bool(self.grad_cp),
+            head_size=self.head_size, grad_cp=bool(self.grad_cp), wkv_impl=self.wkv_impl,
         )
 
     # ---- checks that need no data

@@ -50,8 +50,11 @@ class ModelConfig:
     vocab_size: int = 65536
     head_size: int = 64
     grad_cp: bool = False
+    wkv_impl: str = "auto"  # "auto" (CUDA kernel on GPU), "cuda" or "torch" (the PyTorch path)
 
     def __post_init__(self):
+        if self.wkv_impl not in ("auto", "cuda", "torch"):
+            raise UserError(f"--wkv_impl must be auto, cuda or torch; got {self.wkv_impl!r}.")
         for flag, value in (("--n_layer", self.n_layer), ("--n_embd", self.n_embd),
                             ("--vocab_size", self.vocab_size), ("--head_size", self.head_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -261,7 +264,7 @@ class TimeMix(nn.Module):
         if return_state:
             y, new_state = wkv7_chunked(r, w, k, v, -kk, kk * a, N, state=state)
         else:
-            y = wkv7(r, w, k, v, -kk, kk * a, N)  # (B, T, C)
+            y = wkv7(r, w, k, v, -kk, kk * a, N, impl=self.cfg.wkv_impl)  # (B, T, C)
         y = self.ln_x(y.reshape(B * T, C)).view(B, T, C)  # (B*T, C) -> (B, T, C)
         bonus = (r * k * self.r_k.view(H * N)).view(B, T, H, N).sum(dim=-1, keepdim=True)  # (B, T, H, 1)
         y = y + (bonus * v.view(B, T, H, N)).view(B, T, C)  # (B, T, H, N) -> (B, T, C)

@@ -146,7 +146,7 @@ def run(cfg: TrainConfig) -> int:
         check_weights_fit(start.weights, model, start.source)
         model.load_state_dict({k: v.float() for k, v in start.weights.items()})
         start.weights = None  # free the host copy
-    if accelerator == "gpu":
+    if accelerator == "gpu" and cfg.wkv_impl != "torch":
         _build_kernel_early(cfg)
 
     log(f"RWKV-7 L{cfg.n_layer}-D{cfg.n_embd} ctx {cfg.ctx_len}, {cfg.world_size} x {cfg.micro_bsz} samples/step, "

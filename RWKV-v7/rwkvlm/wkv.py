@@ -269,14 +269,21 @@ def wkv7_chunked(r, w, k, v, a, b, head_size: int, state=None, chunk_len: int = 
 # Public entry point
 # --------------------------------------------------------------------------------------------
 
-def wkv7(r, w, k, v, a, b, head_size: int):
+def wkv7(r, w, k, v, a, b, head_size: int, impl: str = "auto"):
     """WKV7 output y (B, T, C) in r's dtype, from a zero state.
 
-    CUDA tensors go to rwkvlm.wkv_cuda.wkv7_cuda when that module imports (it
-    takes any T and any float dtype); everything else, and CUDA when the module
-    is missing, takes the chunked PyTorch path.
+    impl "auto": CUDA tensors go to rwkvlm.wkv_cuda.wkv7_cuda when that module
+    imports (it takes any T and any float dtype); everything else, and CUDA when
+    the module is missing, takes the chunked PyTorch path. "torch" always takes
+    the PyTorch path (the fp32 reference for parity runs); "cuda" requires the kernel.
     """
-    if r.is_cuda:
+    if impl == "cuda" and not r.is_cuda:
+        raise ValueError("wkv7(impl='cuda') needs CUDA tensors")
+    if impl == "cuda":
+        from rwkvlm.wkv_cuda import wkv7_cuda
+
+        return wkv7_cuda(r, w, k, v, a, b, head_size=head_size)
+    if r.is_cuda and impl == "auto":
         try:
             from rwkvlm.wkv_cuda import wkv7_cuda
         except ImportError:

@@ -1,0 +1,22 @@
+#!/bin/bash
+# Loss parity on the GPU: the bf16 DeepSpeed path with the CUDA kernel against the
+# fp32 PyTorch reference path (--wkv_impl torch), same rwkv-init.pth, same batches,
+# first STEPS steps on the arithmetic demo data (prepared by gpu_train_run.sh).
+# Usage (device machine, repo root, after the data exists): bash benchmarks/gpu_loss_parity.sh OUTDIR [STEPS] [M_BSZ]
+set -eu
+OUTDIR=${1:-/tmp/parity}; STEPS=${2:-200}; M_BSZ=${3:-2}
+mkdir -p "$OUTDIR"
+REPO=$(pwd)
+META="$REPO/RWKV-v5/demo.meta.json"
+PRIME=$(python3 -c "import json; print(json.load(open('$META'))['magic_prime'])")
+EXIT=$((STEPS * M_BSZ * 4096))
+cd "$REPO/RWKV-v7/train_temp"
+sh demo-training-prepare.sh --proj_dir out/parity-bf16 --my_exit_tokens "$EXIT" --magic_prime "$PRIME" --random_seed 1
+mkdir -p out/parity-fp32 && cp out/parity-bf16/rwkv-init.pth out/parity-fp32/
+COMMON="--my_exit_tokens $EXIT --magic_prime $PRIME --micro_bsz $M_BSZ --wandb '' --enable_progress_bar False --random_seed 1 --warmup_steps 10"
+eval sh demo-training-run.sh --proj_dir out/parity-bf16 $COMMON --precision bf16 --strategy deepspeed_stage_2 \
+  > "$OUTDIR/bf16.txt" 2>&1
+eval sh demo-training-run.sh --proj_dir out/parity-fp32 $COMMON --precision fp32 --strategy auto --wkv_impl torch \
+  > "$OUTDIR/fp32.txt" 2>&1
+cp out/parity-bf16/loss_log.csv "$OUTDIR/bf16.csv"; cp out/parity-fp32/loss_log.csv "$OUTDIR/fp32.csv"
+python3 "$REPO/benchmarks/loss_parity.py" "$OUTDIR/bf16.csv" "$OUTDIR/fp32.csv" --steps "$STEPS" | tee "$OUTDIR/parity.txt"
