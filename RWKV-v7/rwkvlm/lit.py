@@ -62,12 +62,13 @@ class RWKVTrainModule(pl.LightningModule):
         )
         sampler = StepSampler(self.cfg.micro_bsz, self.start.step, self.cfg.total_steps)
         return DataLoader(ds, batch_size=self.cfg.micro_bsz, sampler=sampler, num_workers=0,
-                          pin_memory=self.device.type == "cuda", drop_last=True)
+                          pin_memory=self.trainer.strategy.root_device.type == "cuda", drop_last=True)
 
     def configure_optimizers(self):
         groups = param_groups(self.model, self.cfg.weight_decay)
         lr = lr_at(self.start.step, self.start.step - self.run_start_step, self.cfg)
-        return make_optimizer(groups, self.cfg, lr, self.device.type)
+        # the strategy's device, not self.device: DeepSpeed builds the optimiser before moving the model
+        return make_optimizer(groups, self.cfg, lr, self.trainer.strategy.root_device.type)
 
     def forward(self, idx):
         return self.model(idx)
