@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 from trainkit import TRAIN_TEMP, make_dataset, prepare_args, run_args
@@ -24,18 +25,47 @@ def _prepare(proj, env):
                    capture_output=True, timeout=300)
 
 
-def test_kill_and_resume_is_exact(tmp_path, cpu_env):
-    meta = make_dataset(tmp_path / "data", n_docs=300, copies=2)
-    a, b = tmp_path / "a", tmp_path / "b"
-    for p in (a, b):
-        _prepare(p, cpu_env)
-    # uninterrupted reference run
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, cpu_env):
+    """Data and an uninterrupted run that saves at the same steps."""
+    root = tmp_path_factory.mktemp("resume")
+    meta = make_dataset(root / "data", n_docs=300, copies=2)
+    a = root / "a"
+    _prepare(a, cpu_env)
     r = subprocess.run(_train_cmd(meta, a), env=cpu_env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
+    return meta, a
 
-    # run B: SIGKILL at a random moment after the first resume state, then re-run until done
+
+def _assert_same_run(a, b):
+    wa = torch.load(a / "rwkv-final.pth", weights_only=True)
+    wb = torch.load(b / "rwkv-final.pth", weights_only=True)
+    assert wa.keys() == wb.keys()
+    diff = [k for k in wa if not torch.equal(wa[k], wb[k])]
+    assert not diff, f"weights differ after resume: {diff[:5]}"
+    # the per-mini-epoch log has the same lines (mini-epoch, mean loss, ppl) as the uninterrupted run
+    la = [ln.split()[:3] for ln in (a / "train_log.txt").read_text().splitlines()]
+    lb = [ln.split()[:3] for ln in (b / "train_log.txt").read_text().splitlines()]
+    assert la == lb
+
+
+def _wait_for_steps(proj, n, proc, timeout=120):
+    t0 = time.time()
+    while time.time() - t0 < timeout and proc.poll() is None:
+        log = proj / "loss_log.csv"
+        if log.is_file() and len(log.read_text().splitlines()) > n:
+            return
+        time.sleep(0.05)
+
+
+def test_kill_and_resume_is_exact(reference, tmp_path, cpu_env):
+    meta, a = reference
+    b = tmp_path / "b"
+    _prepare(b, cpu_env)
+    # SIGKILL at a random moment after the first resume state, then re-run until done
     rng = random.Random()
     kills = 0
+    out = ""
     for attempt in range(6):
         proc = subprocess.Popen(_train_cmd(meta, b), env=cpu_env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
@@ -52,14 +82,25 @@ def test_kill_and_resume_is_exact(tmp_path, cpu_env):
             break
     assert kills >= 1, "the run finished before it could be killed"
     assert (b / "rwkv-final.pth").is_file(), out[-3000:]
-    assert "resumed exactly" in out or "from" in out
+    _assert_same_run(a, b)
 
-    wa = torch.load(a / "rwkv-final.pth", weights_only=True)
-    wb = torch.load(b / "rwkv-final.pth", weights_only=True)
-    assert wa.keys() == wb.keys()
-    diff = [k for k in wa if not torch.equal(wa[k], wb[k])]
-    assert not diff, f"weights differ after resume: {diff[:5]}"
-    # the per-mini-epoch log has the same lines (losses) as the uninterrupted run
-    la = [ln.split()[:3] for ln in (a / "train_log.txt").read_text().splitlines()]
-    lb = [ln.split()[:3] for ln in (b / "train_log.txt").read_text().splitlines()]
-    assert la == lb[-len(la):] or la == lb
+
+def test_sigterm_saves_and_stops_cleanly(reference, tmp_path, cpu_env):
+    """SIGTERM (a cluster's preemption notice) or Ctrl-C: finish the step, save, exit 0; re-run continues."""
+    meta, a = reference
+    c = tmp_path / "c"
+    _prepare(c, cpu_env)
+    proc = subprocess.Popen(_train_cmd(meta, c), env=cpu_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    _wait_for_steps(c, 6, proc)  # step 6: between the saves at 4 and 8
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    assert "stopped at step" in out
+    stopped = int(out.split("stopped at step ")[1].split()[0])
+    assert stopped < STEPS and not (c / "rwkv-final.pth").exists()
+    assert (c / "resume" / f"step-{stopped:09d}" / "state.json").is_file()
+    r = subprocess.run(_train_cmd(meta, c), env=cpu_env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resumed exactly from {c / 'resume' / f'step-{stopped:09d}'}" in r.stdout
+    _assert_same_run(a, c)

@@ -13,6 +13,9 @@ import json
 import math
 import os
 import secrets
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -42,6 +45,7 @@ class RWKVTrainModule(pl.LightningModule):
         self.epoch_loss_count = int(st.get("epoch_loss_count", 0))
         self.wandb_id = st.get("wandb_id")
         self.wandb_run = None
+        self.stop_requested = False
         self.last_save_time = time.monotonic()
         self.t_last = None
         self.kt_s = 0.0
@@ -86,6 +90,7 @@ class RWKVTrainModule(pl.LightningModule):
             self._write_run_config()
         if self.global_rank == 0 and self.cfg.wandb:
             self._start_wandb()
+        self._install_stop_handlers()
         self.t_last = time.perf_counter()
 
     def on_train_batch_start(self, batch, batch_idx):
@@ -129,12 +134,41 @@ class RWKVTrainModule(pl.LightningModule):
         if cfg.save_every_minutes > 0:
             due = time.monotonic() - self.last_save_time >= cfg.save_every_minutes * 60
             want_state = want_state or bool(self.trainer.strategy.broadcast(due, src=0))
-        if want_state:
+        stop = self.stop_requested
+        if cfg.world_size > 1:  # every rank must take the same (collective) decision
+            stop = bool(self.trainer.strategy.reduce_boolean_decision(stop, all=False))
+        if want_state or stop:
             self._save_resume_state(step)
+        if stop:
+            self.print_fn(f"\nstopped at step {step} on request; saved an exact-resume state. "
+                          f"Re-run the script to continue.")
+            self.trainer.should_stop = True
 
     def on_train_end(self):
         if self.wandb_run is not None:
             self.wandb_run.finish()
+
+    # ------------------------------------------------------------ Ctrl-C / SIGTERM
+    def _install_stop_handlers(self):
+        """First Ctrl-C or SIGTERM: finish the step, save an exact-resume state, stop cleanly.
+
+        A second Ctrl-C stops at once (losing the steps since the last save).
+        Lightning restores the previous handlers when fit() ends.
+        """
+        self.stop_requested = False
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def request(signum, frame):
+            if self.stop_requested and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self.stop_requested = True
+            if self.global_rank == 0:
+                print(f"\n{signal.Signals(signum).name}: stopping after this step and saving an exact-resume "
+                      f"state (press Ctrl-C again to stop at once).", file=sys.stderr, flush=True)
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, request)
 
     # ------------------------------------------------------------ mini-epochs and saving
     def _end_mini_epoch(self, mini_epoch: int):
