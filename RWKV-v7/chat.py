@@ -9,7 +9,7 @@ import sys
 
 try:
     from rwkvlm.errors import run_cli
-    from rwkvlm.generate import chat_main as main
+    from rwkvlm.chat import chat_main as main
 except ImportError as e:  # the package (or one of its dependencies) is not installed
     raise SystemExit(f"cannot import rwkvlm ({e}): run `pip install -e .` in the repository root.")
 

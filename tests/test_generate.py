@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from rwkvlm.errors import UserError
+from rwkvlm.chat import ChatSession, user_turn
 from rwkvlm.generate import (
-    ChatSession, Generator, Penalty, SamplingOptions, StateBatch, TextStream, load_model, sample_logits,
-    user_turn,
+    Generator, Penalty, SamplingOptions, StateBatch, TextStream, load_model, sample_logits,
 )
 from rwkvlm.model import RWKV7, ModelConfig
 from rwkvlm.tokenizer import get_tokenizer
