@@ -91,31 +91,44 @@ def test_rerun_resumes_from_newest_checkpoint(trained, tmp_path):
     assert last[0] == "3" and last[-1] == "0"
 
 
-def test_checkpoint_runs_in_rwkv_package(trained, tmp_path):
-    """rwkv-final.pth loads in the rwkv pip package and gives our model's logits."""
+def test_checkpoints_run_in_rwkv_package(trained):
+    """rwkv-init.pth, rwkv-0.pth and rwkv-final.pth load in the rwkv pip package; its logits, fed
+    whole and fed one token at a time, match our model's."""
     import json
     import sys
 
     from rwkvlm.model import ModelConfig, RWKV7
 
-    path = trained["proj"] / "rwkv-final.pth"
+    names = ["rwkv-init.pth", "rwkv-0.pth", "rwkv-final.pth"]
+    paths = [str((trained["proj"] / n).with_suffix("")) for n in names]
     tokens = [11, 22, 33, 4400, 0, 65000, 17]
     code = f"""
 import os, json, torch
 os.environ["RWKV_V7_ON"] = "1"; os.environ["RWKV_JIT_ON"] = "0"; os.environ["RWKV_CUDA_ON"] = "0"
 from rwkv.model import RWKV
-m = RWKV(model={str(path.with_suffix(''))!r}, strategy="cpu fp32")
-out, state = m.forward({tokens}, None, full_output=True)
-print(json.dumps(out.float().tolist()))
+res = []
+for path in {paths!r}:
+    m = RWKV(model=path, strategy="cpu fp32")
+    whole, _ = m.forward({tokens}, None, full_output=True)
+    state, steps = None, []
+    for t in {tokens}:
+        out, state = m.forward([t], state)
+        steps.append(out.float().tolist())
+    res.append([whole.float().tolist(), steps])
+print(json.dumps(res))
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=trained["env"],
                        timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    theirs = torch.tensor(json.loads(r.stdout.strip().splitlines()[-1]))
-    model = RWKV7(ModelConfig(n_layer=2, n_embd=64, vocab_size=65536, head_size=64))
-    model.load_state_dict({k: v.float() for k, v in torch.load(path, weights_only=True).items()})
-    with torch.no_grad():
-        ours = model(torch.tensor([tokens]))[0].float()
-    assert theirs.shape == ours.shape
-    err = (theirs - ours).abs().max().item()
-    assert err < 1e-3 * max(1.0, ours.abs().max().item()), err
+    results = json.loads(r.stdout.strip().splitlines()[-1])
+    for name, (whole, steps) in zip(names, results):
+        model = RWKV7(ModelConfig(n_layer=2, n_embd=64, vocab_size=65536, head_size=64))
+        sd = torch.load(trained["proj"] / name, weights_only=True)
+        model.load_state_dict({k: v.float() for k, v in sd.items()})
+        with torch.no_grad():
+            ours = model(torch.tensor([tokens]))[0].float()  # (T, V)
+        tol = 1e-3 * max(1.0, ours.abs().max().item())
+        for theirs in (torch.tensor(whole), torch.tensor(steps)):
+            assert theirs.shape == ours.shape
+            err = (theirs - ours).abs().max().item()
+            assert err < tol, (name, err)
