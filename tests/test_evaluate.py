@@ -73,14 +73,9 @@ def test_expand_checkpoints(tmp_path):
 
 
 def test_cli_one_column_per_checkpoint(tmp_path, capsys):
-    torch.manual_seed(0)
-    from rwkvlm.model import RWKV7, ModelConfig
+    from trainkit import perturbed_model
 
-    model = RWKV7(ModelConfig(n_layer=1, n_embd=64))
-    model.init_weights()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
+    model = perturbed_model(n_layer=1)
     torch.save(model.state_dict(), tmp_path / "rwkv-0.pth")
     torch.save({k: v * 1.01 for k, v in model.state_dict().items()}, tmp_path / "rwkv-final.pth")
     out_json = tmp_path / "eval.json"

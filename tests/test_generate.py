@@ -4,13 +4,13 @@ import sys
 
 import pytest
 import torch
+from trainkit import perturbed_model
 
 from rwkvlm.errors import UserError
 from rwkvlm.chat import ChatSession, user_turn
 from rwkvlm.generate import (
     Generator, Penalty, SamplingOptions, StateBatch, TextStream, load_model, sample_logits,
 )
-from rwkvlm.model import RWKV7, ModelConfig
 from rwkvlm.tokenizer import get_tokenizer
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
@@ -20,12 +20,7 @@ GREEDY = SamplingOptions(temperature=0.0, max_tokens=10)
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     """A tiny random RWKV-7 (L2 D64, full vocabulary), perturbed so outputs depend on the input."""
-    torch.manual_seed(0)
-    model = RWKV7(ModelConfig(n_layer=2, n_embd=64))
-    model.init_weights()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
+    model = perturbed_model()
     path = tmp_path_factory.mktemp("gen") / "rwkv-final.pth"
     torch.save(model.state_dict(), path)
     return path

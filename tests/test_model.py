@@ -398,11 +398,9 @@ def test_bf16_model_trains_on_cuda(model):
 
 
 def test_forward_rnn_last_only_matches_full():
-    torch.manual_seed(1)
-    model = RWKV7(ModelConfig(n_layer=2, n_embd=64, vocab_size=1000))
-    model.init_weights()
-    for p in model.parameters():  # move off the zero-init so every path matters
-        p.data.add_(torch.randn_like(p) * 0.02)
+    from trainkit import perturbed_model
+
+    model = perturbed_model(vocab_size=1000, seed=1, scale=0.02)
     idx = torch.randint(0, model.cfg.vocab_size, (2, 11))
     with torch.no_grad():
         full, s_full = model.forward_rnn(idx)

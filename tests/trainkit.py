@@ -49,3 +49,19 @@ def snapshot(d: Path) -> dict:
     if not d.exists():
         return {}
     return {str(p.relative_to(d)): (p.stat().st_size, p.stat().st_mtime_ns) for p in d.rglob("*") if p.is_file()}
+
+
+def perturbed_model(n_layer: int = 2, n_embd: int = 64, vocab_size: int = 65536, seed: int = 0,
+                    scale: float = 0.1):
+    """A spec-initialised RWKV7 moved off its zero matrices, so every path changes the output."""
+    import torch
+
+    from rwkvlm.model import ModelConfig, RWKV7
+
+    torch.manual_seed(seed)
+    model = RWKV7(ModelConfig(n_layer=n_layer, n_embd=n_embd, vocab_size=vocab_size))
+    model.init_weights()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * scale)
+    return model
