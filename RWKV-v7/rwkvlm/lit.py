@@ -46,6 +46,7 @@ class RWKVTrainModule(pl.LightningModule):
         self.wandb_id = st.get("wandb_id")
         self.wandb_run = None
         self.stop_requested = False
+        self._old_handlers = {}
         self.last_save_time = time.monotonic()
         self.t_last = None
         self.kt_s = 0.0
@@ -145,19 +146,24 @@ class RWKVTrainModule(pl.LightningModule):
             self.trainer.should_stop = True
 
     def on_train_end(self):
+        self._restore_signal_handlers()
         if self.wandb_run is not None:
             self.wandb_run.finish()
+
+    def on_exception(self, exception):
+        self._restore_signal_handlers()
 
     # ------------------------------------------------------------ Ctrl-C / SIGTERM
     def _install_stop_handlers(self):
         """First Ctrl-C or SIGTERM: finish the step, save an exact-resume state, stop cleanly.
 
         A second Ctrl-C stops at once (losing the steps since the last save).
-        Lightning restores the previous handlers when fit() ends.
+        The previous handlers come back when training ends.
         """
         self.stop_requested = False
         if threading.current_thread() is not threading.main_thread():
             return
+        self._old_handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
 
         def request(signum, frame):
             if self.stop_requested and signum == signal.SIGINT:
@@ -167,8 +173,14 @@ class RWKVTrainModule(pl.LightningModule):
                 print(f"\n{signal.Signals(signum).name}: stopping after this step and saving an exact-resume "
                       f"state (press Ctrl-C again to stop at once).", file=sys.stderr, flush=True)
 
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in self._old_handlers:
             signal.signal(sig, request)
+
+    def _restore_signal_handlers(self):
+        for sig, handler in self._old_handlers.items():
+            if handler is not None:
+                signal.signal(sig, handler)
+        self._old_handlers = {}
 
     # ------------------------------------------------------------ mini-epochs and saving
     def _end_mini_epoch(self, mini_epoch: int):
