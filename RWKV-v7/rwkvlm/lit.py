@@ -124,9 +124,12 @@ class RWKVTrainModule(pl.LightningModule):
 
         epoch_done = step % cfg.epoch_steps == 0
         final = step >= cfg.total_steps
+        epoch_weights = None
         if epoch_done:
-            self._end_mini_epoch(mini_epoch)
+            epoch_weights = self._end_mini_epoch(mini_epoch)
         if final:
+            if epoch_weights is not None:
+                self._save_weights(epoch_weights)
             self._save_weights(self.proj / "rwkv-final.pth")
             if self.global_rank == 0:
                 self.print_fn(f"\nreached --my_exit_tokens ({cfg.my_exit_tokens}): wrote {self.proj / 'rwkv-final.pth'}")
@@ -140,6 +143,10 @@ class RWKVTrainModule(pl.LightningModule):
             stop = bool(self.trainer.strategy.reduce_boolean_decision(stop, all=False))
         if want_state or stop:
             self._save_resume_state(step)
+        if epoch_weights is not None:
+            # after the exact-resume state of the same step: a kill in between leaves the state,
+            # which a re-run prefers, rather than a newer rwkv-N.pth without optimizer state
+            self._save_weights(epoch_weights)
         if stop:
             self.print_fn(f"\nstopped at step {step} on request; saved an exact-resume state. "
                           f"Re-run the script to continue.")
@@ -183,7 +190,8 @@ class RWKVTrainModule(pl.LightningModule):
         self._old_handlers = {}
 
     # ------------------------------------------------------------ mini-epochs and saving
-    def _end_mini_epoch(self, mini_epoch: int):
+    def _end_mini_epoch(self, mini_epoch: int) -> Path | None:
+        """Log the mini-epoch's mean loss; return the rwkv-N.pth path to write, if it is due."""
         cfg = self.cfg
         epoch_in_run = mini_epoch - self.start.epoch_begin
         if self.global_rank == 0:
@@ -194,7 +202,8 @@ class RWKVTrainModule(pl.LightningModule):
                 f.write(line)
         self.epoch_loss_sum, self.epoch_loss_count = 0.0, 0
         if cfg.epoch_save > 0 and epoch_in_run % cfg.epoch_save == 0:
-            self._save_weights(self.proj / f"rwkv-{mini_epoch}.pth")
+            return self.proj / f"rwkv-{mini_epoch}.pth"
+        return None
 
     def gathered_state_dict(self) -> dict | None:
         """The model's full state dict on rank 0 (None elsewhere); collective under ZeRO-3."""
