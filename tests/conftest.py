@@ -34,7 +34,5 @@ def cpu_env():
     """Environment for subprocesses: CPU only, quiet, no wandb network."""
     env = dict(os.environ)
     env.update({"CUDA_VISIBLE_DEVICES": "", "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1",
-                "PYTHONWARNINGS": "ignore::DeprecationWarning",
-                # bit-exact CPU runs: MKL must not pick fewer threads when the machine is busy
-                "MKL_DYNAMIC": "FALSE", "OMP_DYNAMIC": "FALSE"})
+                "PYTHONWARNINGS": "ignore::DeprecationWarning"})
     return env
