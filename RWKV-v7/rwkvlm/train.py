@@ -183,6 +183,9 @@ def main(argv=None) -> int:
     cfg.check_settings()
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*`training_step` returned `None`.*")
+    warnings.filterwarnings("ignore", ".*LeafSpec.*")  # a Lightning-internal deprecation, not the user's
+    logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(
+        lambda record: "litlogger" not in record.getMessage())  # an advert, not information
     warnings.showwarning = _show_warning
     if cfg.train_stage == 1:
         return prepare(cfg)
