@@ -5,9 +5,9 @@
 #   3. demo-training-prepare.sh: rwkv-init.pth
 #   4. demo-training-run.sh: a short training run (CPU when there is no GPU)
 #   5. test the model: arithmetic accuracy table, one chat answer, the loss plot
-# Usage: sh run_demo.sh            (variables below; extra flags go to demo-training-run.sh)
+# Usage: sh RWKV-v7/train_temp/run_demo.sh   (variables below; extra flags go to demo-training-run.sh)
 set -eu
-cd "$(dirname "$0")"
+cd "$(dirname "$0")/../.."   # the repository root
 
 DOCS="4000"        # dialogues in the generated corpus
 COPIES="3"         # make_data.py's N (duplications)
