@@ -104,3 +104,19 @@ def test_sigterm_saves_and_stops_cleanly(reference, tmp_path, cpu_env):
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"resumed exactly from {c / 'resume' / f'step-{stopped:09d}'}" in r.stdout
     _assert_same_run(a, c)
+
+
+def test_save_every_minutes_and_deepspeed_flag_on_cpu(reference, tmp_path, cpu_env):
+    """--save_every_minutes writes resume states by the clock; a DeepSpeed strategy on a CPU-only
+    machine falls back to plain training with a note (the tutorial's run script passes one)."""
+    meta, _ = reference
+    d = tmp_path / "d"
+    _prepare(d, cpu_env)
+    args = run_args(meta, d, "--my_exit_tokens", str(6 * 4 * 64), "--save_every_minutes", "0.0001",
+                    "--mini_epoch_samples", "48", "--keep_resume", "3", "--strategy", "deepspeed_stage_2")
+    r = subprocess.run([sys.executable, str(TRAIN_TEMP / "train.py"), *args], env=cpu_env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "DeepSpeed needs GPUs" in r.stdout
+    # a state after every step (the clock interval is shorter than a step); the last 3 are kept
+    assert [p.name for p in sorted((d / "resume").iterdir())] == [f"step-{s:09d}" for s in (3, 4, 5)]
