@@ -409,3 +409,22 @@ def test_forward_rnn_last_only_matches_full():
     torch.testing.assert_close(last[:, 0], full[:, -1], rtol=1e-5, atol=1e-6)
     for a, b in zip(s_full, s_last):
         assert all(torch.equal(x, y) for x, y in zip(a, b))  # the state does not depend on the head
+
+
+def test_fused_head_loss_exact_when_target_probability_underflows():
+    """Rows whose target probability underflows fp32 (loss > 87) still get the exact loss."""
+    torch.manual_seed(3)
+    V, C = 50, 8
+    x = torch.randn(2, 9, C, dtype=torch.float64).float()
+    w = torch.randn(V, C)
+    w[7] = -40.0 * x.reshape(-1, C).mean(0) / x.reshape(-1, C).mean(0).norm()  # push token 7 far down
+    targets = torch.randint(0, V, (2, 9))
+    targets[0, :4] = 7
+    logits = (x @ w.t()).double()
+    ref = torch.nn.functional.cross_entropy(logits.reshape(-1, V), targets.reshape(-1))
+    p_t = torch.softmax(logits.reshape(-1, V).float(), -1)[torch.arange(18), targets.reshape(-1)]
+    assert bool((p_t < 1e-30).any()), "the test must hit the underflow path"
+    for rows in (1, 4, 64):
+        got = head_l2wrap_loss(x, w, targets, chunk_rows=rows)
+        assert torch.isfinite(got)
+        torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-4)

@@ -453,9 +453,11 @@ class RWKV7(nn.Module):
 # Loss: cross-entropy + L2Wrap
 # ============================================================================================
 
-def _default_chunk_rows(vocab: int) -> int:
-    """Rows per chunk so one fp32 logits chunk is about 128 MiB."""
-    return max(1, (1 << 25) // max(1, vocab))
+def _default_chunk_rows(vocab: int, device_type: str = "cpu") -> int:
+    """Rows per chunk: one fp32 logits chunk of about 128 MiB on CPU, 1 GiB on a GPU
+    (fewer, larger matmuls keep a GPU busy; the GPU memory budget has room)."""
+    budget = (1 << 28) if device_type == "cuda" else (1 << 25)
+    return max(1, budget // max(1, vocab))
 
 
 class L2Wrap(torch.autograd.Function):
@@ -609,6 +611,7 @@ class _HeadCE(torch.autograd.Function):
         prob_buf = _scratch("head_probs", (R, V), acc, dev)
         rows_all = torch.arange(R, device=dev)
         total = torch.zeros((), dtype=torch.float64, device=dev)
+        underflow = []  # (chunk start, rows whose target probability underflowed): fixed after the loop
         with torch.no_grad():
             for i in range(0, M, R):
                 xc = x[i:i + R]
@@ -621,11 +624,9 @@ class _HeadCE(torch.autograd.Function):
                 m, am = lg.max(dim=1)                           # (n,)
                 p = _softmax_into(lg, prob_buf[:n])             # (n, V)
                 pt = p[rows, tgt]                               # (n,)
-                row_loss = -torch.log(pt)
-                tiny = pt < 1e-30                               # p_t underflows: exact lse for those rows
-                if bool(tiny.any()):
-                    row_loss[tiny] = torch.logsumexp(lg[tiny], dim=1) - lg[rows[tiny], tgt[tiny]]
-                total += row_loss.sum(dtype=torch.float64)
+                tiny = pt < 1e-30                               # p_t underflows: -log(p_t) is inexact
+                total += torch.where(tiny, 0.0, -torch.log(pt)).sum(dtype=torch.float64)
+                underflow.append((i, tiny))                     # no host sync inside the loop
                 if need_gx or need_gw:
                     p[rows, tgt] -= 1.0
                     p[rows, am] += L2WRAP_FACTOR * m            # M * (dCE/dlogits + L2Wrap)
@@ -637,6 +638,15 @@ class _HeadCE(torch.autograd.Function):
                             gw.addmm_(gc.t(), xc)               # (V, C)
                         else:
                             gw.add_(gc.t() @ xc)
+            # rows whose target probability underflowed (loss > 69): exact logsumexp - logit,
+            # recomputed for those rows only; one host sync per call, not one per chunk
+            if bool(torch.stack([t.any() for _, t in underflow]).any()):
+                for i, tiny in underflow:
+                    idx = tiny.nonzero().squeeze(1)
+                    if idx.numel():
+                        lg = (x[i + idx] @ Wc.t()).to(acc)     # (k, V)
+                        total += (torch.logsumexp(lg, dim=1)
+                                  - lg.gather(1, targets[i + idx].unsqueeze(1)).squeeze(1)).sum(dtype=torch.float64)
         ctx.gx, ctx.gw, ctx.M = gx, gw, M
         ctx.w_dtype = weight.dtype
         return (total / M).to(acc)
@@ -669,7 +679,7 @@ def head_l2wrap_loss(hidden: torch.Tensor, head_weight: torch.Tensor, targets: t
     dev_type = hidden.device.type
     if dev_type in ("cuda", "cpu") and torch.is_autocast_enabled(dev_type):
         hidden = hidden.to(torch.get_autocast_dtype(dev_type))
-    R = chunk_rows or _default_chunk_rows(V)
+    R = chunk_rows or _default_chunk_rows(V, dev_type)
     with torch.autocast(device_type=dev_type, enabled=False) if dev_type in ("cuda", "cpu") else _null():
         # (B*T, C), (V, C), (B*T,)
         return _HeadCE.apply(hidden.reshape(B * T, C), head_weight, targets.reshape(-1).long(), R)
