@@ -1,0 +1,126 @@
+"""The DeepSpeed-only code paths of the trainer, driven by a stand-in engine on CPU.
+
+CI has no GPU, so DeepSpeed never runs here. The stand-in has DeepSpeed
+0.19.8's method signatures (save_checkpoint, load_checkpoint,
+zero_optimization_stage, _zero3_consolidated_16bit_state_dict); these tests
+check that the trainer calls them as it should and that what it writes
+around them (state.json, rwkv-N.pth) is right. The real engine is exercised
+by benchmarks/gpu_train_run.sh on the GPU machine.
+"""
+import inspect
+from pathlib import Path
+import json
+
+import pytest
+import torch
+
+from rwkvlm.checkpoint import find_start
+from rwkvlm.config import parse_args
+from rwkvlm.lit import RWKVTrainModule
+from trainkit import perturbed_model
+
+
+class FakeEngine:
+    def __init__(self, stage=2, module=None):
+        self.stage, self.module, self.calls = stage, module, []
+
+    def zero_optimization_stage(self):
+        return self.stage
+
+    def save_checkpoint(self, save_dir, tag=None, client_state={}, save_latest=True, exclude_frozen_parameters=False):
+        Path(save_dir, tag).mkdir(parents=True)
+        self.calls.append(("save", save_dir, tag, save_latest))
+
+    def load_checkpoint(self, load_dir, tag=None, load_module_strict=True, load_optimizer_states=True,
+                        load_lr_scheduler_states=True, load_module_only=False, custom_load_fn=None):
+        self.calls.append(("load", load_dir, tag, load_optimizer_states, load_lr_scheduler_states))
+        return load_dir, {}
+
+    def _zero3_consolidated_16bit_state_dict(self, exclude_frozen_parameters=False):
+        return {f"model.{k}": v.to(torch.bfloat16) for k, v in self.module.state_dict().items()}
+
+
+class FakeStrategy:
+    def __init__(self, engine):
+        self.deepspeed_engine = engine
+        self.root_device = torch.device("cpu")
+
+    def barrier(self, *a):
+        pass
+
+    def broadcast(self, obj, src=0):
+        return obj
+
+
+class FakeTrainer:
+    def __init__(self, engine):
+        self.strategy = FakeStrategy(engine)
+        self.optimizers = [torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)]
+        self.global_step = 0
+        self.global_rank = self.local_rank = 0
+
+
+def _module(tmp_path, stage=2, start=None):
+    cfg = parse_args(["--proj_dir", str(tmp_path), "--data_file", "x", "--my_exit_tokens", "100000",
+                      "--magic_prime", "11", "--micro_bsz", "4", "--ctx_len", "64", "--n_layer", "1",
+                      "--n_embd", "64", "--precision", "bf16", "--mini_epoch_samples", "64"])
+    model = perturbed_model(n_layer=1, vocab_size=65536)
+    if start is None:
+        torch.save(model.state_dict(), tmp_path / "rwkv-init.pth")
+        start = find_start(cfg)
+    m = RWKVTrainModule(cfg, model, data=None, start=start)
+    engine = FakeEngine(stage, model)
+    m.trainer = FakeTrainer(engine)
+    return m, engine, cfg
+
+
+def test_fake_engine_matches_deepspeed_signatures():
+    """Guard the stand-in itself: where DeepSpeed is installed, its signatures must match."""
+    pytest.importorskip("deepspeed")
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    for name in ("save_checkpoint", "load_checkpoint"):
+        real = list(inspect.signature(getattr(DeepSpeedEngine, name)).parameters)
+        fake = list(inspect.signature(getattr(FakeEngine, name)).parameters)
+        assert real[: len(fake)] == fake
+
+
+def test_resume_state_through_the_engine(tmp_path):
+    m, engine, cfg = _module(tmp_path)
+    m._save_resume_state(8)
+    d = tmp_path / "resume" / "step-000000008"
+    assert engine.calls == [("save", str(d / "ds"), "state", False)]
+    state = json.loads((d / "state.json").read_text())
+    assert state["kind"] == "deepspeed" and state["step"] == 8 and state["fingerprint"]["deepspeed"]
+    assert (d / "rng-rank0.pt").is_file() and not (d / "trainer.pt").exists()
+
+    # a re-run with the same settings resumes exactly from it: weights and optimizer come from the engine
+    start = find_start(cfg)
+    assert start.resume_dir == d and start.weights is None and start.step == 8
+    m2, engine2, _ = _module(tmp_path, start=start)
+    m2._restore_resume_state()
+    assert engine2.calls == [("load", str(d / "ds"), "state", True, False)]
+
+
+def test_weights_saved_in_bf16_without_prefixes(tmp_path):
+    for stage in (2, 3):
+        (tmp_path / str(stage)).mkdir()
+        m, _, _ = _module(tmp_path / str(stage), stage=stage)
+        out = tmp_path / f"rwkv-{stage}.pth"
+        m._save_weights(out)
+        sd = torch.load(out, weights_only=True)
+        assert set(sd) == set(m.model.state_dict())
+        assert all(v.dtype == torch.bfloat16 for v in sd.values())
+        torch.testing.assert_close(sd["emb.weight"].float(), m.model.emb.weight.to(torch.bfloat16).float())
+
+
+def test_optimizer_device_comes_from_the_strategy(tmp_path, monkeypatch):
+    """DeepSpeed builds the optimizer before moving the model: the device must come from the strategy."""
+    import rwkvlm.lit as lit
+
+    seen = {}
+    monkeypatch.setattr(lit, "make_optimizer", lambda groups, cfg, lr, device_type: seen.setdefault("d", device_type))
+    m, _, _ = _module(tmp_path)
+    m.trainer.strategy.root_device = torch.device("cuda", 0)
+    m.configure_optimizers()
+    assert seen["d"] == "cuda"
