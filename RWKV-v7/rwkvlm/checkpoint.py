@@ -22,13 +22,23 @@ from pathlib import Path
 
 import torch
 
-from rwkvlm.atomic import atomic_open
+from rwkvlm.atomic import atomic_open, atomic_torch_save
 from rwkvlm.errors import UserError
 
 RESUME_DIR = "resume"
 STATE_FILE = "state.json"
 _EPOCH_RE = re.compile(r"^rwkv-(\d+)\.pth$")
 _STEP_RE = re.compile(r"^step-(\d+)$")
+
+
+SAVE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "tf32": torch.float32}
+
+
+def save_weights(sd: dict, path, precision: str) -> None:
+    """Write a weight file (rwkv-*.pth): a plain CPU state dict in the training precision, crash-safely."""
+    dtype = SAVE_DTYPES[precision]
+    atomic_torch_save({k: v.detach().to("cpu", dtype=dtype if v.is_floating_point() else v.dtype).contiguous()
+                       for k, v in sd.items()}, path)
 
 
 class CorruptCheckpoint(Exception):
@@ -173,7 +183,7 @@ def find_start(cfg, log=print) -> StartPoint:
         return StartPoint(step=cfg.epoch_begin * cfg.epoch_steps, weights=sd, source=path,
                           epoch_begin=cfg.epoch_begin)
 
-    candidates = []  # (step, priority, kind, path, n)
+    candidates = []  # (step, priority, kind, path, extra): extra is the state.json or the mini-epoch N
     fp = run_fingerprint(cfg)
     for step, d in resume_states(proj):
         try:
@@ -187,7 +197,7 @@ def find_start(cfg, log=print) -> StartPoint:
             log(f"note: not resuming exactly from {d} (settings changed since it was saved: "
                 f"{', '.join(f'{k} {a} -> {b}' for k, (a, b) in changed.items())}); using weight files.")
             continue
-        candidates.append((step, 1, "resume", d, None))
+        candidates.append((step, 1, "resume", d, state))
     for n, p in epoch_checkpoints(proj):
         candidates.append(((n + 1) * cfg.epoch_steps, 0, "epoch", p, n))
     init = proj / "rwkv-init.pth"
@@ -200,9 +210,9 @@ def find_start(cfg, log=print) -> StartPoint:
             f"script), or point PROJ_DIR at the folder that holds your checkpoints."
         )
     candidates.sort(key=lambda c: (c[0], c[1]), reverse=True)
-    for step, _, kind, path, n in candidates:
+    for step, _, kind, path, extra in candidates:
         if kind == "resume":
-            state = json.loads((path / STATE_FILE).read_text())
+            state = extra
             payload = None
             if state.get("kind") == "torch":
                 try:
@@ -221,7 +231,7 @@ def find_start(cfg, log=print) -> StartPoint:
                           f"save. Delete or move it if this repeats.", stacklevel=2)
             continue
         if kind == "epoch":
-            return StartPoint(step=step, weights=sd, source=path, epoch_begin=n + 1)
+            return StartPoint(step=step, weights=sd, source=path, epoch_begin=extra + 1)
         return StartPoint(step=0, weights=sd, source=path, epoch_begin=0)
     raise UserError(
         f"every checkpoint in {proj.resolve()} is unreadable (see the warnings above). Restore one from a "

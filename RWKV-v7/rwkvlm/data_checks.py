@@ -14,10 +14,8 @@ import numpy as np
 from rwkvlm.errors import UserError
 
 
-def _right_line(n_tokens: int, ctx_len: int) -> str:
-    from rwkvlm.magic_prime import magic_prime
-
-    p = magic_prime(n_tokens, ctx_len)
+def _right_line(n_tokens: int, ctx_len: int, p: int | None) -> str:
+    """The make_data line for this data (p: its magic_prime at ctx_len, None when too short)."""
     if p is None:
         return f"(this data is too short for ctx_len {ctx_len}: it needs at least {3 * ctx_len} tokens)"
     return f"--my_exit_tokens {n_tokens} --magic_prime {p} --ctx_len {ctx_len}"
@@ -60,9 +58,11 @@ def open_training_data(cfg):
         )
 
     meta = read_meta(str(base))
-    right = _right_line(n, ctx)
+    p = cfg.magic_prime
+    want = magic_prime(n, ctx)
+    right = _right_line(n, ctx, want)
     if meta is not None and meta.get("ctx_len") and int(meta["ctx_len"]) != ctx:
-        if cfg.magic_prime != magic_prime(n, ctx):
+        if p != want:
             raise UserError(
                 f"CTX_LEN is {ctx} but {bin_path.name} was prepared for ctx_len {meta['ctx_len']} "
                 f"(make_data.py ... {meta['ctx_len']}). Either set CTX_LEN=\"{meta['ctx_len']}\", or keep "
@@ -74,8 +74,6 @@ def open_training_data(cfg):
             stacklevel=2,
         )
 
-    p = cfg.magic_prime
-    want = magic_prime(n, ctx)
     if p != want:
         why = []
         if p <= 0:

@@ -24,11 +24,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from rwkvlm.atomic import atomic_open, atomic_torch_save
-from rwkvlm.checkpoint import run_fingerprint, save_resume_state
+from rwkvlm.checkpoint import run_fingerprint, save_resume_state, save_weights
 from rwkvlm.dataset import MagicPrimeDataset, StepSampler
 from rwkvlm.optim import lr_at, make_optimizer, param_groups
-
-SAVE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "tf32": torch.float32}
 
 
 class RWKVTrainModule(pl.LightningModule):
@@ -221,10 +219,7 @@ class RWKVTrainModule(pl.LightningModule):
     def _save_weights(self, path: Path):
         sd = self.gathered_state_dict()
         if sd is not None:
-            dtype = SAVE_DTYPES[self.cfg.precision]
-            sd = {k: v.detach().to("cpu", dtype=dtype if v.is_floating_point() else v.dtype).contiguous()
-                  for k, v in sd.items()}
-            atomic_torch_save(sd, path)
+            save_weights(sd, path, self.cfg.precision)
         self.trainer.strategy.barrier()
 
     def _save_resume_state(self, step: int):

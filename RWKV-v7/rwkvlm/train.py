@@ -17,10 +17,8 @@ import warnings
 
 import torch
 
-from rwkvlm.atomic import atomic_torch_save
 from rwkvlm.config import TrainConfig, parse_args
 from rwkvlm.errors import UserError, run_cli
-from rwkvlm.lit import SAVE_DTYPES
 
 
 def log(msg: str) -> None:
@@ -38,7 +36,7 @@ def _seed(cfg: TrainConfig) -> int:
 
 def prepare(cfg: TrainConfig) -> int:
     """train_stage 1: the spec's init pass, saved as rwkv-init.pth in the training precision."""
-    from rwkvlm.checkpoint import epoch_checkpoints
+    from rwkvlm.checkpoint import SAVE_DTYPES, epoch_checkpoints, save_weights
     from rwkvlm.model import RWKV7, count_params
 
     seed = _seed(cfg)
@@ -49,12 +47,9 @@ def prepare(cfg: TrainConfig) -> int:
         f"({count_params(mcfg):,} parameters), seed {seed}")
     model = RWKV7(mcfg)
     model.init_weights()
-    dtype = SAVE_DTYPES[cfg.precision]
-    sd = {k: v.detach().to(dtype=dtype if v.is_floating_point() else v.dtype).contiguous()
-          for k, v in model.state_dict().items()}
     out = proj / "rwkv-init.pth"
-    atomic_torch_save(sd, out)
-    log(f"wrote {out} ({dtype})")
+    save_weights(model.state_dict(), out, cfg.precision)
+    log(f"wrote {out} ({SAVE_DTYPES[cfg.precision]})")
     later = epoch_checkpoints(proj)
     if later:
         log(f"note: {proj} already holds {later[0][1].name}; `sh demo-training-run.sh` resumes from it, not "
@@ -168,14 +163,9 @@ def run(cfg: TrainConfig) -> int:
 
 def _build_kernel_early(cfg: TrainConfig) -> None:
     """Compile (or load) the CUDA WKV kernel before training, so build problems show up first."""
-    try:
-        from rwkvlm import wkv_cuda
-    except ImportError:
-        log("note: rwkvlm.wkv_cuda is missing; training uses the PyTorch WKV path (slow).")
-        return
-    loader = getattr(wkv_cuda, "load_extension", None)
-    if loader is not None:
-        loader(cfg.head_size)
+    from rwkvlm.wkv_cuda import load_extension
+
+    load_extension(cfg.head_size)
 
 
 def main(argv=None) -> int:
