@@ -6,16 +6,16 @@
 # Usage (device machine, repo root): bash benchmarks/gpu_multi.sh OUTDIR [STEPS] [M_BSZ]
 # Environment: EXTRA (more train.py flags for every run, e.g. a CPU rehearsal:
 #   EXTRA="--accelerator cpu --strategy ddp --precision fp32 --n_layer 2 --n_embd 64 --ctx_len 512 ..."),
-#   CTX (4096; must match EXTRA's --ctx_len).
+#   CTX (4096; must match EXTRA's --ctx_len), ONE (the loss_log.csv of a 1-GPU run with the same
+#   settings, e.g. gpu_train_run.sh's: the 1-GPU run is then skipped).
 set -eu
 OUTDIR=${1:-/tmp/multi}; STEPS=${2:-40}; M_BSZ=${3:-16}; CTX=${CTX:-4096}
 read -r -a EXTRA <<< "${EXTRA:-}"
 mkdir -p "$OUTDIR"
 REPO=$(pwd)
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} NCCL_NVLS_ENABLE=0
+[ -f "$REPO/RWKV-v5/demo.meta.json" ] || bash "$REPO/benchmarks/gpu_data.sh" 20000 30 "$CTX"
 cd "$REPO/RWKV-v5"
-[ -f demo.meta.json ] || { python3 make_arithmetic_data.py demo.jsonl --docs 20000 --seed 0 &&
-                           python3 make_data.py demo.jsonl 30 "$CTX" --seed 0 --no-progress; }
 PRIME=$(python3 -c "import json; print(json.load(open('demo.meta.json'))['magic_prime'])")
 cd "$REPO/RWKV-v7/train_temp"
 rm -rf out/m1 out/m2 out/n2
@@ -27,7 +27,11 @@ run() {  # proj gpus_per_node nodes steps
   sh demo-training-run.sh --proj_dir "out/$1" "${COMMON[@]}" --devices "$2" --num_nodes "$3" \
     --my_exit_tokens $(($4 * M_BSZ * $2 * $3 * CTX)) --dump_samples "$OUTDIR/$1" "${EXTRA[@]}"
 }
-echo "== 1 GPU";  run m1 1 1 "$STEPS" > "$OUTDIR/m1.txt" 2>&1 || { tail -30 "$OUTDIR/m1.txt"; exit 1; }
+if [ -n "${ONE:-}" ]; then
+  mkdir -p out/m1 && cp "$ONE" out/m1/loss_log.csv
+else
+  echo "== 1 GPU";  run m1 1 1 "$STEPS" > "$OUTDIR/m1.txt" 2>&1 || { tail -30 "$OUTDIR/m1.txt"; exit 1; }
+fi
 echo "== 2 GPUs"; run m2 2 1 "$STEPS" > "$OUTDIR/m2.txt" 2>&1 || { tail -30 "$OUTDIR/m2.txt"; exit 1; }
 echo "== 2 nodes on one host"
 PORT=$((20000 + RANDOM % 20000))

@@ -428,3 +428,38 @@ def test_fused_head_loss_exact_when_target_probability_underflows():
         got = head_l2wrap_loss(x, w, targets, chunk_rows=rows)
         assert torch.isfinite(got)
         torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------
+# torch.compile'd blocks (--compile 1)
+# ------------------------------------------------------------------------------------------
+
+def test_compiled_blocks_match_eager(model, grad_cp=True):
+    """compile_blocks changes speed only: same loss and same gradient for every parameter
+    (under gradient checkpointing, which re-runs the compiled graphs); the state dict keeps
+    its names."""
+    eager = perturbed(model, seed=3)
+    eager.cfg = ModelConfig(n_layer=L_, n_embd=C_, vocab_size=V_, grad_cp=grad_cp)
+    for b in eager.blocks:
+        b.att.cfg = eager.cfg
+    comp = RWKV7(eager.cfg)
+    comp.load_state_dict(eager.state_dict())
+    comp.compile_blocks()
+    assert list(comp.state_dict()) == list(eager.state_dict())
+    g = torch.Generator().manual_seed(5)
+    for T in (48, 33):  # a second length: recompiles (or reuses a dynamic graph) correctly
+        idx = torch.randint(0, V_, (2, T), generator=g)
+        tgt = torch.randint(0, V_, (2, T), generator=g)
+        losses, grads = [], []
+        for m in (eager, comp):
+            m.zero_grad(set_to_none=True)
+            loss = m.loss(idx, tgt)
+            loss.backward()
+            losses.append(loss.detach())
+            grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
+        assert torch.allclose(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+        assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 20
+        for n in grads[0]:
+            ref, got = grads[0][n], grads[1][n]
+            err = (got - ref).norm() / ref.norm().clamp_min(1e-12)
+            assert err < 1e-4, f"{n}: relative error {err:.2e}"

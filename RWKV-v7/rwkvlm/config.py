@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--grad_cp", default=0, type=int, choices=[0, 1], help="1: gradient checkpointing (less memory)")
     a("--wkv_impl", default="auto", choices=["auto", "cuda", "torch"],
       help="WKV op: auto (the CUDA kernel on GPU), cuda, or torch (the PyTorch reference path)")
+    a("--compile", default=0, type=int, choices=[0, 1],
+      help="1: torch.compile each block (fuses the pointwise work around the WKV op; the first "
+           "steps are slower while it compiles)")
     # --- hardware
     a("--accelerator", default="gpu", type=str, choices=["gpu", "cuda", "cpu", "auto"])
     a("--devices", default=1, type=int, help="GPUs (or CPU processes) per node")
@@ -124,6 +127,7 @@ class TrainConfig:
     head_size: int
     grad_cp: int
     wkv_impl: str
+    compile: int
     accelerator: str
     devices: int
     num_nodes: int

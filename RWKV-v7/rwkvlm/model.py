@@ -173,6 +173,7 @@ class TimeMix(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.layer_id = layer_id
+        self.is_first = layer_id == 0  # a bool, not the int: compiled blocks 1..L-1 share one graph
         C, H, N = cfg.n_embd, cfg.n_head, cfg.head_size
 
         def vec():
@@ -249,7 +250,7 @@ class TimeMix(nn.Module):
         k = self.key(xk)         # (B, T, C)
         v = self.value(xv)       # (B, T, C)
         w_raw = self.w0.float() + (torch.tanh(xw @ self.w1) @ self.w2).float()  # (B, T, C) fp32
-        if self.layer_id == 0:
+        if self.is_first:
             v_first = v
         else:
             v = v + (v_first - v) * torch.sigmoid(self.v0 + (xv @ self.v1) @ self.v2)
@@ -304,6 +305,7 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int):
         super().__init__()
         self.layer_id = layer_id
+        self.is_first = layer_id == 0  # see TimeMix
         self.ln1 = nn.LayerNorm(cfg.n_embd)
         self.ln2 = nn.LayerNorm(cfg.n_embd)
         if layer_id == 0:
@@ -312,7 +314,7 @@ class Block(nn.Module):
         self.ffn = ChannelMix(cfg, layer_id)
 
     def forward(self, x, v_first):
-        if self.layer_id == 0:
+        if self.is_first:
             x = self.ln0(x)
         dx, v_first = self.att(self.ln1(x), v_first)
         x = x + dx
@@ -334,6 +336,24 @@ class RWKV7(nn.Module):
             self.head.weight.zero_()
 
     count_params = staticmethod(count_params)
+
+    def compile_blocks(self) -> None:
+        """torch.compile every block in place (parameter names and the state dict stay the same).
+
+        The WKV op is opaque to the compiler (a graph break), so each block becomes two
+        compiled graphs around it, with the token shift, mixing, LoRA, normalisation and
+        gating work fused. Blocks share code, so the cache limit is raised to hold a
+        variant per block in case the compiler specialises on each one.
+        """
+        import torch._dynamo
+
+        limit = 4 * len(self.blocks) + 8
+        for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
+                     "accumulated_cache_size_limit"):
+            if getattr(torch._dynamo.config, name, limit) < limit:
+                setattr(torch._dynamo.config, name, limit)
+        for block in self.blocks:
+            block.compile()
 
     # ---------------------------------------------------------------------------------------
     # init

@@ -1,0 +1,87 @@
+#!/bin/bash
+# One lease of the GPU machine in three calls (each under the 10-minute limit); work files in
+# /tmp/gpuwork (kept while the machine stays warm), packed into $OUT/work.tgz at the end.
+#
+#   check   card, matmul rate, data, GPU kernel tests, WKV op vs fla, one training step eager
+#           vs compiled (profiled), the trainer at M_BSZ 16 for STEPS steps, and with 2 GPUs
+#           the 2-GPU and 2-node runs (gpu_multi.sh)
+#   real    the RWKV-7-Arithmetic-0.1B run on every GPU of the machine: EXIT_TOKENS from KTS
+#           (measured kt/s for all GPUs together) x TRAIN_S seconds, then the evaluation
+#   (MORE: flags added to every trainer run, e.g. for a CPU rehearsal with a stand-in nvidia-smi)
+#   parity  bf16 vs fp32 loss parity (gpu_loss_parity.sh), then the trainer at M_BSZ 8 (and
+#           M_BSZ 1 on an H100: the tutorial's reference rows)
+#
+# Usage (device machine, repo root, wheels installed):
+#   bash benchmarks/gpu_session.sh check OUT          [env COMPILE=auto|0|1, STEPS=30]
+#   KTS=400 bash benchmarks/gpu_session.sh real OUT   [env TRAIN_S=420, COMPILE=1, EVAL=400]
+#   bash benchmarks/gpu_session.sh parity OUT         [env COMPILE=1]
+set -u
+STAGE=$1; OUT=$2
+W=/tmp/gpuwork; mkdir -p "$W"
+B=benchmarks
+export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} NCCL_NVLS_ENABLE=0
+NGPU=$(nvidia-smi -L | wc -l)
+LAST=$((NGPU - 1))  # the second card where there are two
+pack() { tar czf "$OUT/work.tgz" --exclude='*.pth' --exclude='*.bin' -C /tmp gpuwork 2>/dev/null; }
+trap pack EXIT
+say() { echo "=== $(date +%T) $*"; }
+
+case "$STAGE" in
+check)
+  nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader | tee "$W/card.txt"
+  python3 -c "import torch, pytorch_lightning as pl, deepspeed; print('torch', torch.__version__, 'lightning', pl.__version__, 'deepspeed', deepspeed.__version__)"
+  say "background: data, FusedAdam build, kernel tests + WKV benchmark on card $LAST"
+  bash $B/gpu_data.sh "${DOCS:-20000}" 30 > "$W/data.txt" 2>&1 &
+  DATA=$!
+  python3 -c "from deepspeed.ops.op_builder import FusedAdamBuilder; FusedAdamBuilder().load()" > "$W/fusedadam.txt" 2>&1 &
+  wkv() { CUDA_VISIBLE_DEVICES=$LAST timeout 200 python3 -m pytest -q tests/test_wkv_cuda.py -p no:cacheprovider
+          CUDA_VISIBLE_DEVICES=$LAST timeout 240 python3 $B/bench_wkv.py --fla-budget-s 150; }
+  if [ "$NGPU" -ge 2 ]; then wkv > "$W/wkv.txt" 2>&1 & fi
+  say "matmul rate and one training step, card 0"
+  CUDA_VISIBLE_DEVICES=0 python3 $B/matmul_rate.py | tee "$W/matmul.txt"
+  TF=$(grep -o '[0-9.]* TFLOP/s' "$W/matmul.txt" | head -1 | cut -d' ' -f1)
+  CUDA_VISIBLE_DEVICES=0 timeout 330 python3 $B/bench_step.py --bsz 16 --modes eager compile --profile \
+     --tflops "${TF:-0}" --json "$W/step.json" 2>&1 | tee "$W/step.txt" | grep -v Warning
+  [ "$NGPU" -ge 2 ] || wkv > "$W/wkv.txt" 2>&1
+  wait $DATA; DATA_RC=$?
+  wait
+  say "kernel tests and WKV benchmark"; grep -E "passed|failed|error|ms|x " "$W/wkv.txt" | tail -14
+  say "data"; tail -3 "$W/data.txt"; [ "$DATA_RC" = 0 ] || { echo "data failed"; exit 1; }
+  C=${COMPILE:-auto}
+  if [ "$C" = auto ]; then
+    C=$(python3 -c "import json; t = json.load(open('$W/step.json')); print(int(t.get('16 compile', 1e9) < 0.97 * t.get('16 eager', 0)))" 2>/dev/null || echo 0)
+  fi
+  echo "compile: $C" | tee "$W/compile.txt"
+  say "trainer, 1 GPU, M_BSZ 16"
+  NAME=t16 STEPS=${STEPS:-30} LIMIT=300 EXTRA="--compile $C ${MORE:-}" bash $B/gpu_train_run.sh "$W"
+  if [ "$NGPU" -ge 2 ]; then
+    say "2 GPUs and 2 nodes"
+    ONE="$W/t16.loss_log.csv" EXTRA="--compile $C ${MORE:-}" timeout 400 bash $B/gpu_multi.sh "$W/multi" "${STEPS:-30}" 16
+  fi
+  ;;
+real)
+  : "${KTS:?set KTS, the measured kt/s of all GPUs together}"
+  TRAIN_S=${TRAIN_S:-420}; C=${COMPILE:-$(cat "$W/compile.txt" 2>/dev/null | cut -d' ' -f2)}; C=${C:-0}
+  STEP_TOK=$((16 * NGPU * 4096))
+  EXIT=$(python3 -c "print(int($KTS * 1000 * $TRAIN_S) // $STEP_TOK * $STEP_TOK)")
+  DOCS=$(python3 -c "print(max(20000, int($EXIT / 30 / 80 * 1.15)))")  # ~80 tokens per document
+  say "real run: $NGPU GPU(s), $EXIT tokens ($((EXIT / STEP_TOK)) steps) planned from $KTS kt/s x $TRAIN_S s; data $DOCS docs x 30"
+  bash $B/gpu_data.sh "$DOCS" 30 > "$W/data_real.txt" 2>&1 || { cat "$W/data_real.txt"; exit 1; }
+  tail -2 "$W/data_real.txt"
+  NAME=real DEVICES=$NGPU EXIT_TOKENS=$EXIT LIMIT=$((TRAIN_S + 90)) EVAL=${EVAL:-400} \
+    EXTRA="--compile $C --epoch_save 1 ${MORE:-}" bash $B/gpu_train_run.sh "$W"
+  ;;
+parity)
+  C=${COMPILE:-$(cat "$W/compile.txt" 2>/dev/null | cut -d' ' -f2)}; C=${C:-0}
+  [ -f RWKV-v5/demo.meta.json ] || bash $B/gpu_data.sh 20000 30 > "$W/data.txt" 2>&1
+  say "loss parity: bf16 DeepSpeed (compile $C) vs fp32 PyTorch path, 200 steps"
+  EXTRA="--compile $C ${MORE:-}" timeout 330 bash $B/gpu_loss_parity.sh "$W/parity" 200 2
+  say "trainer, 1 GPU, M_BSZ 8"
+  NAME=t8 M_BSZ=8 STEPS=30 LIMIT=200 EXTRA="--compile $C ${MORE:-}" bash $B/gpu_train_run.sh "$W"
+  if nvidia-smi -L | grep -q H100; then
+    say "trainer, 1 GPU, M_BSZ 1 (the tutorial's table row)"
+    NAME=t1 M_BSZ=1 STEPS=40 LIMIT=150 EXTRA="--compile $C ${MORE:-}" bash $B/gpu_train_run.sh "$W"
+  fi
+  ;;
+*) echo "unknown stage $STAGE (check, real, parity)"; exit 2 ;;
+esac
