@@ -13,7 +13,7 @@ OUTDIR=${1:-/tmp/multi}; STEPS=${2:-40}; M_BSZ=${3:-16}; CTX=${CTX:-4096}
 read -r -a EXTRA <<< "${EXTRA:-}"
 mkdir -p "$OUTDIR"
 REPO=$(pwd)
-export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} NCCL_NVLS_ENABLE=0
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
 [ -f "$REPO/RWKV-v5/demo.meta.json" ] || bash "$REPO/benchmarks/gpu_data.sh" 20000 30 "$CTX"
 cd "$REPO/RWKV-v5"
 PRIME=$(python3 -c "import json; print(json.load(open('demo.meta.json'))['magic_prime'])")

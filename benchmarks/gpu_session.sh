@@ -12,14 +12,15 @@
 #           M_BSZ 1 on an H100: the tutorial's reference rows)
 #
 # Usage (device machine, repo root, wheels installed):
-#   bash benchmarks/gpu_session.sh check OUT          [env COMPILE=auto|0|1, STEPS=30]
+#   bash benchmarks/gpu_session.sh check OUT          [env COMPILE=auto|0|1, STEPS=30, STEP_MODES="eager compile",
+#                                                      KERNELS=1 (kernel tests + WKV vs fla), PARITY=0, T8=0]
 #   KTS=400 bash benchmarks/gpu_session.sh real OUT   [env TRAIN_S=420, COMPILE=1, EVAL=400]
 #   bash benchmarks/gpu_session.sh parity OUT         [env COMPILE=1]
 set -u
 STAGE=$1; OUT=$2
 W=/tmp/gpuwork; mkdir -p "$W"
 B=benchmarks
-export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} NCCL_NVLS_ENABLE=0
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
 NGPU=$(nvidia-smi -L | wc -l)
 LAST=$((NGPU - 1))  # the second card where there are two
 pack() { tar czf "$OUT/work.tgz" --exclude='*.pth' --exclude='*.bin' -C /tmp gpuwork 2>/dev/null; }
@@ -29,31 +30,45 @@ say() { echo "=== $(date +%T) $*"; }
 case "$STAGE" in
 check)
   nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader | tee "$W/card.txt"
-  python3 -c "import torch, pytorch_lightning as pl, deepspeed; print('torch', torch.__version__, 'lightning', pl.__version__, 'deepspeed', deepspeed.__version__)"
-  say "background: data, FusedAdam build, kernel tests + WKV benchmark on card $LAST"
+  python3 -c "import os, torch, pytorch_lightning as pl, deepspeed; print('torch', torch.__version__, 'lightning', pl.__version__, 'deepspeed', deepspeed.__version__, 'TORCH_CUDA_ARCH_LIST', os.environ.get('TORCH_CUDA_ARCH_LIST'))"
+  say "background: data, FusedAdam build"
   bash $B/gpu_data.sh "${DOCS:-20000}" 30 > "$W/data.txt" 2>&1 &
   DATA=$!
-  python3 -c "from deepspeed.ops.op_builder import FusedAdamBuilder; FusedAdamBuilder().load()" > "$W/fusedadam.txt" 2>&1 &
-  wkv() { CUDA_VISIBLE_DEVICES=$LAST timeout 200 python3 -m pytest -q tests/test_wkv_cuda.py -p no:cacheprovider
-          CUDA_VISIBLE_DEVICES=$LAST timeout 240 python3 $B/bench_wkv.py --fla-budget-s 150; }
-  if [ "$NGPU" -ge 2 ]; then wkv > "$W/wkv.txt" 2>&1 & fi
-  say "matmul rate and one training step, card 0"
+  python3 -c "from rwkvlm.optim import deepspeed_arch_list as d; from deepspeed.ops.op_builder import FusedAdamBuilder as F; exec('with d(): F().load()')" > "$W/fusedadam.txt" 2>&1 &
+  if [ "${KERNELS:-1}" = 1 ]; then
+    wkv() { CUDA_VISIBLE_DEVICES=$LAST timeout 200 python3 -m pytest -q tests/test_wkv_cuda.py -p no:cacheprovider
+            CUDA_VISIBLE_DEVICES=$LAST timeout 240 python3 $B/bench_wkv.py --fla-budget-s 150; }
+    if [ "$NGPU" -ge 2 ]; then wkv > "$W/wkv.txt" 2>&1 & fi
+  fi
+  say "matmul rate and one training step (${STEP_MODES:-eager compile}), card 0"
   CUDA_VISIBLE_DEVICES=0 python3 $B/matmul_rate.py | tee "$W/matmul.txt"
   TF=$(grep -o '[0-9.]* TFLOP/s' "$W/matmul.txt" | head -1 | cut -d' ' -f1)
-  CUDA_VISIBLE_DEVICES=0 timeout 330 python3 $B/bench_step.py --bsz 16 --modes eager compile --profile \
-     --tflops "${TF:-0}" --json "$W/step.json" 2>&1 | tee "$W/step.txt" | grep -v Warning
-  [ "$NGPU" -ge 2 ] || wkv > "$W/wkv.txt" 2>&1
+  CUDA_VISIBLE_DEVICES=0 timeout 300 python3 $B/bench_step.py --bsz 16 --modes ${STEP_MODES:-eager compile} --profile \
+     --steps 6 --tflops "${TF:-0}" --json "$W/step.json" 2>&1 | tee "$W/step.txt" | grep -v -i warn
+  [ "${KERNELS:-1}" = 1 ] && [ "$NGPU" -lt 2 ] && wkv > "$W/wkv.txt" 2>&1
   wait $DATA; DATA_RC=$?
-  wait
-  say "kernel tests and WKV benchmark"; grep -E "passed|failed|error|ms|x " "$W/wkv.txt" | tail -14
   say "data"; tail -3 "$W/data.txt"; [ "$DATA_RC" = 0 ] || { echo "data failed"; exit 1; }
   C=${COMPILE:-auto}
-  if [ "$C" = auto ]; then
-    C=$(python3 -c "import json; t = json.load(open('$W/step.json')); print(int(t.get('16 compile', 1e9) < 0.97 * t.get('16 eager', 0)))" 2>/dev/null || echo 0)
+  if [ "$C" = auto ]; then  # compiled when its step ran and was not slower than eager (if timed)
+    C=$(python3 -c "import json; t = json.load(open('$W/step.json')); c = t.get('16 compile'); e = t.get('16 eager', 1e9); print(int(c is not None and c < 0.97 * e))" 2>/dev/null || echo 0)
   fi
   echo "compile: $C" | tee "$W/compile.txt"
+  PAR=""
+  if [ "${PARITY:-0}" = 1 ] && [ "$NGPU" -ge 2 ]; then
+    say "background on card $LAST: loss parity, bf16 DeepSpeed (compile $C) vs fp32 PyTorch path, 200 steps"
+    (BF_CARD=$LAST FP_CARD=$LAST EXTRA="--compile $C ${MORE:-}" timeout 330 bash $B/gpu_loss_parity.sh "$W/parity" 200 2) \
+      > "$W/parity.txt" 2>&1 &
+    PAR=$!
+  fi
   say "trainer, 1 GPU, M_BSZ 16"
   NAME=t16 STEPS=${STEPS:-30} LIMIT=300 EXTRA="--compile $C ${MORE:-}" bash $B/gpu_train_run.sh "$W"
+  if [ "${T8:-0}" = 1 ]; then
+    say "trainer, 1 GPU, M_BSZ 8"
+    NAME=t8 M_BSZ=8 STEPS=${STEPS:-30} LIMIT=200 EXTRA="--compile $C ${MORE:-}" bash $B/gpu_train_run.sh "$W"
+  fi
+  if [ -n "$PAR" ]; then wait $PAR; say "loss parity"; tail -12 "$W/parity.txt"; fi
+  wait
+  if [ "${KERNELS:-1}" = 1 ]; then say "kernel tests and WKV benchmark"; grep -E "passed|failed|error|ms|x " "$W/wkv.txt" | tail -14; fi
   if [ "$NGPU" -ge 2 ]; then
     say "2 GPUs and 2 nodes"
     ONE="$W/t16.loss_log.csv" EXTRA="--compile $C ${MORE:-}" timeout 400 bash $B/gpu_multi.sh "$W/multi" "${STEPS:-30}" 16
@@ -75,7 +90,7 @@ parity)
   C=${COMPILE:-$(cat "$W/compile.txt" 2>/dev/null | cut -d' ' -f2)}; C=${C:-0}
   [ -f RWKV-v5/demo.meta.json ] || bash $B/gpu_data.sh 20000 30 > "$W/data.txt" 2>&1
   say "loss parity: bf16 DeepSpeed (compile $C) vs fp32 PyTorch path, 200 steps"
-  EXTRA="--compile $C ${MORE:-}" timeout 330 bash $B/gpu_loss_parity.sh "$W/parity" 200 2
+  EXTRA="--compile $C ${MORE:-}" timeout 330 bash $B/gpu_loss_parity.sh "$W/parity" 200 2 | tail -12
   say "trainer, 1 GPU, M_BSZ 8"
   NAME=t8 M_BSZ=8 STEPS=30 LIMIT=200 EXTRA="--compile $C ${MORE:-}" bash $B/gpu_train_run.sh "$W"
   if nvidia-smi -L | grep -q H100; then

@@ -22,7 +22,7 @@ STEPS=${STEPS:-0}; LIMIT=${LIMIT:-540}; EVAL=${EVAL:-0}; EXTRA=${EXTRA:-}
 REPO=$(pwd)
 mkdir -p "$OUTDIR"
 O="$OUTDIR/$NAME"
-export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} NCCL_NVLS_ENABLE=0
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
 META="$REPO/RWKV-v5/demo.meta.json"
 TOKENS=$(python3 -c "import json; print(json.load(open('$META'))['tokens'])")
 PRIME=$(python3 -c "import json; print(json.load(open('$META'))['magic_prime'])")

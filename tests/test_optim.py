@@ -69,3 +69,36 @@ def test_param_groups():
     assert groups0 == {"lr_1x", "lr_2x"}
     total = sum(len(g["params"]) for g in param_groups(m, 0.001))
     assert total == len(list(m.parameters()))
+
+
+def test_deepspeed_arch_list_drops_suffixes(monkeypatch):
+    """DeepSpeed's op builder cannot parse '9.0a': the build sees '9.0'; the variable comes back."""
+    import os
+
+    from rwkvlm.optim import clean_arch_list, deepspeed_arch_list
+
+    assert clean_arch_list("9.0a") == "9.0"
+    assert clean_arch_list("8.0;9.0a+PTX") == "8.0;9.0+PTX"
+    assert clean_arch_list("8.6 10.0f") == "8.6 10.0"
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0a")
+    with deepspeed_arch_list():
+        assert os.environ["TORCH_CUDA_ARCH_LIST"] == "9.0"
+    assert os.environ["TORCH_CUDA_ARCH_LIST"] == "9.0a"
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST")
+    with deepspeed_arch_list():
+        assert "TORCH_CUDA_ARCH_LIST" not in os.environ
+    assert "TORCH_CUDA_ARCH_LIST" not in os.environ
+
+
+def test_mixed_precision_optimizer_allows_clipping():
+    """bf16 / fp16 without DeepSpeed: Lightning clips gradients only for a non-fused optimiser
+    (a bf16 CPU run with --grad_clip 1 failed before); fp32 keeps the fused kernels."""
+    from rwkvlm.model import RWKV7, ModelConfig
+    from rwkvlm.optim import make_optimizer, param_groups
+
+    model = RWKV7(ModelConfig(n_layer=1, n_embd=64, vocab_size=100))
+    for precision, fused in (("bf16", False), ("fp32", True)):
+        cfg = _cfg(precision=precision, strategy="auto")
+        opt = make_optimizer(param_groups(model, cfg.weight_decay), cfg, 1e-3, "cpu")
+        assert bool(opt.defaults.get("fused")) is fused
+        assert getattr(opt, "_step_supports_amp_scaling", False) is fused

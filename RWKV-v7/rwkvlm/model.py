@@ -173,7 +173,8 @@ class TimeMix(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.layer_id = layer_id
-        self.is_first = layer_id == 0  # a bool, not the int: compiled blocks 1..L-1 share one graph
+        self.is_first = layer_id == 0
+        self.compiled = False  # set by RWKV7.compile_blocks
         C, H, N = cfg.n_embd, cfg.n_head, cfg.head_size
 
         def vec():
@@ -237,42 +238,84 @@ class TimeMix(nn.Module):
         """x: (B, T, C) (the ln1 output). Returns (out, v_first) or, with return_state,
         (out, v_first, new_wkv_state)."""
         B, T, C = x.shape
-        H, N = self.cfg.n_head, self.cfg.head_size
-        xx = _shift(x, x_prev) - x  # (B, T, C)
-        xr = x + xx * self.x_r
-        xw = x + xx * self.x_w
-        xk = x + xx * self.x_k
-        xv = x + xx * self.x_v
-        xa = x + xx * self.x_a
-        xg = x + xx * self.x_g
-
+        N = self.cfg.head_size
+        fn = _compiled if self.compiled else _plain
+        xr, xw, xk, xv, xa, xg = fn(_time_shift_mix)(
+            x, _shift(x, x_prev), *(p.view(C) for p in (self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g)))
         r = self.receptance(xr)  # (B, T, C)
         k = self.key(xk)         # (B, T, C)
         v = self.value(xv)       # (B, T, C)
-        w_raw = self.w0.float() + (torch.tanh(xw @ self.w1) @ self.w2).float()  # (B, T, C) fp32
-        if self.is_first:
-            v_first = v
-        else:
-            v = v + (v_first - v) * torch.sigmoid(self.v0 + (xv @ self.v1) @ self.v2)
-        a = torch.sigmoid(self.a0 + (xa @ self.a1) @ self.a2)  # (B, T, C) in-context learning rate
-        g = torch.sigmoid(xg @ self.g1) @ self.g2              # (B, T, C)
-
-        kk = F.normalize((k * self.k_k).view(B, T, H, N), dim=-1, p=2.0, eps=1e-12)  # (B, T, H, N)
-        kk = kk.view(B, T, C)  # (B, T, C)
-        k = k * (1 + (a - 1) * self.k_a)
-        w = -F.softplus(-w_raw) - 0.5  # (B, T, C) fp32; decay = exp(-exp(w))
-
+        w, k, v, v_first, kk, kka, g = fn(_time_mix_inner)(
+            xw, xv, xa, xg, k, v, v_first, self.is_first, N,
+            self.w0.view(C), self.w1, self.w2, self.a0.view(C), self.a1, self.a2,
+            self.v0.view(C), self.v1, self.v2, self.g1, self.g2, self.k_k.view(C), self.k_a.view(C))
         if return_state:
-            y, new_state = wkv7_chunked(r, w, k, v, -kk, kk * a, N, state=state)
+            y, new_state = wkv7_chunked(r, w, k, v, -kk, kka, N, state=state)
         else:
-            y = wkv7(r, w, k, v, -kk, kk * a, N, impl=self.cfg.wkv_impl)  # (B, T, C)
+            y = wkv7(r, w, k, v, -kk, kka, N, impl=self.cfg.wkv_impl)  # (B, T, C)
         y = self.ln_x(y.reshape(B * T, C)).view(B, T, C)  # (B*T, C) -> (B, T, C)
-        bonus = (r * k * self.r_k.view(H * N)).view(B, T, H, N).sum(dim=-1, keepdim=True)  # (B, T, H, 1)
-        y = y + (bonus * v.view(B, T, H, N)).view(B, T, C)  # (B, T, H, N) -> (B, T, C)
-        out = self.output(y * g)  # (B, T, C)
+        out = self.output(fn(_time_mix_out)(y, r, k, v, g, self.r_k.view(C), N))  # (B, T, C)
         if return_state:
             return out, v_first, new_state
         return out, v_first
+
+
+# The pointwise work of a block, as plain functions of tensors so that --compile can fuse
+# each one (vector parameters come in as (C,) views: their gradients keep their shapes).
+
+def _time_shift_mix(x, xs, *mus):
+    """x + (shift(x) - x) * mu for each of the six mixing vectors mu (C,). x, xs: (B, T, C)."""
+    xx = xs - x  # (B, T, C)
+    return tuple(x + xx * mu for mu in mus)
+
+
+def _time_mix_inner(xw, xv, xa, xg, k, v, v_first, is_first: bool, N: int,
+                    w0, w1, w2, a0, a1, a2, v0, v1, v2, g1, g2, k_k, k_a):
+    """The LoRAs and the WKV inputs: decay w (fp32), new k, v (and v_first), kk, kk * a, gate g."""
+    B, T, C = k.shape
+    w_raw = w0.float() + (torch.tanh(xw @ w1) @ w2).float()  # (B, T, C) fp32
+    if is_first:
+        v_first = v
+    else:
+        v = v + (v_first - v) * torch.sigmoid(v0 + (xv @ v1) @ v2)
+    a = torch.sigmoid(a0 + (xa @ a1) @ a2)  # (B, T, C) in-context learning rate
+    g = torch.sigmoid(xg @ g1) @ g2         # (B, T, C)
+    kk = F.normalize((k * k_k).view(B, T, C // N, N), dim=-1, p=2.0, eps=1e-12)  # (B, T, H, N)
+    kk = kk.view(B, T, C)  # (B, T, C)
+    k = k * (1 + (a - 1) * k_a)
+    w = -F.softplus(-w_raw) - 0.5  # (B, T, C) fp32; decay = exp(-exp(w))
+    return w, k, v, v_first, kk, kk * a, g
+
+
+def _time_mix_out(y, r, k, v, g, r_k, N: int):
+    """(ln_x(wkv) + per-head bonus (r . (k * r_k)) v) * g, the input of the output projection."""
+    B, T, C = y.shape
+    bonus = (r * k * r_k).view(B, T, C // N, N).sum(dim=-1, keepdim=True)  # (B, T, H, 1)
+    y = y + (bonus * v.view(B, T, C // N, N)).view(B, T, C)  # (B, T, H, N) -> (B, T, C)
+    return y * g
+
+
+def _channel_mix_in(x, xs, mu):
+    return x + (xs - x) * mu  # (B, T, C)
+
+
+def _relu_sq(h):
+    return torch.relu(h) ** 2  # (B, T, 4C)
+
+
+def _plain(fn):
+    return fn
+
+
+_COMPILED: dict = {}
+
+
+def _compiled(fn):
+    """fn under torch.compile, compiled once per function and shared by every layer."""
+    c = _COMPILED.get(fn)
+    if c is None:
+        c = _COMPILED[fn] = torch.compile(fn, dynamic=False)
+    return c
 
 
 class ChannelMix(nn.Module):
@@ -281,6 +324,7 @@ class ChannelMix(nn.Module):
         self.cfg = cfg
         self.layer_id = layer_id
         C = cfg.n_embd
+        self.compiled = False  # set by RWKV7.compile_blocks
         self.x_k = nn.Parameter(torch.zeros(1, 1, C))
         self.key = _skip_init_linear(C, cfg.dim_ffn)
         self.value = _skip_init_linear(cfg.dim_ffn, C)
@@ -295,9 +339,9 @@ class ChannelMix(nn.Module):
 
     def forward(self, x, x_prev=None):
         """x: (B, T, C) (the ln2 output)."""
-        xx = _shift(x, x_prev) - x  # (B, T, C)
-        h = x + xx * self.x_k
-        h = torch.relu(self.key(h)) ** 2  # (B, T, 4C)
+        fn = _compiled if self.compiled else _plain
+        h = fn(_channel_mix_in)(x, _shift(x, x_prev), self.x_k.view(-1))  # (B, T, C)
+        h = fn(_relu_sq)(self.key(h))  # (B, T, 4C)
         return self.value(h)              # (B, T, C)
 
 
@@ -305,7 +349,7 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int):
         super().__init__()
         self.layer_id = layer_id
-        self.is_first = layer_id == 0  # see TimeMix
+        self.is_first = layer_id == 0
         self.ln1 = nn.LayerNorm(cfg.n_embd)
         self.ln2 = nn.LayerNorm(cfg.n_embd)
         if layer_id == 0:
@@ -338,22 +382,16 @@ class RWKV7(nn.Module):
     count_params = staticmethod(count_params)
 
     def compile_blocks(self) -> None:
-        """torch.compile every block in place (parameter names and the state dict stay the same).
+        """Run each block's pointwise work (token shift and mixing, LoRAs, normalisation,
+        bonus, gating, squared ReLU) through torch.compile, which fuses it into few kernels.
 
-        The WKV op is opaque to the compiler (a graph break), so each block becomes two
-        compiled graphs around it, with the token shift, mixing, LoRA, normalisation and
-        gating work fused. Blocks share code, so the cache limit is raised to hold a
-        variant per block in case the compiler specialises on each one.
+        The matmuls of the Linear layers, the layer norms and the WKV op stay outside the
+        compiled functions, so every module still runs its own forward (DeepSpeed ZeRO-3
+        gathers partitioned weights there). Names, shapes and results are unchanged.
         """
-        import torch._dynamo
-
-        limit = 4 * len(self.blocks) + 8
-        for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
-                     "accumulated_cache_size_limit"):
-            if getattr(torch._dynamo.config, name, limit) < limit:
-                setattr(torch._dynamo.config, name, limit)
         for block in self.blocks:
-            block.compile()
+            block.att.compiled = True
+            block.ffn.compiled = True
 
     # ---------------------------------------------------------------------------------------
     # init

@@ -9,7 +9,10 @@ warmup_steps of a run (spec, "Optimiser and schedule").
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import re
 
 
 def param_groups(model, weight_decay: float):
@@ -69,10 +72,40 @@ def make_optimizer(groups, cfg, lr: float, device_type: str):
                                     adamw_mode=decoupled, amsgrad=False)
         from deepspeed.ops.adam import FusedAdam
 
-        return FusedAdam(groups, lr=lr, betas=betas, eps=cfg.adam_eps, bias_correction=True,
-                         adam_w_mode=decoupled, amsgrad=False)
+        with deepspeed_arch_list():  # FusedAdam compiles its CUDA op here on first use
+            return FusedAdam(groups, lr=lr, betas=betas, eps=cfg.adam_eps, bias_correction=True,
+                             adam_w_mode=decoupled, amsgrad=False)
     import torch
 
     cls = torch.optim.AdamW if decoupled else torch.optim.Adam
-    # the fused kernels run on CUDA and CPU alike (on CPU about 7x faster than the default)
-    return cls(groups, lr=lr, betas=betas, eps=cfg.adam_eps, fused=device_type in ("cuda", "cpu"))
+    # the fused kernels run on CUDA and CPU alike (on CPU about 7x faster than the default);
+    # Lightning refuses gradient clipping with a fused optimiser under mixed precision, so
+    # bf16 / fp16 runs take the multi-tensor (foreach) kernels there instead
+    mixed = cfg.precision in ("bf16", "fp16") and cfg.grad_clip > 0
+    fused = device_type in ("cuda", "cpu") and not mixed
+    return cls(groups, lr=lr, betas=betas, eps=cfg.adam_eps, fused=fused or None,
+               foreach=(not fused and device_type == "cuda") or None)
+
+
+@contextlib.contextmanager
+def deepspeed_arch_list():
+    """TORCH_CUDA_ARCH_LIST without arch suffixes ('9.0a' -> '9.0') while DeepSpeed builds an op.
+
+    PyTorch accepts arch-specific entries such as '9.0a' (images for Hopper set them),
+    but DeepSpeed's op builder parses each entry as numbers and fails with
+    "invalid literal for int() with base 10: '0a'". The plain arch builds the same op.
+    The variable is restored afterwards.
+    """
+    old = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if old:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = clean_arch_list(old)
+    try:
+        yield
+    finally:
+        if old is not None:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = old
+
+
+def clean_arch_list(value: str) -> str:
+    """'8.0;9.0a+PTX 10.0f' -> '8.0;9.0+PTX 10.0': letter suffixes off each compute capability."""
+    return re.sub(r"(\d+\.\d+)[a-z]+", r"\1", value)
