@@ -61,7 +61,7 @@ check)
     PAR=$!
   fi
   say "trainer, 1 GPU, M_BSZ 16"
-  NAME=t16 STEPS=${STEPS:-30} LIMIT=300 EXTRA="--compile $C ${MORE:-}" bash $B/gpu_train_run.sh "$W"
+  NAME=t16 STEPS=${STEPS:-30} LIMIT=300 EXTRA="--compile $C --profile_steps 3 ${MORE:-}" bash $B/gpu_train_run.sh "$W"
   if [ "${T8:-0}" = 1 ]; then
     say "trainer, 1 GPU, M_BSZ 8"
     NAME=t8 M_BSZ=8 STEPS=${STEPS:-30} LIMIT=200 EXTRA="--compile $C ${MORE:-}" bash $B/gpu_train_run.sh "$W"

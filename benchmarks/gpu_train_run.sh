@@ -54,6 +54,10 @@ cp "$P/train_log.txt" "$O.train_log.txt" 2>/dev/null || true
 python3 "$REPO/benchmarks/train_summary.py" "$O" --rc "$RC" --wall $((T1 - T0)) --tok-step "$TOK_STEP" --gpus "$DEVICES" \
    --tflops "${TFLOPS:-$(grep -o '[0-9.]* TFLOP/s' "$OUTDIR/matmul.txt" 2>/dev/null | head -1 | cut -d' ' -f1)}" \
    --label "$NAME: $DEVICES x M_BSZ $M_BSZ GRAD_CP $GRAD_CP $EXTRA" | tee "$O.summary.txt"
+if [ -f "$P/profile.txt" ]; then  # --profile_steps N in EXTRA
+  cp "$P/profile.txt" "$O.profile.txt"
+  echo "== $NAME: profile (top of $O.profile.txt)"; head -n 30 "$O.profile.txt" | cut -c1-220
+fi
 if [ "$EVAL" -gt 0 ] && [ -f "$P/rwkv-final.pth" ]; then
   echo "== $NAME: evaluate rwkv-final.pth and the last saves on $EVAL held-out items"
   CUDA_VISIBLE_DEVICES=0 python3 ../evaluate.py "$P"/rwkv-final.pth --n "$EVAL" --device cuda \

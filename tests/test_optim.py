@@ -102,3 +102,12 @@ def test_mixed_precision_optimizer_allows_clipping():
         opt = make_optimizer(param_groups(model, cfg.weight_decay), cfg, 1e-3, "cpu")
         assert bool(opt.defaults.get("fused")) is fused
         assert getattr(opt, "_step_supports_amp_scaling", False) is fused
+
+
+def test_compile_flag_resolution():
+    """--compile auto compiles on GPU only; 1 also on CPU; 0 never."""
+    assert _cfg().compile == "auto"
+    assert _cfg().compile_on("gpu") and not _cfg().compile_on("cpu")
+    assert _cfg(compile=1).compile_on("cpu") and _cfg(compile=1).compile_on("gpu")
+    assert not _cfg(compile=0).compile_on("gpu")
+    assert not _cfg(strategy="deepspeed_stage_3").compile_on("gpu")

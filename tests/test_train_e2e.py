@@ -132,3 +132,25 @@ print(json.dumps(res))
             assert theirs.shape == ours.shape
             err = (theirs - ours).abs().max().item()
             assert err < tol, (name, err)
+
+
+def test_profile_steps_writes_a_profile(tmp_path):
+    """--profile_steps 3 profiles steps 11-13 into PROJ_DIR/profile.txt; training goes on to the end."""
+    from trainkit import prepare_args, run_args
+
+    from rwkvlm.train import main
+
+    meta = make_dataset(tmp_path / "data", n_docs=200, copies=1)
+    proj = tmp_path / "proj"
+    assert main(prepare_args(proj)) == 0
+    steps = 16
+    args = run_args(meta, proj, "--profile_steps", "3", "--mini_epoch_samples", "64")
+    args[args.index("--my_exit_tokens") + 1] = str(steps * 4 * 64)
+    assert main(args) == 0
+    text = (proj / "profile.txt").read_text()
+    assert "over 3 training steps after the first 10" in text
+    assert "Self CPU" in text and "aten::" in text
+    walls = text.split("wall time per step (ms): ", 1)[1].split("\n", 1)[0].split(", ")
+    assert len(walls) == 3 and all(float(w) > 0 for w in walls)
+    assert (proj / "rwkv-final.pth").is_file()
+    assert len((proj / "loss_log.csv").read_text().splitlines()) == steps + 1

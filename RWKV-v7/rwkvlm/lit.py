@@ -29,6 +29,9 @@ from rwkvlm.dataset import MagicPrimeDataset, StepSampler
 from rwkvlm.optim import lr_at, make_optimizer, param_groups
 
 
+PROFILE_AFTER_STEPS = 10  # --profile_steps skips the run's first steps (compilation, warm-up)
+
+
 class RWKVTrainModule(pl.LightningModule):
     def __init__(self, cfg, model, data, start, log=print):
         super().__init__()
@@ -50,6 +53,8 @@ class RWKVTrainModule(pl.LightningModule):
         self.kt_s = 0.0
         self.lr_now = 0.0
         self.proj = Path(cfg.proj_dir)
+        self.profiler = None
+        self.profile_times = []
 
     # ------------------------------------------------------------ steps
     @property
@@ -93,6 +98,8 @@ class RWKVTrainModule(pl.LightningModule):
         self.t_last = time.perf_counter()
 
     def on_train_batch_start(self, batch, batch_idx):
+        if self.cfg.profile_steps > 0 and batch_idx == PROFILE_AFTER_STEPS:
+            self._start_profile()
         step = self.step
         self.lr_now = lr_at(step, step - self.run_start_step, self.cfg)
         for g in self.trainer.optimizers[0].param_groups:
@@ -119,6 +126,10 @@ class RWKVTrainModule(pl.LightningModule):
                       prog_bar=True, logger=False, on_step=True, on_epoch=False)
         if self.global_rank == 0:
             self._log_step(step, loss, kt_s)
+        if self.profiler is not None:
+            self.profile_times.append(dt)
+            if batch_idx + 1 >= PROFILE_AFTER_STEPS + cfg.profile_steps:
+                self._stop_profile()
 
         epoch_done = step % cfg.epoch_steps == 0
         final = step >= cfg.total_steps
@@ -151,12 +162,44 @@ class RWKVTrainModule(pl.LightningModule):
             self.trainer.should_stop = True
 
     def on_train_end(self):
+        if self.profiler is not None:
+            self._stop_profile()
         self._restore_signal_handlers()
         if self.wandb_run is not None:
             self.wandb_run.finish()
 
     def on_exception(self, exception):
         self._restore_signal_handlers()
+
+    # ------------------------------------------------------------ --profile_steps
+    def _start_profile(self):
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU]
+        if torch.cuda.is_available() and self.trainer.strategy.root_device.type == "cuda":
+            acts.append(ProfilerActivity.CUDA)
+        self.profile_times = []
+        self.profiler = profile(activities=acts)
+        self.profiler.__enter__()
+
+    def _stop_profile(self):
+        prof, self.profiler = self.profiler, None
+        prof.__exit__(None, None, None)
+        if self.global_rank != 0:
+            return
+        n = max(1, len(self.profile_times))
+        avg = prof.key_averages()
+        has_cuda = any(getattr(e, "self_device_time_total", 0) > 0 for e in avg)
+        parts = [f"torch.profiler over {n} training steps after the first {PROFILE_AFTER_STEPS} "
+                 f"(totals over all {n} steps); wall time per step (ms): "
+                 + ", ".join(f"{t * 1e3:.1f}" for t in self.profile_times), ""]
+        if has_cuda:
+            parts += ["== by GPU time (self)", avg.table(sort_by="self_device_time_total", row_limit=40), ""]
+        parts += ["== by CPU time (self)", avg.table(sort_by="self_cpu_time_total", row_limit=40), ""]
+        parts += ["== by CPU time (with children)", avg.table(sort_by="cpu_time_total", row_limit=40)]
+        with atomic_open(self.proj / "profile.txt", "w") as f:
+            f.write("\n".join(parts) + "\n")
+        self.print_fn(f"wrote {self.proj / 'profile.txt'} ({n} steps profiled)")
 
     # ------------------------------------------------------------ Ctrl-C / SIGTERM
     def _install_stop_handlers(self):

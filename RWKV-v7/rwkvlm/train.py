@@ -143,13 +143,14 @@ def run(cfg: TrainConfig) -> int:
         start.weights = None  # free the host copy
     if accelerator == "gpu" and cfg.wkv_impl != "torch":
         _build_kernel_early(cfg)
-    if cfg.compile:
+    compiled = cfg.compile_on(accelerator)
+    if compiled:
         model.compile_blocks()
 
     log(f"RWKV-7 L{cfg.n_layer}-D{cfg.n_embd} ctx {cfg.ctx_len}, {cfg.world_size} x {cfg.micro_bsz} samples/step, "
         f"epoch_steps {cfg.epoch_steps}, {cfg.tokens_per_step} tokens/step, steps {start.step} -> "
         f"{cfg.total_steps}, mini-epoch {start.step // cfg.epoch_steps}, from {start.source}, seed {seed}, "
-        f"{accelerator} {cfg.strategy} {cfg.precision}{' compiled' if cfg.compile else ''}")
+        f"{accelerator} {cfg.strategy} {cfg.precision}{' compiled' if compiled else ''}")
     module = RWKVTrainModule(cfg, model, data, start, log=log)
     trainer = pl.Trainer(
         accelerator=accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes, strategy=strategy,
