@@ -463,3 +463,34 @@ def test_compiled_blocks_match_eager(model, grad_cp=True):
             ref, got = grads[0][n], grads[1][n]
             err = (got - ref).norm() / ref.norm().clamp_min(1e-12)
             assert err < 1e-4, f"{n}: relative error {err:.2e}"
+
+
+def test_compiler_failure_names_the_flag(monkeypatch, model):
+    """A torch.compile failure (e.g. no C compiler) stops with a UserError naming --compile 0;
+    other errors pass through unchanged."""
+    import torch._dynamo.exc
+
+    from rwkvlm import model as model_mod
+
+    def broken_compile(fn, **kw):
+        def run(*args):
+            raise torch._dynamo.exc.BackendCompilerFailed(lambda: None, RuntimeError("no working C compiler"), None)
+        return run
+
+    monkeypatch.setattr(model_mod, "_COMPILED", {})
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    m = perturbed(model, seed=4)
+    m.compile_blocks()
+    idx = torch.randint(0, V_, (1, 16))
+    with pytest.raises(UserError, match="--compile 0"):
+        m.loss(idx, idx)
+
+    def other_error(fn, **kw):
+        def run(*args):
+            raise ValueError("a bug of ours")
+        return run
+
+    monkeypatch.setattr(model_mod, "_COMPILED", {})
+    monkeypatch.setattr(torch, "compile", other_error)
+    with pytest.raises(ValueError, match="a bug of ours"):
+        m.loss(idx, idx)

@@ -311,11 +311,37 @@ _COMPILED: dict = {}
 
 
 def _compiled(fn):
-    """fn under torch.compile, compiled once per function and shared by every layer."""
+    """fn under torch.compile, compiled once per function and shared by every layer.
+
+    A compiler failure (no C compiler or Triton, an unsupported GPU, ...) becomes a
+    UserError that names the flag turning compilation off.
+    """
     c = _COMPILED.get(fn)
     if c is None:
-        c = _COMPILED[fn] = torch.compile(fn, dynamic=False)
+        compiled = torch.compile(fn, dynamic=False)
+
+        def call(*args):
+            try:
+                return compiled(*args)
+            except Exception as e:
+                if not _is_compiler_error(e):
+                    raise
+                first = (str(e).strip().splitlines() or [""])[0][:300]
+                raise UserError(
+                    f"torch.compile could not compile the model's pointwise work ({fn.__name__}: "
+                    f"{type(e).__name__}: {first}). Train without it: add --compile 0 to the run "
+                    f"script's command line.") from e
+
+        c = _COMPILED[fn] = call
     return c
+
+
+def _is_compiler_error(e: Exception) -> bool:
+    import torch._dynamo.exc
+
+    if isinstance(e, torch._dynamo.exc.TorchDynamoException):
+        return True
+    return type(e).__module__.startswith(("torch._inductor", "triton"))
 
 
 class ChannelMix(nn.Module):
