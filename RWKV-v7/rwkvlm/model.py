@@ -173,7 +173,6 @@ class TimeMix(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.layer_id = layer_id
-        self.is_first = layer_id == 0
         self.compiled = False  # set by RWKV7.compile_blocks
         C, H, N = cfg.n_embd, cfg.n_head, cfg.head_size
 
@@ -246,7 +245,7 @@ class TimeMix(nn.Module):
         k = self.key(xk)         # (B, T, C)
         v = self.value(xv)       # (B, T, C)
         w, k, v, v_first, kk, kka, g = fn(_time_mix_inner)(
-            xw, xv, xa, xg, k, v, v_first, self.is_first, N,
+            xw, xv, xa, xg, k, v, v_first, self.layer_id == 0, N,
             self.w0.view(C), self.w1, self.w2, self.a0.view(C), self.a1, self.a2,
             self.v0.view(C), self.v1, self.v2, self.g1, self.g2, self.k_k.view(C), self.k_a.view(C))
         if return_state:
@@ -375,7 +374,6 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int):
         super().__init__()
         self.layer_id = layer_id
-        self.is_first = layer_id == 0
         self.ln1 = nn.LayerNorm(cfg.n_embd)
         self.ln2 = nn.LayerNorm(cfg.n_embd)
         if layer_id == 0:
@@ -384,7 +382,7 @@ class Block(nn.Module):
         self.ffn = ChannelMix(cfg, layer_id)
 
     def forward(self, x, v_first):
-        if self.is_first:
+        if self.layer_id == 0:
             x = self.ln0(x)
         dx, v_first = self.att(self.ln1(x), v_first)
         x = x + dx

@@ -269,7 +269,6 @@ def wkv7_chunked(r, w, k, v, a, b, head_size: int, state=None, chunk_len: int = 
 # Public entry point
 # --------------------------------------------------------------------------------------------
 
-@torch.compiler.disable  # opaque to torch.compile: a graph break, the blocks' other work still fuses
 def wkv7(r, w, k, v, a, b, head_size: int, impl: str = "auto"):
     """WKV7 output y (B, T, C) in r's dtype, from a zero state.
 
