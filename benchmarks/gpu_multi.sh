@@ -41,13 +41,13 @@ for node in 0 1; do
 done
 wait
 test -f out/n2/rwkv-final.pth || { tail -30 "$OUTDIR"/n2-node*.txt; exit 1; }
-python3 - "$OUTDIR" "$M_BSZ" "$CTX" <<'PY' | tee "$OUTDIR/summary.txt"
-import csv, statistics, sys
+python3 - "$OUTDIR" "$M_BSZ" "$CTX" "$REPO/benchmarks" <<'PY' | tee "$OUTDIR/summary.txt"
+import csv, sys
 out, mbsz, ctx = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+sys.path.insert(0, sys.argv[4])
+from train_summary import steady_state
 def kts(proj, gpus):
-    t = [float(r["time"]) for r in csv.DictReader(open(f"out/{proj}/loss_log.csv"))]
-    skip = min(10, max(0, len(t) - 3))
-    dt = statistics.median(b - a for a, b in zip(t[skip:], t[skip + 1:]))
+    dt, _ = steady_state([float(r["time"]) for r in csv.DictReader(open(f"out/{proj}/loss_log.csv"))])
     return mbsz * gpus * ctx / dt / 1e3
 def distinct(prefix, world):
     starts = [int(l.split(",")[2]) for r in range(world) for l in open(f"{prefix}.rank{r}.csv").read().split()]

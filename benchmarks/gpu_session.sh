@@ -26,6 +26,7 @@ LAST=$((NGPU - 1))  # the second card where there are two
 pack() { tar czf "$OUT/work.tgz" --exclude='*.pth' --exclude='*.bin' -C /tmp gpuwork 2>/dev/null; }
 trap pack EXIT
 say() { echo "=== $(date +%T) $*"; }
+chosen_compile() { cut -d' ' -f2 "$W/compile.txt" 2>/dev/null || echo 0; }  # what `check` chose
 
 case "$STAGE" in
 check)
@@ -34,7 +35,12 @@ check)
   say "background: data, FusedAdam build"
   bash $B/gpu_data.sh "${DOCS:-20000}" 30 > "$W/data.txt" 2>&1 &
   DATA=$!
-  python3 -c "from rwkvlm.optim import deepspeed_arch_list as d; from deepspeed.ops.op_builder import FusedAdamBuilder as F; exec('with d(): F().load()')" > "$W/fusedadam.txt" 2>&1 &
+  python3 - > "$W/fusedadam.txt" 2>&1 <<'PY' &
+from deepspeed.ops.op_builder import FusedAdamBuilder
+from rwkvlm.optim import deepspeed_arch_list
+with deepspeed_arch_list():  # the build the trainer's first step would do
+    FusedAdamBuilder().load()
+PY
   if [ "${KERNELS:-1}" = 1 ]; then
     wkv() { CUDA_VISIBLE_DEVICES=$LAST timeout 200 python3 -m pytest -q tests/test_wkv_cuda.py -p no:cacheprovider
             CUDA_VISIBLE_DEVICES=$LAST timeout 240 python3 $B/bench_wkv.py --fla-budget-s 150; }
@@ -76,7 +82,7 @@ check)
   ;;
 real)
   : "${KTS:?set KTS, the measured kt/s of all GPUs together}"
-  TRAIN_S=${TRAIN_S:-420}; C=${COMPILE:-$(cat "$W/compile.txt" 2>/dev/null | cut -d' ' -f2)}; C=${C:-0}
+  TRAIN_S=${TRAIN_S:-420}; C=${COMPILE:-$(chosen_compile)}
   STEP_TOK=$((16 * NGPU * 4096))
   EXIT=$(python3 -c "print(int($KTS * 1000 * $TRAIN_S) // $STEP_TOK * $STEP_TOK)")
   DOCS=$(python3 -c "print(max(20000, int($EXIT / 30 / 80 * 1.15)))")  # ~80 tokens per document
@@ -87,7 +93,7 @@ real)
     EXTRA="--compile $C --epoch_save 1 ${MORE:-}" bash $B/gpu_train_run.sh "$W"
   ;;
 parity)
-  C=${COMPILE:-$(cat "$W/compile.txt" 2>/dev/null | cut -d' ' -f2)}; C=${C:-0}
+  C=${COMPILE:-$(chosen_compile)}
   [ -f RWKV-v5/demo.meta.json ] || bash $B/gpu_data.sh 20000 30 > "$W/data.txt" 2>&1
   say "loss parity: bf16 DeepSpeed (compile $C) vs fp32 PyTorch path, 200 steps"
   EXTRA="--compile $C ${MORE:-}" timeout 330 bash $B/gpu_loss_parity.sh "$W/parity" 200 2 | tail -12

@@ -16,6 +16,14 @@ import statistics
 from rwkvlm.model import ModelConfig, count_params
 
 
+def steady_state(times: list) -> tuple:
+    """(median seconds per step, steps skipped) from the step-end times of loss_log.csv:
+    the first 10 steps (compilation, warm-up) are left out, fewer on a short run."""
+    skip = min(10, max(0, len(times) - 3))
+    dts = [b - a for a, b in zip(times[skip:], times[skip + 1:])]
+    return (statistics.median(dts) if dts else float("nan")), skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("prefix")
@@ -46,9 +54,7 @@ def main() -> None:
         print("  no steps logged")
         return
     t = [float(r["time"]) for r in rows]
-    skip = min(10, max(0, len(t) - 3))
-    dts = [b - a for a, b in zip(t[skip:], t[skip + 1:])]
-    med = statistics.median(dts) if dts else float("nan")
+    med, skip = steady_state(t)
     kts = args.tok_step / med / 1e3
     gpus = args.gpus
     print(f"  steps {rows[-1]['step']}, tokens {rows[-1]['tokens']}, loss first {float(rows[0]['loss']):.4f} "
