@@ -67,15 +67,18 @@ def run(args, bsz: int, mode: str):
     torch.cuda.synchronize()
     warm_s = time.perf_counter() - t0
     torch.cuda.reset_peak_memory_stats()
-    times = []
+    times, issue = [], []
     for i in range(args.steps):
         b = batches[i % 3]
         e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         e0.record()
+        c0 = time.perf_counter()
         step(model, b[:, :-1], b[:, 1:])
+        issue.append((time.perf_counter() - c0) * 1e3)  # host time to issue the step's work
         e1.record()
         e1.synchronize()
         times.append(e0.elapsed_time(e1))
+    print(f"  host time to issue one step (median): {statistics.median(issue):.1f} ms", flush=True)
     ms = statistics.median(times)
     peak = torch.cuda.max_memory_allocated() / 2**30
     prof = None
@@ -122,6 +125,7 @@ def main() -> None:
     ap.add_argument("--modes", nargs="+", default=["eager", "compile"], choices=["eager", "compile"])
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--top", type=int, default=12, help="kernels listed by name in the profile")
     ap.add_argument("--tflops", type=float, default=0.0, help="measured bf16 matmul rate, for MFU")
     ap.add_argument("--json", default=None, help="also write {'M_BSZ mode': ms per step} here")
     args = ap.parse_args()
@@ -142,7 +146,7 @@ def main() -> None:
             rows.append(line)
             timings[f"{bsz} {mode}"] = ms
             if prof is not None:
-                report_profile(prof)
+                report_profile(prof, top=args.top)
     print("summary:")
     for line in rows:
         print(" ", line)

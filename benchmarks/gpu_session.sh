@@ -5,8 +5,10 @@
 #   check   card, matmul rate, data, GPU kernel tests, WKV op vs fla, one training step eager
 #           vs compiled (profiled), the trainer at M_BSZ 16 for STEPS steps, and with 2 GPUs
 #           the 2-GPU and 2-node runs (gpu_multi.sh)
-#   real    the RWKV-7-Arithmetic-0.1B run on every GPU of the machine: EXIT_TOKENS from KTS
-#           (measured kt/s for all GPUs together) x TRAIN_S seconds, then the evaluation
+#   speed   (4 GPUs) the trainer's speed by strategy, profiled, beside one compiled step; the
+#           loss parity left running on card 3 for `real` to collect
+#   real    the RWKV-7-Arithmetic-0.1B run on REAL_CARDS (default every GPU): EXIT_TOKENS from
+#           KTS (measured kt/s for those GPUs together) x TRAIN_S seconds, then the evaluation
 #   (MORE: flags added to every trainer run, e.g. for a CPU rehearsal with a stand-in nvidia-smi)
 #   parity  bf16 vs fp32 loss parity (gpu_loss_parity.sh), then the trainer at M_BSZ 8 (and
 #           M_BSZ 1 on an H100: the tutorial's reference rows)
@@ -14,7 +16,8 @@
 # Usage (device machine, repo root, wheels installed):
 #   bash benchmarks/gpu_session.sh check OUT          [env COMPILE=auto|0|1, STEPS=30, STEP_MODES="eager compile",
 #                                                      KERNELS=1 (kernel tests + WKV vs fla), PARITY=0, T8=0]
-#   KTS=400 bash benchmarks/gpu_session.sh real OUT   [env TRAIN_S=420, COMPILE=1, EVAL=400]
+#   DOCS=120000 bash benchmarks/gpu_session.sh speed OUT
+#   KTS=400 bash benchmarks/gpu_session.sh real OUT   [env TRAIN_S=420, COMPILE=1, EVAL=400, REAL_CARDS=0,1,2, DOCS]
 #   bash benchmarks/gpu_session.sh parity OUT         [env COMPILE=1]
 set -u
 STAGE=$1; OUT=$2
@@ -81,16 +84,75 @@ PY
   fi
   ;;
 real)
-  : "${KTS:?set KTS, the measured kt/s of all GPUs together}"
   TRAIN_S=${TRAIN_S:-420}; C=${COMPILE:-$(chosen_compile)}
-  STEP_TOK=$((16 * NGPU * 4096))
+  CARDS=${REAL_CARDS:-$(seq -s, 0 $LAST)}; NREAL=$(echo "$CARDS" | tr ',' '\n' | wc -l)
+  if [ -z "${KTS:-}" ] && [ -f "$W/t16.summary.txt" ]; then  # 97% of NREAL x the 1-GPU figure measured by `speed`
+    KTS=$(python3 -c "import re; print(int(0.97 * $NREAL * float(re.search(r'\(([0-9.]+) per GPU\)', open('$W/t16.summary.txt').read()).group(1))))")
+  fi
+  : "${KTS:?set KTS, the measured kt/s of all GPUs together}"
+  STEP_TOK=$((16 * NREAL * 4096))
   EXIT=$(python3 -c "print(int($KTS * 1000 * $TRAIN_S) // $STEP_TOK * $STEP_TOK)")
-  DOCS=$(python3 -c "print(max(20000, int($EXIT / 30 / 80 * 1.15)))")  # ~80 tokens per document
-  say "real run: $NGPU GPU(s), $EXIT tokens ($((EXIT / STEP_TOK)) steps) planned from $KTS kt/s x $TRAIN_S s; data $DOCS docs x 30"
+  DOCS=${DOCS:-$(python3 -c "print(max(20000, int($EXIT / 30 / 80 * 1.15)))")}  # ~80 tokens per document
+  say "real run: $NREAL GPU(s) (cards $CARDS), $EXIT tokens ($((EXIT / STEP_TOK)) steps) planned from $KTS kt/s x $TRAIN_S s; data $DOCS docs x 30"
   bash $B/gpu_data.sh "$DOCS" 30 > "$W/data_real.txt" 2>&1 || { cat "$W/data_real.txt"; exit 1; }
   tail -2 "$W/data_real.txt"
-  NAME=real DEVICES=$NGPU EXIT_TOKENS=$EXIT LIMIT=$((TRAIN_S + 90)) EVAL=${EVAL:-400} \
+  NAME=real DEVICES=$NREAL CARDS=$CARDS EXIT_TOKENS=$EXIT LIMIT=$((TRAIN_S + 90)) EVAL=${EVAL:-400} \
     EXTRA="--compile $C --epoch_save 1 ${MORE:-}" bash $B/gpu_train_run.sh "$W"
+  if [ -f "$W/parity.pid" ]; then  # the loss parity that `speed` left running on its own card
+    say "loss parity (started by speed)"
+    for _ in $(seq 40); do kill -0 "$(cat "$W/parity.pid")" 2>/dev/null || break; sleep 2; done
+    tail -12 "$W/parity.txt"
+  fi
+  ;;
+speed)
+  # Card 0: matmul rate, one compiled step (profiled), then the trainer under --strategy auto;
+  # card 1: the trainer at M_BSZ 16, deepspeed_stage_2, profiled; card 2: deepspeed_stage_1, then
+  # M_BSZ 8 (M_BSZ 1 on an H100); card 3: the 200-step loss parity, left running in its own
+  # session (setsid) so that it outlasts this call: `real` collects it.
+  DOCS=${DOCS:-20000}
+  card() { echo $(( $1 < NGPU ? $1 : LAST )); }
+  nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader | tee "$W/card.txt"
+  python3 -c "import os, torch, pytorch_lightning as pl, deepspeed; print('torch', torch.__version__, 'lightning', pl.__version__, 'deepspeed', deepspeed.__version__)"
+  say "data ($DOCS docs x 30), WKV kernel and FusedAdam builds"
+  bash $B/gpu_data.sh "$DOCS" 30 "${CTX:-4096}" > "$W/data.txt" 2>&1 &
+  DATA=$!
+  python3 -c "from rwkvlm.wkv_cuda import load_extension; load_extension(64)" > "$W/kernel_build.txt" 2>&1 &
+  python3 - > "$W/fusedadam.txt" 2>&1 <<'PY' &
+from deepspeed.ops.op_builder import FusedAdamBuilder
+from rwkvlm.optim import deepspeed_arch_list
+with deepspeed_arch_list():
+    FusedAdamBuilder().load()
+PY
+  (CUDA_VISIBLE_DEVICES=0 python3 $B/matmul_rate.py > "$W/matmul.txt" 2>&1
+   TF=$(grep -o '[0-9.]* TFLOP/s' "$W/matmul.txt" | head -1 | cut -d' ' -f1)
+   CUDA_VISIBLE_DEVICES=0 timeout 200 python3 $B/bench_step.py --bsz 16 --modes compile --profile --top 40 \
+     --steps 6 --tflops "${TF:-0}" --json "$W/step.json" > "$W/step.txt" 2>&1) &
+  STEP=$!
+  wait $DATA || { cat "$W/data.txt"; exit 1; }
+  wait $(jobs -p | grep -v "^$STEP$") 2>/dev/null
+  tail -2 "$W/data.txt"; tail -2 "$W/kernel_build.txt"
+  echo "compile: 1" > "$W/compile.txt"
+  if [ "$NGPU" -ge 4 ]; then
+    say "background (setsid) on card 3: loss parity, 200 steps"
+    BF_CARD=3 FP_CARD=3 EXTRA="--compile 1 ${MORE:-}" setsid nohup bash $B/gpu_loss_parity.sh "$W/parity" 200 2 \
+      > "$W/parity.txt" 2>&1 < /dev/null &
+    echo $! > "$W/parity.pid"
+  fi
+  say "trainers: card $(card 1) stage 2 (profiled), card $(card 2) stage 1 then M_BSZ 8"
+  (NAME=t16 CARDS=$(card 1) STEPS=${STEPS:-40} LIMIT=240 EXTRA="--compile 1 --profile_steps 3 ${MORE:-}" bash $B/gpu_train_run.sh "$W" > "$W/t16.out" 2>&1) &
+  (NAME=t16s1 CARDS=$(card 2) STEPS=${STEPS:-40} LIMIT=240 EXTRA="--compile 1 --strategy deepspeed_stage_1 --profile_steps 3 ${MORE:-}" \
+     bash $B/gpu_train_run.sh "$W" > "$W/t16s1.out" 2>&1
+   if nvidia-smi -L | grep -q H100; then
+     NAME=t1 M_BSZ=1 CARDS=$(card 2) STEPS=60 LIMIT=150 EXTRA="--compile 1 ${MORE:-}" bash $B/gpu_train_run.sh "$W" > "$W/t1.out" 2>&1
+   else
+     NAME=t8 M_BSZ=8 CARDS=$(card 2) STEPS=${STEPS:-40} LIMIT=150 EXTRA="--compile 1 ${MORE:-}" bash $B/gpu_train_run.sh "$W" > "$W/t8.out" 2>&1
+   fi) &
+  wait $STEP
+  say "one compiled step, card 0"; grep -v -i warn "$W/step.txt"; head -3 "$W/matmul.txt"
+  (NAME=t16auto CARDS=0 STEPS=${STEPS:-40} LIMIT=200 EXTRA="--compile 1 --strategy auto --profile_steps 3 ${MORE:-}" bash $B/gpu_train_run.sh "$W" > "$W/t16auto.out" 2>&1) &
+  wait $(jobs -p | grep -v "^$(cat "$W/parity.pid" 2>/dev/null)$") 2>/dev/null
+  for n in t16 t16s1 t8 t1 t16auto; do [ -f "$W/$n.out" ] && { say "$n"; grep -v "profile (top" "$W/$n.out" | head -12; }; done
+  for n in t16 t16s1 t16auto; do [ -f "$W/$n.profile.txt" ] && { say "$n profile"; head -4 "$W/$n.profile.txt" | cut -c1-300; grep -E "Self CPU time total|Self CUDA time total" "$W/$n.profile.txt" | sort -u; }; done
   ;;
 parity)
   C=${COMPILE:-$(chosen_compile)}
@@ -104,5 +166,5 @@ parity)
     NAME=t1 M_BSZ=1 STEPS=40 LIMIT=150 EXTRA="--compile $C ${MORE:-}" bash $B/gpu_train_run.sh "$W"
   fi
   ;;
-*) echo "unknown stage $STAGE (check, real, parity)"; exit 2 ;;
+*) echo "unknown stage $STAGE (check, speed, real, parity)"; exit 2 ;;
 esac

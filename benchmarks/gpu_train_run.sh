@@ -8,7 +8,7 @@
 # Usage (device machine, repo root): bash benchmarks/gpu_train_run.sh OUTDIR
 # Environment (all optional):
 #   NAME (run)         prefix of the files written to OUTDIR
-#   M_BSZ (16), GRAD_CP (1), DEVICES (1: GPUs used, cards 0..DEVICES-1)
+#   M_BSZ (16), GRAD_CP (1), DEVICES (1: GPUs used), CARDS (the cards, comma-separated: 0..DEVICES-1)
 #   STEPS              train this many steps (a benchmark); else EXIT_TOKENS, else the whole data
 #   PROJ               proj_dir (out/<NAME>), started fresh from a new rwkv-init.pth
 #   LIMIT (540)        seconds before the run is stopped (SIGTERM: it saves and exits)
@@ -29,7 +29,8 @@ PRIME=$(python3 -c "import json; print(json.load(open('$META'))['magic_prime'])"
 TOK_STEP=$((M_BSZ * DEVICES * 4096))
 if [ "$STEPS" -gt 0 ]; then EXIT_TOKENS=$((STEPS * TOK_STEP)); else EXIT_TOKENS=${EXIT_TOKENS:-$TOKENS}; fi
 P=${PROJ:-out/$NAME}
-GPUS=$(seq -s, 0 $((DEVICES - 1)))
+GPUS=${CARDS:-$(seq -s, 0 $((DEVICES - 1)))}
+FIRST=${GPUS%%,*}
 
 cd "$REPO/RWKV-v7/train_temp"
 rm -rf "$P"
@@ -60,10 +61,10 @@ if [ -f "$P/profile.txt" ]; then  # --profile_steps N in EXTRA
 fi
 if [ "$EVAL" -gt 0 ] && [ -f "$P/rwkv-final.pth" ]; then
   echo "== $NAME: evaluate rwkv-final.pth and the last saves on $EVAL held-out items"
-  CUDA_VISIBLE_DEVICES=0 python3 ../evaluate.py "$P"/rwkv-final.pth --n "$EVAL" --device cuda \
+  CUDA_VISIBLE_DEVICES=$FIRST python3 ../evaluate.py "$P"/rwkv-final.pth --n "$EVAL" --device cuda \
      --json "$O.eval.json" --show-errors 8 2>&1 | tee "$O.eval.txt"
   for q in "三十二加十五等于多少？" "What is 487 minus 1209?" "x + 35 = 112, x = ?"; do
-    CUDA_VISIBLE_DEVICES=0 python3 ../chat.py "$P"/rwkv-final.pth --device cuda --prompt "$q" 2>&1 | tee -a "$O.eval.txt"
+    CUDA_VISIBLE_DEVICES=$FIRST python3 ../chat.py "$P"/rwkv-final.pth --device cuda --prompt "$q" 2>&1 | tee -a "$O.eval.txt"
   done
 fi
 exit $RC

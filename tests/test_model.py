@@ -233,8 +233,11 @@ def test_chunked_ce_matches_torch_and_keeps_input():
     assert torch.equal(logits, keep)
 
 
-@pytest.mark.parametrize("chunk_rows", [3, 1000])
-def test_fused_head_loss_matches_unfused(chunk_rows):
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("chunk_rows", [4, 1000])
+def test_fused_head_loss_matches_unfused(chunk_rows, compiled):
+    """The fused head loss (eager, and with its per-chunk softmax work under torch.compile,
+    as --compile runs it; 18 rows in chunks of 4 leave a short last chunk) against autograd."""
     torch.manual_seed(3)
     B, T, C, V = 2, 9, 16, 70
     h1 = torch.randn(B, T, C, dtype=torch.float64, requires_grad=True)
@@ -242,7 +245,7 @@ def test_fused_head_loss_matches_unfused(chunk_rows):
     tgt = torch.randint(0, V, (B, T))
     h2, W2 = h1.detach().clone().requires_grad_(), W1.detach().clone().requires_grad_()
 
-    fused = head_l2wrap_loss(h1, W1, tgt, chunk_rows=chunk_rows)
+    fused = head_l2wrap_loss(h1, W1, tgt, chunk_rows=chunk_rows, compiled=compiled)
     (1.7 * fused).backward()
     logits = h2 @ W2.T
     ref = L2Wrap.apply(F.cross_entropy(logits.view(-1, V), tgt.view(-1)), logits)
@@ -411,7 +414,8 @@ def test_forward_rnn_last_only_matches_full():
         assert all(torch.equal(x, y) for x, y in zip(a, b))  # the state does not depend on the head
 
 
-def test_fused_head_loss_exact_when_target_probability_underflows():
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_fused_head_loss_exact_when_target_probability_underflows(compiled):
     """Rows whose target probability underflows fp32 (loss > 87) still get the exact loss."""
     torch.manual_seed(3)
     V, C = 50, 8
@@ -425,7 +429,7 @@ def test_fused_head_loss_exact_when_target_probability_underflows():
     p_t = torch.softmax(logits.reshape(-1, V).float(), -1)[torch.arange(18), targets.reshape(-1)]
     assert bool((p_t < 1e-30).any()), "the test must hit the underflow path"
     for rows in (1, 4, 64):
-        got = head_l2wrap_loss(x, w, targets, chunk_rows=rows)
+        got = head_l2wrap_loss(x, w, targets, chunk_rows=rows, compiled=compiled)
         assert torch.isfinite(got)
         torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-4)
 

@@ -32,6 +32,7 @@ from rwkvlm.wkv import wkv7, wkv7_chunked
 __all__ = ["ModelConfig", "RWKV7", "count_params", "l2wrap_loss", "L2Wrap", "head_l2wrap_loss"]
 
 L2WRAP_FACTOR = 1e-4
+LN_EPS = 1e-5  # nn.LayerNorm's default, as the checkpoints' layer norms use
 
 
 # ============================================================================================
@@ -155,10 +156,12 @@ class Head(nn.Linear):
     also lets DeepSpeed ZeRO-3 gather the partitioned weight first.
     """
 
+    compiled = False  # set by RWKV7.compile_blocks: the per-chunk softmax work runs fused
+
     def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         if targets is None:
             return super().forward(x)
-        return head_l2wrap_loss(x, self.weight, targets)
+        return head_l2wrap_loss(x, self.weight, targets, compiled=self.compiled)
 
 
 def _shift(x: torch.Tensor, x_prev: torch.Tensor | None) -> torch.Tensor:
@@ -233,27 +236,37 @@ class TimeMix(nn.Module):
         self.ln_x.weight.fill_(((1 + l) / L) ** 0.7)
         self.ln_x.bias.zero_()
 
-    def forward(self, x, v_first, x_prev=None, state=None, return_state=False):
-        """x: (B, T, C) (the ln1 output). Returns (out, v_first) or, with return_state,
-        (out, v_first, new_wkv_state)."""
+    def forward(self, x, v_first, x_prev=None, state=None, return_state=False, ln=None):
+        """x: (B, T, C), the ln1 output, or with `ln` (compiled blocks only) the block's input,
+        which ln then normalises inside the first fused function. Returns (out, v_first) or,
+        with return_state, (out, v_first, new_wkv_state)."""
         B, T, C = x.shape
         N = self.cfg.head_size
-        fn = _compiled if self.compiled else _plain
-        xr, xw, xk, xv, xa, xg = fn(_time_shift_mix)(
-            x, _shift(x, x_prev), *(p.view(C) for p in (self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g)))
+        comp = self.compiled and not return_state  # inference (any T, carried state) runs eager
+        fn = _compiled if comp else _plain
+        mus = tuple(p.view(C) for p in (self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g))
+        if ln is None:
+            xr, xw, xk, xv, xa, xg = fn(_time_shift_mix)(x, _shift(x, x_prev), *mus)
+        else:
+            xr, xw, xk, xv, xa, xg = fn(_ln_time_shift_mix)(x, ln.weight, ln.bias, *mus)
         r = self.receptance(xr)  # (B, T, C)
         k = self.key(xk)         # (B, T, C)
         v = self.value(xv)       # (B, T, C)
-        w, k, v, v_first, kk, kka, g = fn(_time_mix_inner)(
-            xw, xv, xa, xg, k, v, v_first, self.layer_id == 0, N,
+        w, k, v, v_first, a, b, g = fn(_time_mix_inner)(
+            xw, xv, xa, xg, k, v, v_first, self.layer_id == 0, comp and self.cfg.wkv_impl != "torch", N,
             self.w0.view(C), self.w1, self.w2, self.a0.view(C), self.a1, self.a2,
             self.v0.view(C), self.v1, self.v2, self.g1, self.g2, self.k_k.view(C), self.k_a.view(C))
         if return_state:
-            y, new_state = wkv7_chunked(r, w, k, v, -kk, kka, N, state=state)
+            y, new_state = wkv7_chunked(r, w, k, v, a, b, N, state=state)
         else:
-            y = wkv7(r, w, k, v, -kk, kka, N, impl=self.cfg.wkv_impl)  # (B, T, C)
-        y = self.ln_x(y.reshape(B * T, C)).view(B, T, C)  # (B*T, C) -> (B, T, C)
-        out = self.output(fn(_time_mix_out)(y, r, k, v, g, self.r_k.view(C), N))  # (B, T, C)
+            y = wkv7(r, w, k, v, a, b, N, impl=self.cfg.wkv_impl)  # (B, T, C)
+        if comp:  # ln_x fused with the bonus and the gate
+            out = fn(_group_norm_time_mix_out)(y, self.ln_x.weight, self.ln_x.bias, self.ln_x.eps,
+                                               r, k, v, g, self.r_k.view(C), N)
+        else:
+            y = self.ln_x(y.reshape(B * T, C)).view(B, T, C)  # (B*T, C) -> (B, T, C)
+            out = _time_mix_out(y, r, k, v, g, self.r_k.view(C), N)
+        out = self.output(out)  # (B, T, C)
         if return_state:
             return out, v_first, new_state
         return out, v_first
@@ -268,22 +281,31 @@ def _time_shift_mix(x, xs, *mus):
     return tuple(x + xx * mu for mu in mus)
 
 
-def _time_mix_inner(xw, xv, xa, xg, k, v, v_first, is_first: bool, N: int,
+def _ln_time_shift_mix(x, ln_w, ln_b, *mus):
+    """_time_shift_mix of layer_norm(x) (zero initial shift state). x: (B, T, C)."""
+    h = F.layer_norm(x, (x.shape[-1],), ln_w, ln_b, LN_EPS)  # (B, T, C)
+    return _time_shift_mix(h, _shift(h, None), *mus)
+
+
+def _time_mix_inner(xw, xv, xa, xg, k, v, v_first, is_first: bool, w_like_k: bool, N: int,
                     w0, w1, w2, a0, a1, a2, v0, v1, v2, g1, g2, k_k, k_a):
-    """The LoRAs and the WKV inputs: decay w (fp32), new k, v (and v_first), kk, kk * a, gate g."""
+    """The LoRAs and the WKV inputs: decay w (fp32, or k's dtype with w_like_k: what the CUDA
+    kernel takes), new k, v (and v_first), a = -kk, b = kk * iclr, gate g."""
     B, T, C = k.shape
     w_raw = w0.float() + (torch.tanh(xw @ w1) @ w2).float()  # (B, T, C) fp32
     if is_first:
         v_first = v
     else:
         v = v + (v_first - v) * torch.sigmoid(v0 + (xv @ v1) @ v2)
-    a = torch.sigmoid(a0 + (xa @ a1) @ a2)  # (B, T, C) in-context learning rate
-    g = torch.sigmoid(xg @ g1) @ g2         # (B, T, C)
+    iclr = torch.sigmoid(a0 + (xa @ a1) @ a2)  # (B, T, C) in-context learning rate
+    g = torch.sigmoid(xg @ g1) @ g2            # (B, T, C)
     kk = F.normalize((k * k_k).view(B, T, C // N, N), dim=-1, p=2.0, eps=1e-12)  # (B, T, H, N)
     kk = kk.view(B, T, C)  # (B, T, C)
-    k = k * (1 + (a - 1) * k_a)
+    k = k * (1 + (iclr - 1) * k_a)
     w = -F.softplus(-w_raw) - 0.5  # (B, T, C) fp32; decay = exp(-exp(w))
-    return w, k, v, v_first, kk, kk * a, g
+    if w_like_k:
+        w = w.to(k.dtype)
+    return w, k, v, v_first, -kk, kk * iclr, g
 
 
 def _time_mix_out(y, r, k, v, g, r_k, N: int):
@@ -294,8 +316,26 @@ def _time_mix_out(y, r, k, v, g, r_k, N: int):
     return y * g
 
 
+def _group_norm_time_mix_out(y, gn_w, gn_b, eps: float, r, k, v, g, r_k, N: int):
+    """_time_mix_out after ln_x (GroupNorm with one group per head) applied to y (B, T, C)."""
+    B, T, C = y.shape
+    yh = y.float().view(B, T, C // N, N)  # (B, T, H, N)
+    var, mean = torch.var_mean(yh, dim=-1, unbiased=False, keepdim=True)  # (B, T, H, 1)
+    yn = ((yh - mean) * torch.rsqrt(var + eps)).view(B, T, C)  # (B, T, H, N) -> (B, T, C)
+    y = (yn * gn_w.float() + gn_b.float()).to(y.dtype)
+    return _time_mix_out(y, r, k, v, g, r_k, N)
+
+
 def _channel_mix_in(x, xs, mu):
     return x + (xs - x) * mu  # (B, T, C)
+
+
+def _add_ln_channel_mix_in(x, dx, ln_w, ln_b, mu):
+    """The residual add after the time mix, then ln2 and the channel mix's token shift:
+    returns (x + dx, the ffn.key input). x, dx: (B, T, C)."""
+    x = x + dx
+    h = F.layer_norm(x, (x.shape[-1],), ln_w, ln_b, LN_EPS)  # (B, T, C)
+    return x, _channel_mix_in(h, _shift(h, None), mu)
 
 
 def _relu_sq(h):
@@ -365,9 +405,13 @@ class ChannelMix(nn.Module):
     def forward(self, x, x_prev=None):
         """x: (B, T, C) (the ln2 output)."""
         fn = _compiled if self.compiled else _plain
-        h = fn(_channel_mix_in)(x, _shift(x, x_prev), self.x_k.view(-1))  # (B, T, C)
+        return self.mixed(fn(_channel_mix_in)(x, _shift(x, x_prev), self.x_k.view(-1)))  # (B, T, C)
+
+    def mixed(self, h):
+        """The part after the token shift: h (B, T, C) -> (B, T, C)."""
+        fn = _compiled if self.compiled else _plain
         h = fn(_relu_sq)(self.key(h))  # (B, T, 4C)
-        return self.value(h)              # (B, T, C)
+        return self.value(h)           # (B, T, C)
 
 
 class Block(nn.Module):
@@ -384,10 +428,15 @@ class Block(nn.Module):
     def forward(self, x, v_first):
         if self.layer_id == 0:
             x = self.ln0(x)
-        dx, v_first = self.att(self.ln1(x), v_first)
-        x = x + dx
-        x = x + self.ffn(self.ln2(x))
-        return x, v_first
+        if not self.att.compiled:
+            # module by module: DeepSpeed ZeRO-3 gathers each module's weights in its forward
+            dx, v_first = self.att(self.ln1(x), v_first)
+            x = x + dx
+            return x + self.ffn(self.ln2(x)), v_first
+        # compiled (never under ZeRO-3): ln1, ln2 and the residual add run inside the fused functions
+        dx, v_first = self.att(x, v_first, ln=self.ln1)
+        x, h = _compiled(_add_ln_channel_mix_in)(x, dx, self.ln2.weight, self.ln2.bias, self.ffn.x_k.view(-1))
+        return x + self.ffn.mixed(h), v_first
 
 
 class RWKV7(nn.Module):
@@ -406,16 +455,20 @@ class RWKV7(nn.Module):
     count_params = staticmethod(count_params)
 
     def compile_blocks(self) -> None:
-        """Run each block's pointwise work (token shift and mixing, LoRAs, normalisation,
-        bonus, gating, squared ReLU) through torch.compile, which fuses it into few kernels.
+        """Run each block's pointwise work (layer norms, token shift and mixing, LoRAs,
+        normalisation, ln_x, bonus, gating, squared ReLU, the residual add after the time
+        mix) and the head loss's per-chunk softmax through torch.compile, which fuses it
+        into few kernels.
 
-        The matmuls of the Linear layers, the layer norms and the WKV op stay outside the
-        compiled functions, so every module still runs its own forward (DeepSpeed ZeRO-3
-        gathers partitioned weights there). Names, shapes and results are unchanged.
+        The matmuls of the Linear layers and the WKV op stay outside the compiled
+        functions. The layer norms' weights are read directly rather than through their
+        modules' forward, so compiled blocks are not for DeepSpeed ZeRO-3 (--compile auto
+        leaves them off there). Names, shapes and results are unchanged.
         """
         for block in self.blocks:
             block.att.compiled = True
             block.ffn.compiled = True
+        self.head.compiled = True
 
     # ---------------------------------------------------------------------------------------
     # init
@@ -666,6 +719,20 @@ def _softmax_into(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
         return dst.copy_(torch.softmax(src, dim=1))
 
 
+def _ce_chunk_grad(logits, tgt):
+    """For logits (n, V) and targets (n,): per-row CE (fp32) and M * dloss/dlogits with the
+    L2Wrap term (softmax - onehot(target) + 1e-4 * max_logit at the arg-max), in logits' dtype.
+    The fused form of _HeadCE's per-chunk work (one kernel or two under torch.compile)."""
+    lg = logits.to(_acc_dtype(logits.dtype))                # (n, V) fp32 (fp64 for fp64)
+    m, am = lg.max(dim=1, keepdim=True)                     # (n, 1)
+    e = torch.exp(lg - m)                                   # (n, V)
+    s = e.sum(dim=1, keepdim=True)                          # (n, 1)
+    loss = (m + torch.log(s) - lg.gather(1, tgt.unsqueeze(1))).squeeze(1)  # (n,) logsumexp - target
+    col = torch.arange(lg.shape[1], device=lg.device)      # (V,)
+    g = e / s - (col == tgt.unsqueeze(1)).to(lg.dtype) + (col == am).to(lg.dtype) * (L2WRAP_FACTOR * m)
+    return loss, g.to(logits.dtype)
+
+
 class _HeadCE(torch.autograd.Function):
     """Fused head matmul + mean CE + L2Wrap over row chunks.
 
@@ -678,7 +745,7 @@ class _HeadCE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, targets, chunk_rows):
+    def forward(ctx, x, weight, targets, chunk_rows, compiled=False):
         M, C = x.shape
         V = weight.shape[0]
         dev = x.device
@@ -701,6 +768,14 @@ class _HeadCE(torch.autograd.Function):
                 rows = rows_all[:n]
                 tgt = targets[i:i + R]
                 lg = torch.mm(xc, Wc.t(), out=logits_buf[:n])  # (n, V)
+                if compiled:  # the fused form: no fp32 copy of the chunk, no underflow case
+                    loss_rows, gc = _compiled(_ce_chunk_grad)(lg, tgt)
+                    total += loss_rows.sum(dtype=torch.float64)
+                    if need_gx:
+                        torch.mm(gc, Wc, out=gx[i:i + n])       # (n, C)
+                    if need_gw:
+                        gw.add_(gc.t() @ xc)                    # (V, C)
+                    continue
                 if cdt != acc:
                     lg = lg.to(acc)                             # (n, V) fp32
                 m, am = lg.max(dim=1)                           # (n,)
@@ -722,7 +797,7 @@ class _HeadCE(torch.autograd.Function):
                             gw.add_(gc.t() @ xc)
             # rows whose target probability underflowed (loss > 69): exact logsumexp - logit,
             # recomputed for those rows only; one host sync per call, not one per chunk
-            if bool(torch.stack([t.any() for _, t in underflow]).any()):
+            if underflow and bool(torch.stack([t.any() for _, t in underflow]).any()):
                 for i, tiny in underflow:
                     idx = tiny.nonzero().squeeze(1)
                     if idx.numel():
@@ -744,15 +819,16 @@ class _HeadCE(torch.autograd.Function):
             gx = gx.mul_(scale.to(gx.dtype))
         if gw is not None:
             gw = gw.mul_(scale.to(gw.dtype)).to(ctx.w_dtype)
-        return gx, gw, None, None
+        return gx, gw, None, None, None
 
 
 def head_l2wrap_loss(hidden: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor,
-                     chunk_rows: int | None = None) -> torch.Tensor:
+                     chunk_rows: int | None = None, compiled: bool = False) -> torch.Tensor:
     """Mean CE of (hidden @ head_weight^T) against targets, plus the L2Wrap gradient, fused.
 
     hidden: (B, T, C); head_weight: (V, C); targets: (B, T). Under autocast the
-    matmuls run in the autocast dtype; softmax statistics are always fp32.
+    matmuls run in the autocast dtype; softmax statistics are always fp32. With `compiled`
+    each chunk's softmax work runs through torch.compile (one fused pass over the logits).
     """
     B, T, C = hidden.shape
     V = head_weight.shape[0]
@@ -764,7 +840,7 @@ def head_l2wrap_loss(hidden: torch.Tensor, head_weight: torch.Tensor, targets: t
     R = chunk_rows or _default_chunk_rows(V, dev_type)
     with torch.autocast(device_type=dev_type, enabled=False) if dev_type in ("cuda", "cpu") else _null():
         # (B*T, C), (V, C), (B*T,)
-        return _HeadCE.apply(hidden.reshape(B * T, C), head_weight, targets.reshape(-1).long(), R)
+        return _HeadCE.apply(hidden.reshape(B * T, C), head_weight, targets.reshape(-1).long(), R, compiled)
 
 
 class _null:
