@@ -12,6 +12,8 @@
 #   (MORE: flags added to every trainer run, e.g. for a CPU rehearsal with a stand-in nvidia-smi)
 #   parity  bf16 vs fp32 loss parity (gpu_loss_parity.sh), then the trainer at M_BSZ 8 (and
 #           M_BSZ 1 on an H100: the tutorial's reference rows)
+#   confirm one GPU alone: the trainer at the reference rows' settings (M_BSZ 16 profiled and 8
+#           on an H200, 1 and 16 on an H100)
 #
 # Usage (device machine, repo root, wheels installed):
 #   bash benchmarks/gpu_session.sh check OUT          [env COMPILE=auto|0|1, STEPS=30, STEP_MODES="eager compile",
@@ -36,7 +38,7 @@ check)
   nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader | tee "$W/card.txt"
   python3 -c "import os, torch, pytorch_lightning as pl, deepspeed; print('torch', torch.__version__, 'lightning', pl.__version__, 'deepspeed', deepspeed.__version__, 'TORCH_CUDA_ARCH_LIST', os.environ.get('TORCH_CUDA_ARCH_LIST'))"
   say "background: data, FusedAdam build"
-  bash $B/gpu_data.sh "${DOCS:-20000}" 30 > "$W/data.txt" 2>&1 &
+  bash $B/gpu_data.sh "${DOCS:-20000}" 30 "${CTX:-4096}" > "$W/data.txt" 2>&1 &
   DATA=$!
   python3 - > "$W/fusedadam.txt" 2>&1 <<'PY' &
 from deepspeed.ops.op_builder import FusedAdamBuilder
@@ -166,5 +168,33 @@ parity)
     NAME=t1 M_BSZ=1 STEPS=40 LIMIT=150 EXTRA="--compile $C ${MORE:-}" bash $B/gpu_train_run.sh "$W"
   fi
   ;;
-*) echo "unknown stage $STAGE (check, speed, real, parity)"; exit 2 ;;
+confirm)
+  # One GPU, nothing else running: the trainer at M_BSZ 16 (profiled) and at M_BSZ 8 on an
+  # H200, or at M_BSZ 1 and 16 on an H100 (the rows of the tutorial's reference figures).
+  nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader | tee "$W/card.txt"
+  say "data, WKV kernel and FusedAdam builds"
+  bash $B/gpu_data.sh "${DOCS:-20000}" 30 "${CTX:-4096}" > "$W/data.txt" 2>&1 &
+  python3 -c "from rwkvlm.wkv_cuda import load_extension; load_extension(64)" > "$W/kernel_build.txt" 2>&1 &
+  python3 -c "
+from deepspeed.ops.op_builder import FusedAdamBuilder
+from rwkvlm.optim import deepspeed_arch_list
+with deepspeed_arch_list():
+    FusedAdamBuilder().load()" > "$W/fusedadam.txt" 2>&1 &
+  python3 $B/matmul_rate.py | tee "$W/matmul.txt"
+  wait
+  tail -1 "$W/data.txt"
+  echo "compile: 1" > "$W/compile.txt"
+  if nvidia-smi -L | grep -q H100; then ROWS="1 16"; else ROWS="16 8"; fi
+  for M in $ROWS; do
+    P=""; [ "$M" = 16 ] && P="--profile_steps 3"
+    say "trainer, 1 GPU, M_BSZ $M"
+    NAME=t$M M_BSZ=$M STEPS=${STEPS:-40} LIMIT=200 EXTRA="--compile 1 $P ${MORE:-}" bash $B/gpu_train_run.sh "$W" 2>&1 | grep -v "profile (top" | head -12
+  done
+  if [ -f "$W/t16.profile.txt" ]; then
+    say "t16 profile"; head -1 "$W/t16.profile.txt"
+    grep -E "Self CPU time total|Self CUDA time total" "$W/t16.profile.txt" | sort -u
+    grep -E "cudaLaunchKernel |aten::isfinite|AccumulateGrad|aten::pin_memory|linalg_vector_norm" "$W/t16.profile.txt" | cut -c1-60,100-125,185-250 | sort -u
+  fi
+  ;;
+*) echo "unknown stage $STAGE (check, speed, real, parity, confirm)"; exit 2 ;;
 esac

@@ -124,3 +124,19 @@ def test_optimizer_device_comes_from_the_strategy(tmp_path, monkeypatch):
     m.trainer.strategy.root_device = torch.device("cuda", 0)
     m.configure_optimizers()
     assert seen["d"] == "cuda"
+
+
+def test_non_finite_weights_are_never_saved(tmp_path):
+    """With DeepSpeed's bf16 overflow check off, a NaN gradient would reach the weights:
+    rwkv-N.pth and the exact-resume state refuse them with a message, writing nothing."""
+    from rwkvlm.errors import UserError
+
+    m, engine, _ = _module(tmp_path)
+    with torch.no_grad():
+        m.model.blocks[0].att.w1[3, 5] = float("nan")
+    with pytest.raises(UserError, match="diverged.*--lr_init"):
+        m._save_weights(tmp_path / "rwkv-1.pth")
+    with pytest.raises(UserError, match="NaN or infinite"):
+        m._save_resume_state(8)
+    assert not (tmp_path / "rwkv-1.pth").exists() and not (tmp_path / "resume").exists()
+    assert engine.calls == []

@@ -111,3 +111,35 @@ def test_compile_flag_resolution():
     assert _cfg(compile=1).compile_on("cpu") and _cfg(compile=1).compile_on("gpu")
     assert not _cfg(compile=0).compile_on("gpu")
     assert not _cfg(strategy="deepspeed_stage_3").compile_on("gpu")
+
+
+def test_deepspeed_bf16_section_drops_the_overflow_check(monkeypatch):
+    """bf16 under DeepSpeed runs without the per-gradient overflow check where DeepSpeed has
+    the option, and with a plain {"enabled": True} where it does not."""
+    import sys
+    import types
+
+    from rwkvlm.optim import deepspeed_bf16_config
+
+    def fake_deepspeed(fields):
+        cls = type("DeepSpeedBF16Config", (), {"model_fields": dict.fromkeys(fields)})
+        mod = types.ModuleType("deepspeed.runtime.precision_config")
+        mod.DeepSpeedBF16Config = cls
+        for name in ("deepspeed", "deepspeed.runtime"):
+            monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+        monkeypatch.setitem(sys.modules, "deepspeed.runtime.precision_config", mod)
+
+    fake_deepspeed(["enabled", "immediate_grad_update", "check_grad_overflow"])
+    assert deepspeed_bf16_config() == {"enabled": True, "check_grad_overflow": False}
+    fake_deepspeed(["enabled", "immediate_grad_update"])
+    assert deepspeed_bf16_config() == {"enabled": True}
+
+
+def test_deepspeed_bf16_section_is_valid_for_the_installed_deepspeed():
+    ds = pytest.importorskip("deepspeed")
+    from deepspeed.runtime.precision_config import get_bfloat16_config
+
+    from rwkvlm.optim import deepspeed_bf16_config
+
+    got = get_bfloat16_config({"bf16": deepspeed_bf16_config()})
+    assert got.enabled and getattr(got, "check_grad_overflow", False) is False, ds.__version__

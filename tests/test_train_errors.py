@@ -128,3 +128,28 @@ def test_gpu_requested_without_gpu(data, proj, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     args = run_args(data, proj) + ["--accelerator", "gpu"]
     _fails(args, "no CUDA GPU", "--accelerator cpu", proj_dir=proj)
+
+
+def test_loss_turning_nan_stops_before_saving(data, tmp_path, monkeypatch):
+    """A run whose loss becomes NaN stops with a message naming the step and the flags to
+    change; the rwkv-N.pth of earlier mini-epochs stay, nothing of the bad step is written."""
+    import math
+
+    from rwkvlm.model import RWKV7
+
+    proj = tmp_path / "nan"
+    assert main(prepare_args(proj)) == 0
+    real_loss, calls = RWKV7.loss, []
+
+    def loss(self, idx, targets):
+        calls.append(1)
+        out = real_loss(self, idx, targets)
+        return out * math.nan if len(calls) == 6 else out
+
+    monkeypatch.setattr(RWKV7, "loss", loss)
+    args = run_args(data, proj, "--mini_epoch_samples", "8")  # 2 steps per mini-epoch
+    with pytest.raises(UserError, match=r"loss is nan at step 6.*--lr_init"):
+        main(args)
+    saved = sorted(p.name for p in proj.glob("rwkv-*.pth"))
+    assert saved == ["rwkv-0.pth", "rwkv-1.pth", "rwkv-init.pth"], saved
+    assert not (proj / "rwkv-final.pth").exists()

@@ -107,6 +107,10 @@ def _resolve_hardware(cfg: TrainConfig):
             stage=stage, offload_optimizer=offload, offload_parameters=offload and stage == 3,
             allgather_bucket_size=bucket, reduce_bucket_size=bucket, logging_level=logging.WARNING,
         )
+        if cfg.precision == "bf16":  # Lightning keeps a "bf16" section it finds in the config
+            from rwkvlm.optim import deepspeed_bf16_config
+
+            strategy.config["bf16"] = deepspeed_bf16_config()
     elif strategy == "ddp":
         from pytorch_lightning.strategies import DDPStrategy
 
