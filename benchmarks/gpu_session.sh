@@ -186,7 +186,7 @@ with deepspeed_arch_list():
   echo "compile: 1" > "$W/compile.txt"
   if nvidia-smi -L | grep -q H100; then ROWS="1 16"; else ROWS="16 8"; fi
   for M in $ROWS; do
-    P=""; [ "$M" = 16 ] && P="--profile_steps 3"
+    P=""; [ "$M" = 16 ] && [ "${PROFILE:-3}" != 0 ] && P="--profile_steps ${PROFILE:-3}"
     say "trainer, 1 GPU, M_BSZ $M"
     NAME=t$M M_BSZ=$M STEPS=${STEPS:-40} LIMIT=200 EXTRA="--compile 1 $P ${MORE:-}" bash $B/gpu_train_run.sh "$W" 2>&1 | grep -v "profile (top" | head -12
   done

@@ -103,9 +103,14 @@ def _resolve_hardware(cfg: TrainConfig):
         stage = int(strategy.split("_")[2])
         offload = strategy.endswith("offload")
         bucket = int(cfg.ds_bucket_mb * 1000 * 1000)
+        # overlap_comm reduces gradients on a side stream, behind a device-wide sync on every
+        # bucket; with one process there is nothing to reduce and the syncs leave the GPU idle
+        # while the host prepares the optimiser step (ZeRO-3 keeps it: it also prefetches weights)
+        overlap = stage == 3 or cfg.world_size > 1
         strategy = DeepSpeedStrategy(
             stage=stage, offload_optimizer=offload, offload_parameters=offload and stage == 3,
-            allgather_bucket_size=bucket, reduce_bucket_size=bucket, logging_level=logging.WARNING,
+            allgather_bucket_size=bucket, reduce_bucket_size=bucket, overlap_comm=overlap,
+            logging_level=logging.WARNING,
         )
         if cfg.precision == "bf16":  # Lightning keeps a "bf16" section it finds in the config
             from rwkvlm.optim import deepspeed_bf16_config
