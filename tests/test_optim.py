@@ -113,6 +113,17 @@ def test_compile_flag_resolution():
     assert not _cfg(strategy="deepspeed_stage_3").compile_on("gpu")
 
 
+def test_compile_1_under_zero3_is_refused():
+    """Compiled blocks read the layer norms' weights directly: ZeRO-3 partitions them."""
+    from rwkvlm.errors import UserError
+
+    for strategy in ("deepspeed_stage_3", "deepspeed_stage_3_offload"):
+        _cfg(strategy=strategy).check_settings()  # auto: compiled blocks stay off
+        with pytest.raises(UserError, match="--compile auto"):
+            _cfg(strategy=strategy, compile=1).check_settings()
+    _cfg(strategy="deepspeed_stage_2", compile=1).check_settings()
+
+
 def test_deepspeed_bf16_section_drops_the_overflow_check(monkeypatch):
     """bf16 under DeepSpeed runs without the per-gradient overflow check where DeepSpeed has
     the option, and with a plain {"enabled": True} where it does not."""

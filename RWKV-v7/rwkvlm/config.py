@@ -204,6 +204,11 @@ class TrainConfig:
             raise UserError(f"--precision {self.precision!r} is not one of {sorted(PRECISIONS)}.")
         if self.strategy not in STRATEGIES:
             raise UserError(f"--strategy {self.strategy!r} is not one of {sorted(STRATEGIES)}.")
+        if self.compile == "1" and "stage_3" in self.strategy:
+            raise UserError(
+                f"--compile 1 does not work with --strategy {self.strategy}: the compiled blocks read the "
+                f"layer norms' weights directly, which ZeRO-3 partitions. Use --compile auto (or 0) with "
+                f"ZeRO-3, or --strategy deepspeed_stage_2 to compile.")
         if self.n_embd <= 0 or self.n_embd % 64 != 0:
             raise UserError(
                 f"N_EMBD (--n_embd) is {self.n_embd}; it must be a positive multiple of 64 "

@@ -105,8 +105,10 @@ def _resolve_hardware(cfg: TrainConfig):
         bucket = int(cfg.ds_bucket_mb * 1000 * 1000)
         # overlap_comm reduces gradients on a side stream, behind a device-wide sync on every
         # bucket; with one process there is nothing to reduce and the syncs leave the GPU idle
-        # while the host prepares the optimiser step (ZeRO-3 keeps it: it also prefetches weights)
-        overlap = stage == 3 or cfg.world_size > 1
+        # while the host prepares the optimiser step. Off only where measured: ZeRO-2 on one
+        # process (ZeRO-1 without it moves its gradient copies after the backward pass; ZeRO-3
+        # also uses it to prefetch weights)
+        overlap = not (stage == 2 and cfg.world_size == 1)
         strategy = DeepSpeedStrategy(
             stage=stage, offload_optimizer=offload, offload_parameters=offload and stage == 3,
             allgather_bucket_size=bucket, reduce_bucket_size=bucket, overlap_comm=overlap,
