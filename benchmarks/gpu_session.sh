@@ -14,6 +14,7 @@
 #           M_BSZ 1 on an H100: the tutorial's reference rows)
 #   confirm one GPU alone: the trainer at the reference rows' settings (M_BSZ 16 profiled and 8
 #           on an H200, 1 and 16 on an H100)
+#   strategies  short runs of the other DeepSpeed stages (offload too), fp16, tf32, fp32 and ddp
 #
 # Usage (device machine, repo root, wheels installed):
 #   bash benchmarks/gpu_session.sh check OUT          [env COMPILE=auto|0|1, STEPS=30, STEP_MODES="eager compile",
@@ -196,5 +197,31 @@ with deepspeed_arch_list():
     grep -E "cudaLaunchKernel |aten::isfinite|AccumulateGrad|aten::pin_memory|linalg_vector_norm" "$W/t16.profile.txt" | cut -c1-60,100-125,185-250 | sort -u
   fi
   ;;
-*) echo "unknown stage $STAGE (check, speed, real, parity, confirm)"; exit 2 ;;
+strategies)
+  # The strategies and precisions besides bf16 + deepspeed_stage_2: RUNS short runs (M_BSZ 4,
+  # STEPS steps, --compile auto), one per card at a time; each should end with rc 0, a finite
+  # loss falling from ~11.25 and rwkv-final.pth (offload builds DeepSpeed's CPU Adam first).
+  RUNS=${RUNS:-"deepspeed_stage_1:bf16 deepspeed_stage_3:bf16 deepspeed_stage_2_offload:bf16 deepspeed_stage_3_offload:bf16 deepspeed_stage_2:fp16 deepspeed_stage_2:tf32 deepspeed_stage_2:fp32 ddp:bf16"}
+  nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader | tee "$W/card.txt"
+  say "data, WKV kernel, FusedAdam and CPU Adam builds"
+  bash $B/gpu_data.sh "${DOCS:-20000}" 30 "${CTX:-4096}" > "$W/data.txt" 2>&1 &
+  python3 -c "from rwkvlm.wkv_cuda import load_extension; load_extension(64)" > "$W/kernel_build.txt" 2>&1 &
+  python3 -c "
+from deepspeed.ops.op_builder import CPUAdamBuilder, FusedAdamBuilder
+from rwkvlm.optim import deepspeed_arch_list
+with deepspeed_arch_list():
+    FusedAdamBuilder().load()
+    CPUAdamBuilder().load()" > "$W/adam_builds.txt" 2>&1 &
+  wait; tail -1 "$W/data.txt"; tail -3 "$W/adam_builds.txt"
+  i=0
+  for r in $RUNS; do
+    ST=${r%%:*}; PR=${r##*:}; N="s_${ST#deepspeed_}_$PR"
+    (NAME=$N M_BSZ=4 CARDS=$((i % NGPU)) STEPS=${STEPS:-20} LIMIT=240 \
+       EXTRA="--strategy $ST --precision $PR ${MORE:-}" bash $B/gpu_train_run.sh "$W" > "$W/$N.out" 2>&1) &
+    i=$((i + 1)); [ $((i % NGPU)) = 0 ] && wait
+  done
+  wait
+  for r in $RUNS; do ST=${r%%:*}; PR=${r##*:}; N="s_${ST#deepspeed_}_$PR"; say "$N"; grep -E "rc |loss first|peak|steady" "$W/$N.summary.txt" 2>/dev/null || tail -5 "$W/$N.out"; done
+  ;;
+*) echo "unknown stage $STAGE (check, speed, real, parity, confirm, strategies)"; exit 2 ;;
 esac

@@ -34,7 +34,7 @@ FIRST=${GPUS%%,*}
 
 cd "$REPO/RWKV-v7/train_temp"
 rm -rf "$P"
-echo "== $NAME: L12-D768 ctx 4096, $DEVICES GPU x M_BSZ $M_BSZ, GRAD_CP $GRAD_CP, bf16, $EXIT_TOKENS tokens" \
+echo "== $NAME: L12-D768 ctx 4096, $DEVICES GPU x M_BSZ $M_BSZ, GRAD_CP $GRAD_CP, $EXIT_TOKENS tokens" \
      "($((EXIT_TOKENS / TOK_STEP)) steps), $EXTRA"
 sh demo-training-prepare.sh --proj_dir "$P" --my_exit_tokens "$TOKENS" --magic_prime "$PRIME" --random_seed 0 $EXTRA \
    > "$O.prepare.txt" 2>&1 || { cat "$O.prepare.txt"; exit 1; }
