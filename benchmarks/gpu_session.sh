@@ -33,20 +33,25 @@ pack() { tar czf "$OUT/work.tgz" --exclude='*.pth' --exclude='*.bin' -C /tmp gpu
 trap pack EXIT
 say() { echo "=== $(date +%T) $*"; }
 chosen_compile() { cut -d' ' -f2 "$W/compile.txt" 2>/dev/null || echo 0; }  # what `check` chose
+card_info() { nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader | tee "$W/card.txt"; }
+builds() {  # in the background, as a trainer's first step would: the WKV kernel and DeepSpeed's ops named
+  python3 -c "from rwkvlm.wkv_cuda import load_extension; load_extension(64)" > "$W/kernel_build.txt" 2>&1 &
+  python3 -c "
+import deepspeed.ops.op_builder as ops
+from rwkvlm.optim import deepspeed_arch_list
+with deepspeed_arch_list():
+    for name in '$*'.split():
+        getattr(ops, name)().load()" > "$W/adam_builds.txt" 2>&1 &
+}
 
 case "$STAGE" in
 check)
-  nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader | tee "$W/card.txt"
+  card_info
   python3 -c "import os, torch, pytorch_lightning as pl, deepspeed; print('torch', torch.__version__, 'lightning', pl.__version__, 'deepspeed', deepspeed.__version__, 'TORCH_CUDA_ARCH_LIST', os.environ.get('TORCH_CUDA_ARCH_LIST'))"
-  say "background: data, FusedAdam build"
+  say "background: data, WKV kernel and FusedAdam builds"
   bash $B/gpu_data.sh "${DOCS:-20000}" 30 "${CTX:-4096}" > "$W/data.txt" 2>&1 &
   DATA=$!
-  python3 - > "$W/fusedadam.txt" 2>&1 <<'PY' &
-from deepspeed.ops.op_builder import FusedAdamBuilder
-from rwkvlm.optim import deepspeed_arch_list
-with deepspeed_arch_list():  # the build the trainer's first step would do
-    FusedAdamBuilder().load()
-PY
+  builds FusedAdamBuilder
   if [ "${KERNELS:-1}" = 1 ]; then
     wkv() { CUDA_VISIBLE_DEVICES=$LAST timeout 200 python3 -m pytest -q tests/test_wkv_cuda.py -p no:cacheprovider
             CUDA_VISIBLE_DEVICES=$LAST timeout 240 python3 $B/bench_wkv.py --fla-budget-s 150; }
@@ -114,18 +119,12 @@ speed)
   # session (setsid) so that it outlasts this call: `real` collects it.
   DOCS=${DOCS:-20000}
   card() { echo $(( $1 < NGPU ? $1 : LAST )); }
-  nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader | tee "$W/card.txt"
+  card_info
   python3 -c "import os, torch, pytorch_lightning as pl, deepspeed; print('torch', torch.__version__, 'lightning', pl.__version__, 'deepspeed', deepspeed.__version__)"
   say "data ($DOCS docs x 30), WKV kernel and FusedAdam builds"
   bash $B/gpu_data.sh "$DOCS" 30 "${CTX:-4096}" > "$W/data.txt" 2>&1 &
   DATA=$!
-  python3 -c "from rwkvlm.wkv_cuda import load_extension; load_extension(64)" > "$W/kernel_build.txt" 2>&1 &
-  python3 - > "$W/fusedadam.txt" 2>&1 <<'PY' &
-from deepspeed.ops.op_builder import FusedAdamBuilder
-from rwkvlm.optim import deepspeed_arch_list
-with deepspeed_arch_list():
-    FusedAdamBuilder().load()
-PY
+  builds FusedAdamBuilder
   (CUDA_VISIBLE_DEVICES=0 python3 $B/matmul_rate.py > "$W/matmul.txt" 2>&1
    TF=$(grep -o '[0-9.]* TFLOP/s' "$W/matmul.txt" | head -1 | cut -d' ' -f1)
    CUDA_VISIBLE_DEVICES=0 timeout 200 python3 $B/bench_step.py --bsz 16 --modes compile --profile --top 40 \
@@ -172,15 +171,10 @@ parity)
 confirm)
   # One GPU, nothing else running: the trainer at M_BSZ 16 (profiled) and at M_BSZ 8 on an
   # H200, or at M_BSZ 1 and 16 on an H100 (the rows of the tutorial's reference figures).
-  nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader | tee "$W/card.txt"
+  card_info
   say "data, WKV kernel and FusedAdam builds"
   bash $B/gpu_data.sh "${DOCS:-20000}" 30 "${CTX:-4096}" > "$W/data.txt" 2>&1 &
-  python3 -c "from rwkvlm.wkv_cuda import load_extension; load_extension(64)" > "$W/kernel_build.txt" 2>&1 &
-  python3 -c "
-from deepspeed.ops.op_builder import FusedAdamBuilder
-from rwkvlm.optim import deepspeed_arch_list
-with deepspeed_arch_list():
-    FusedAdamBuilder().load()" > "$W/fusedadam.txt" 2>&1 &
+  builds FusedAdamBuilder
   python3 $B/matmul_rate.py | tee "$W/matmul.txt"
   wait
   tail -1 "$W/data.txt"
@@ -202,16 +196,10 @@ strategies)
   # STEPS steps, --compile auto), one per card at a time; each should end with rc 0, a finite
   # loss falling from ~11.25 and rwkv-final.pth (offload builds DeepSpeed's CPU Adam first).
   RUNS=${RUNS:-"deepspeed_stage_1:bf16 deepspeed_stage_3:bf16 deepspeed_stage_2_offload:bf16 deepspeed_stage_3_offload:bf16 deepspeed_stage_2:fp16 deepspeed_stage_2:tf32 deepspeed_stage_2:fp32 ddp:bf16"}
-  nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader | tee "$W/card.txt"
+  card_info
   say "data, WKV kernel, FusedAdam and CPU Adam builds"
   bash $B/gpu_data.sh "${DOCS:-20000}" 30 "${CTX:-4096}" > "$W/data.txt" 2>&1 &
-  python3 -c "from rwkvlm.wkv_cuda import load_extension; load_extension(64)" > "$W/kernel_build.txt" 2>&1 &
-  python3 -c "
-from deepspeed.ops.op_builder import CPUAdamBuilder, FusedAdamBuilder
-from rwkvlm.optim import deepspeed_arch_list
-with deepspeed_arch_list():
-    FusedAdamBuilder().load()
-    CPUAdamBuilder().load()" > "$W/adam_builds.txt" 2>&1 &
+  builds FusedAdamBuilder CPUAdamBuilder
   wait; tail -1 "$W/data.txt"; tail -3 "$W/adam_builds.txt"
   i=0
   for r in $RUNS; do

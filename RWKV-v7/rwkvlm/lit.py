@@ -116,11 +116,12 @@ class RWKVTrainModule(pl.LightningModule):
     def on_train_batch_end(self, outputs, batch, batch_idx):
         cfg = self.cfg
         loss = float(outputs["loss"].detach()) if isinstance(outputs, dict) else float(outputs.detach())
-        bad = not math.isfinite(loss)
+        own_bad = not math.isfinite(loss)
+        bad = own_bad
         if cfg.world_size > 1:  # every rank stops together (a rank left behind would hang)
-            bad = bool(self.trainer.strategy.reduce_boolean_decision(bad, all=False))
+            bad = bool(self.trainer.strategy.reduce_boolean_decision(own_bad, all=False))
         if bad:
-            self._diverged(f"the training loss is {loss} at step {self.step}" if not math.isfinite(loss)
+            self._diverged(f"the training loss is {loss} at step {self.step}" if own_bad
                            else f"another rank's training loss is not finite at step {self.step}")
         now = time.perf_counter()
         dt = now - self.t_last

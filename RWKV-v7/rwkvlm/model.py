@@ -32,7 +32,6 @@ from rwkvlm.wkv import wkv7, wkv7_chunked
 __all__ = ["ModelConfig", "RWKV7", "count_params", "l2wrap_loss", "L2Wrap", "head_l2wrap_loss"]
 
 L2WRAP_FACTOR = 1e-4
-LN_EPS = 1e-5  # nn.LayerNorm's default, as the checkpoints' layer norms use
 
 
 # ============================================================================================
@@ -248,7 +247,7 @@ class TimeMix(nn.Module):
         if ln is None:
             xr, xw, xk, xv, xa, xg = fn(_time_shift_mix)(x, _shift(x, x_prev), *mus)
         else:
-            xr, xw, xk, xv, xa, xg = fn(_ln_time_shift_mix)(x, ln.weight, ln.bias, *mus)
+            xr, xw, xk, xv, xa, xg = fn(_ln_time_shift_mix)(x, ln.weight, ln.bias, ln.eps, *mus)
         r = self.receptance(xr)  # (B, T, C)
         k = self.key(xk)         # (B, T, C)
         v = self.value(xv)       # (B, T, C)
@@ -281,9 +280,9 @@ def _time_shift_mix(x, xs, *mus):
     return tuple(x + xx * mu for mu in mus)
 
 
-def _ln_time_shift_mix(x, ln_w, ln_b, *mus):
+def _ln_time_shift_mix(x, ln_w, ln_b, eps: float, *mus):
     """_time_shift_mix of layer_norm(x) (zero initial shift state). x: (B, T, C)."""
-    h = F.layer_norm(x, (x.shape[-1],), ln_w, ln_b, LN_EPS)  # (B, T, C)
+    h = F.layer_norm(x, (x.shape[-1],), ln_w, ln_b, eps)  # (B, T, C)
     return _time_shift_mix(h, _shift(h, None), *mus)
 
 
@@ -330,11 +329,11 @@ def _channel_mix_in(x, xs, mu):
     return x + (xs - x) * mu  # (B, T, C)
 
 
-def _add_ln_channel_mix_in(x, dx, ln_w, ln_b, mu):
+def _add_ln_channel_mix_in(x, dx, ln_w, ln_b, eps: float, mu):
     """The residual add after the time mix, then ln2 and the channel mix's token shift:
     returns (x + dx, the ffn.key input). x, dx: (B, T, C)."""
     x = x + dx
-    h = F.layer_norm(x, (x.shape[-1],), ln_w, ln_b, LN_EPS)  # (B, T, C)
+    h = F.layer_norm(x, (x.shape[-1],), ln_w, ln_b, eps)  # (B, T, C)
     return x, _channel_mix_in(h, _shift(h, None), mu)
 
 
@@ -435,7 +434,8 @@ class Block(nn.Module):
             return x + self.ffn(self.ln2(x)), v_first
         # compiled (never under ZeRO-3): ln1, ln2 and the residual add run inside the fused functions
         dx, v_first = self.att(x, v_first, ln=self.ln1)
-        x, h = _compiled(_add_ln_channel_mix_in)(x, dx, self.ln2.weight, self.ln2.bias, self.ffn.x_k.view(-1))
+        x, h = _compiled(_add_ln_channel_mix_in)(x, dx, self.ln2.weight, self.ln2.bias, self.ln2.eps,
+                                                 self.ffn.x_k.view(-1))
         return x + self.ffn.mixed(h), v_first
 
 
@@ -757,7 +757,7 @@ class _HeadCE(torch.autograd.Function):
         gw = torch.zeros(V, C, dtype=acc, device=dev) if need_gw else None
         R = min(chunk_rows, M)
         logits_buf = _scratch("head_logits", (R, V), cdt, dev)
-        prob_buf = _scratch("head_probs", (R, V), acc, dev)
+        prob_buf = None if compiled else _scratch("head_probs", (R, V), acc, dev)  # the compiled form makes its own
         rows_all = torch.arange(R, device=dev)
         total = torch.zeros((), dtype=torch.float64, device=dev)
         underflow = []  # (chunk start, rows whose target probability underflowed): fixed after the loop
@@ -769,32 +769,28 @@ class _HeadCE(torch.autograd.Function):
                 tgt = targets[i:i + R]
                 lg = torch.mm(xc, Wc.t(), out=logits_buf[:n])  # (n, V)
                 if compiled:  # the fused form: no fp32 copy of the chunk, no underflow case
-                    loss_rows, gc = _compiled(_ce_chunk_grad)(lg, tgt)
+                    loss_rows, gc = _compiled(_ce_chunk_grad)(lg, tgt)  # (n,), (n, V) in cdt
                     total += loss_rows.sum(dtype=torch.float64)
-                    if need_gx:
-                        torch.mm(gc, Wc, out=gx[i:i + n])       # (n, C)
-                    if need_gw:
-                        gw.add_(gc.t() @ xc)                    # (V, C)
-                    continue
-                if cdt != acc:
-                    lg = lg.to(acc)                             # (n, V) fp32
-                m, am = lg.max(dim=1)                           # (n,)
-                p = _softmax_into(lg, prob_buf[:n])             # (n, V)
-                pt = p[rows, tgt]                               # (n,)
-                tiny = pt < 1e-30                               # p_t underflows: -log(p_t) is inexact
-                total += torch.where(tiny, 0.0, -torch.log(pt)).sum(dtype=torch.float64)
-                underflow.append((i, tiny))                     # no host sync inside the loop
-                if need_gx or need_gw:
-                    p[rows, tgt] -= 1.0
-                    p[rows, am] += L2WRAP_FACTOR * m            # M * (dCE/dlogits + L2Wrap)
-                    gc = p if cdt == acc else p.to(cdt)
-                    if need_gx:
-                        torch.mm(gc, Wc, out=gx[i:i + n])       # (n, C)
-                    if need_gw:
-                        if gc.dtype == acc:
-                            gw.addmm_(gc.t(), xc)               # (V, C)
-                        else:
-                            gw.add_(gc.t() @ xc)
+                else:
+                    if cdt != acc:
+                        lg = lg.to(acc)                         # (n, V) fp32
+                    m, am = lg.max(dim=1)                       # (n,)
+                    p = _softmax_into(lg, prob_buf[:n])         # (n, V)
+                    pt = p[rows, tgt]                           # (n,)
+                    tiny = pt < 1e-30                           # p_t underflows: -log(p_t) is inexact
+                    total += torch.where(tiny, 0.0, -torch.log(pt)).sum(dtype=torch.float64)
+                    underflow.append((i, tiny))                 # no host sync inside the loop
+                    if need_gx or need_gw:
+                        p[rows, tgt] -= 1.0
+                        p[rows, am] += L2WRAP_FACTOR * m        # M * (dCE/dlogits + L2Wrap)
+                        gc = p if cdt == acc else p.to(cdt)
+                if need_gx:
+                    torch.mm(gc, Wc, out=gx[i:i + n])           # (n, C)
+                if need_gw:
+                    if gc.dtype == acc:
+                        gw.addmm_(gc.t(), xc)                   # (V, C)
+                    else:
+                        gw.add_(gc.t() @ xc)
             # rows whose target probability underflowed (loss > 69): exact logsumexp - logit,
             # recomputed for those rows only; one host sync per call, not one per chunk
             if underflow and bool(torch.stack([t.any() for _, t in underflow]).any()):
