@@ -15,6 +15,7 @@
 #   confirm one GPU alone: the trainer at the reference rows' settings (M_BSZ 16 profiled and 8
 #           on an H200, 1 and 16 on an H100)
 #   strategies  short runs of the other DeepSpeed stages (offload too), fp16, tf32, fp32 and ddp
+#   pair    (2 GPUs) the M_BSZ 1 row alone, 2 GPUs and 2 nodes (gpu_multi.sh), then strategy_runs
 #
 # Usage (device machine, repo root, wheels installed):
 #   bash benchmarks/gpu_session.sh check OUT          [env COMPILE=auto|0|1, STEPS=30, STEP_MODES="eager compile",
@@ -42,6 +43,20 @@ from rwkvlm.optim import deepspeed_arch_list
 with deepspeed_arch_list():
     for name in '$*'.split():
         getattr(ops, name)().load()" > "$W/adam_builds.txt" 2>&1 &
+}
+
+strategy_runs() {  # RUNS (strategy:precision) at M_BSZ 4 for STEPS steps, one per card at a time
+  RUNS=${RUNS:-"deepspeed_stage_1:bf16 deepspeed_stage_3:bf16 deepspeed_stage_2_offload:bf16 deepspeed_stage_3_offload:bf16 deepspeed_stage_2:fp16 deepspeed_stage_2:tf32 deepspeed_stage_2:fp32 ddp:bf16"}
+  local i=0 r ST PR N
+  for r in $RUNS; do
+    ST=${r%%:*}; PR=${r##*:}; N="s_${ST#deepspeed_}_$PR"
+    say "start $N on card $((i % NGPU))"
+    (NAME=$N M_BSZ=4 CARDS=$((i % NGPU)) STEPS=${STEPS:-20} LIMIT=${SLIMIT:-240} \
+       EXTRA="--strategy $ST --precision $PR ${MORE:-}" bash $B/gpu_train_run.sh "$W" > "$W/$N.out" 2>&1) &
+    i=$((i + 1)); [ $((i % NGPU)) = 0 ] && wait
+  done
+  wait
+  for r in $RUNS; do ST=${r%%:*}; PR=${r##*:}; N="s_${ST#deepspeed_}_$PR"; say "$N"; grep -E "rc |loss first|peak|steady" "$W/$N.summary.txt" 2>/dev/null || tail -5 "$W/$N.out"; done
 }
 
 case "$STAGE" in
@@ -171,15 +186,22 @@ parity)
 confirm)
   # One GPU, nothing else running: the trainer at M_BSZ 16 (profiled) and at M_BSZ 8 on an
   # H200, or at M_BSZ 1 and 16 on an H100 (the rows of the tutorial's reference figures).
+  # ROWS overrides the M_BSZ list; KERNELS=1 first runs the GPU kernel tests; STEP_AB=DIR then
+  # times one compiled step at the first row's M_BSZ with this tree's rwkvlm and with the
+  # rwkvlm package under DIR (an older commit), on the same card.
   card_info
   say "data, WKV kernel and FusedAdam builds"
   bash $B/gpu_data.sh "${DOCS:-20000}" 30 "${CTX:-4096}" > "$W/data.txt" 2>&1 &
   builds FusedAdamBuilder
   python3 $B/matmul_rate.py | tee "$W/matmul.txt"
+  if [ "${KERNELS:-0}" = 1 ]; then
+    say "GPU tests: WKV kernel, compiled op"
+    timeout 240 python3 -m pytest -q tests/test_wkv_cuda.py tests/test_wkv.py -p no:cacheprovider 2>&1 | tail -3 | tee "$W/tests.txt"
+  fi
   wait
   tail -1 "$W/data.txt"
   echo "compile: 1" > "$W/compile.txt"
-  if nvidia-smi -L | grep -q H100; then ROWS="1 16"; else ROWS="16 8"; fi
+  if [ -z "${ROWS:-}" ]; then if nvidia-smi -L | grep -q H100; then ROWS="1 16"; else ROWS="8 16"; fi; fi
   for M in $ROWS; do
     P=""; [ "$M" = 16 ] && [ "${PROFILE:-3}" != 0 ] && P="--profile_steps ${PROFILE:-3}"
     say "trainer, 1 GPU, M_BSZ $M"
@@ -188,28 +210,44 @@ confirm)
   if [ -f "$W/t16.profile.txt" ]; then
     say "t16 profile"; head -1 "$W/t16.profile.txt"
     grep -E "Self CPU time total|Self CUDA time total" "$W/t16.profile.txt" | sort -u
-    grep -E "cudaLaunchKernel |aten::isfinite|AccumulateGrad|aten::pin_memory|linalg_vector_norm" "$W/t16.profile.txt" | cut -c1-60,100-125,185-250 | sort -u
+    grep -E "cudaLaunchKernel |aten::isfinite|AccumulateGrad|aten::pin_memory|linalg_vector_norm|CompiledFunction " "$W/t16.profile.txt" | cut -c1-60,100-125,185-250 | sort -u
+  fi
+  if [ -n "${STEP_AB:-}" ]; then
+    M=${ROWS%% *}
+    TF=$(grep -o '[0-9.]* TFLOP/s' "$W/matmul.txt" | head -1 | cut -d' ' -f1)
+    for side in new old; do
+      say "one compiled step, M_BSZ $M, $side rwkvlm"
+      PP=$PYTHONPATH; [ $side = old ] && PP=$STEP_AB:$PYTHONPATH
+      PYTHONPATH=$PP timeout 200 python3 $B/bench_step.py --bsz "$M" --modes compile --steps 8 --tflops "${TF:-0}" \
+        2>&1 | grep -v -i warn | tee "$W/step_$side.txt"
+    done
   fi
   ;;
 strategies)
   # The strategies and precisions besides bf16 + deepspeed_stage_2: RUNS short runs (M_BSZ 4,
   # STEPS steps, --compile auto), one per card at a time; each should end with rc 0, a finite
   # loss falling from ~11.25 and rwkv-final.pth (offload builds DeepSpeed's CPU Adam first).
-  RUNS=${RUNS:-"deepspeed_stage_1:bf16 deepspeed_stage_3:bf16 deepspeed_stage_2_offload:bf16 deepspeed_stage_3_offload:bf16 deepspeed_stage_2:fp16 deepspeed_stage_2:tf32 deepspeed_stage_2:fp32 ddp:bf16"}
   card_info
   say "data, WKV kernel, FusedAdam and CPU Adam builds"
   bash $B/gpu_data.sh "${DOCS:-20000}" 30 "${CTX:-4096}" > "$W/data.txt" 2>&1 &
   builds FusedAdamBuilder CPUAdamBuilder
   wait; tail -1 "$W/data.txt"; tail -3 "$W/adam_builds.txt"
-  i=0
-  for r in $RUNS; do
-    ST=${r%%:*}; PR=${r##*:}; N="s_${ST#deepspeed_}_$PR"
-    (NAME=$N M_BSZ=4 CARDS=$((i % NGPU)) STEPS=${STEPS:-20} LIMIT=240 \
-       EXTRA="--strategy $ST --precision $PR ${MORE:-}" bash $B/gpu_train_run.sh "$W" > "$W/$N.out" 2>&1) &
-    i=$((i + 1)); [ $((i % NGPU)) = 0 ] && wait
-  done
-  wait
-  for r in $RUNS; do ST=${r%%:*}; PR=${r##*:}; N="s_${ST#deepspeed_}_$PR"; say "$N"; grep -E "rc |loss first|peak|steady" "$W/$N.summary.txt" 2>/dev/null || tail -5 "$W/$N.out"; done
+  strategy_runs
   ;;
-*) echo "unknown stage $STAGE (check, speed, real, parity, confirm, strategies)"; exit 2 ;;
+pair)
+  # Two GPUs (nvidia-h100-x2): the M_BSZ 1 row alone on card 0 (the tutorial's H100 reference
+  # row), the 2-GPU and 2-node runs (gpu_multi.sh), then strategy_runs two at a time.
+  card_info
+  say "data, WKV kernel, FusedAdam and CPU Adam builds"
+  bash $B/gpu_data.sh "${DOCS:-20000}" 30 "${CTX:-4096}" > "$W/data.txt" 2>&1 &
+  builds FusedAdamBuilder CPUAdamBuilder
+  python3 $B/matmul_rate.py | tee "$W/matmul.txt"
+  wait; tail -1 "$W/data.txt"
+  say "trainer, 1 GPU alone, M_BSZ 1"
+  NAME=t1 M_BSZ=1 CARDS=0 STEPS=${STEPS1:-60} LIMIT=150 EXTRA="--compile 1 ${MORE:-}" bash $B/gpu_train_run.sh "$W" 2>&1 | head -12
+  say "1 GPU, 2 GPUs, 2 nodes (M_BSZ 16)"
+  EXTRA="--compile 1 ${MORE:-}" timeout 270 bash $B/gpu_multi.sh "$W/multi" "${STEPS:-30}" 16 2>&1 | tail -6
+  STEPS=${SSTEPS:-10} strategy_runs
+  ;;
+*) echo "unknown stage $STAGE (check, speed, real, parity, confirm, strategies, pair)"; exit 2 ;;
 esac

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from trainkit import TRAIN_TEMP, make_dataset, prepare_args, run_args
+from trainkit import TRAIN_TEMP, make_dataset, prepare_args, run_args, snapshot
 
 STEPS = 36
 
@@ -120,3 +120,11 @@ def test_save_every_minutes_and_deepspeed_flag_on_cpu(reference, tmp_path, cpu_e
     assert "DeepSpeed needs GPUs" in r.stdout
     # a state after every step (the clock interval is shorter than a step); the last 3 are kept
     assert [p.name for p in sorted((d / "resume").iterdir())] == [f"step-{s:09d}" for s in (3, 4, 5)]
+    # the final step (6) is not a mini-epoch's end, and no resume state is kept for it: a re-run of
+    # the finished run must still find it finished rather than train step 6 again from step 5
+    before = snapshot(d)
+    r = subprocess.run([sys.executable, str(TRAIN_TEMP / "train.py"), *args], env=cpu_env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "nothing to do" in r.stdout, r.stdout[-2000:]
+    assert snapshot(d) == before

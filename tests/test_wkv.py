@@ -215,3 +215,33 @@ def test_chunked_on_cuda_matches_reference_fp32():
     ((y * gy.cuda()).sum() + (S * gS.cuda()).sum()).backward()
     for name, a, b in zip("r w k v a b state".split(), cu, ref):
         assert rel_rms(a.grad.cpu(), b.grad) < 1e-4, name
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_wkv7_op_pytorch_path_matches_chunked(compiled):
+    """The custom op (what compiled blocks call) on its PyTorch path: same output and same six
+    gradients as autograd through wkv7_chunked, eagerly and inside one torch.compile graph
+    (fullgraph: no break around the op); T = 40 is not a multiple of the chunk length."""
+    from rwkvlm.wkv_cuda import wkv7_op
+
+    B, T, H, N = 2, 40, 2, 32
+    inputs = make_inputs(B, T, H, N, seed=29)
+    gy = torch.randn(B, T, H * N, generator=torch.Generator().manual_seed(2), dtype=torch.float64).float()
+    ref = [t.clone().requires_grad_() for t in inputs]
+    y_ref, _ = wkv7_chunked(*ref, N)
+    (y_ref * gy).sum().backward()
+
+    def f(*xs):
+        return (wkv7_op(*xs, N, "torch") * gy).sum(), wkv7_op(*xs, N, "torch")
+
+    if compiled:
+        torch._dynamo.reset()
+        f = torch.compile(f, fullgraph=True, dynamic=False)
+    got = [t.clone().requires_grad_() for t in inputs]
+    loss, y = f(*got)
+    loss.backward()
+    assert rel_rms(y.detach(), y_ref.detach()) < 1e-6
+    for name, a, b in zip("rwkvab", got, ref):
+        assert rel_rms(a.grad, b.grad) < 1e-6, name
+    with torch.no_grad():  # no state kept without grad, same output
+        assert rel_rms(wkv7_op(*inputs, N, "torch"), y_ref.detach()) < 1e-6

@@ -7,11 +7,14 @@ loads with `torch.load(weights_only=True)`.
 Exact-resume states live in `<proj_dir>/resume/step-<step>/`: `state.json`
 (written last: a state without it is incomplete and ignored) plus either
 `trainer.pt` (model and optimiser state, for torch optimisers) or `ds/` (a
-DeepSpeed checkpoint). Every file is written under a temporary name and
-renamed when complete.
+DeepSpeed checkpoint). `rwkv-final.json`, written after rwkv-final.pth, holds
+the step and settings it belongs to: a re-run with the same settings then has
+nothing to do. Every file is written under a temporary name and renamed when
+complete.
 """
 from __future__ import annotations
 
+import datetime
 import json
 import pickle
 import re
@@ -26,6 +29,8 @@ from rwkvlm.atomic import atomic_open, atomic_torch_save
 from rwkvlm.errors import UserError
 
 RESUME_DIR = "resume"
+FINAL_WEIGHTS = "rwkv-final.pth"
+FINAL_INFO = "rwkv-final.json"  # written after rwkv-final.pth: its step and run settings
 STATE_FILE = "state.json"
 _EPOCH_RE = re.compile(r"^rwkv-(\d+)\.pth$")
 _STEP_RE = re.compile(r"^step-(\d+)$")
@@ -164,6 +169,29 @@ def run_fingerprint(cfg) -> dict:
     }
 
 
+def save_final_info(proj_dir, step: int, cfg) -> None:
+    """Rank 0, after rwkv-final.pth: rwkv-final.json says which step and settings it belongs
+    to, so that a re-run of the same script finds the run finished instead of training the
+    tail again from an older save."""
+    info = {"step": step, "tokens": step * cfg.tokens_per_step, "weights": FINAL_WEIGHTS,
+            "fingerprint": run_fingerprint(cfg), "saved_at": str(datetime.datetime.now())}
+    with atomic_open(Path(proj_dir) / FINAL_INFO, "w") as f:
+        json.dump(info, f, indent=1)
+
+
+def _finished_run(proj: Path, cfg) -> StartPoint | None:
+    """The finished run in proj: rwkv-final.pth with rwkv-final.json for these very settings."""
+    try:
+        info = json.loads((proj / FINAL_INFO).read_text())
+        step = int(info["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    weights = proj / FINAL_WEIGHTS
+    if info.get("fingerprint") != run_fingerprint(cfg) or step < cfg.total_steps or not weights.is_file():
+        return None
+    return StartPoint(step=step, weights=None, source=weights)
+
+
 def find_start(cfg, log=print) -> StartPoint:
     """Pick the newest complete save in cfg.proj_dir (or --load_model) and load its weights.
 
@@ -183,6 +211,9 @@ def find_start(cfg, log=print) -> StartPoint:
         return StartPoint(step=cfg.epoch_begin * cfg.epoch_steps, weights=sd, source=path,
                           epoch_begin=cfg.epoch_begin)
 
+    done = _finished_run(proj, cfg)
+    if done is not None:
+        return done
     candidates = []  # (step, priority, kind, path, extra): extra is the state.json or the mini-epoch N
     fp = run_fingerprint(cfg)
     for step, d in resume_states(proj):

@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from rwkvlm.atomic import atomic_open, atomic_torch_save
-from rwkvlm.checkpoint import run_fingerprint, save_resume_state, save_weights
+from rwkvlm.checkpoint import FINAL_WEIGHTS, run_fingerprint, save_final_info, save_resume_state, save_weights
 from rwkvlm.dataset import MagicPrimeDataset, StepSampler
 from rwkvlm.errors import UserError
 from rwkvlm.optim import lr_at, make_optimizer, param_groups
@@ -149,8 +149,9 @@ class RWKVTrainModule(pl.LightningModule):
         if final:
             if epoch_weights is not None:
                 self._save_weights(epoch_weights)
-            self._save_weights(self.proj / "rwkv-final.pth")
+            self._save_weights(self.proj / FINAL_WEIGHTS)
             if self.global_rank == 0:
+                save_final_info(self.proj, step, cfg)
                 self.print_fn(f"\nreached --my_exit_tokens ({cfg.my_exit_tokens}): wrote {self.proj / 'rwkv-final.pth'}")
             return
         want_state = epoch_done or (cfg.save_every_steps > 0 and step % cfg.save_every_steps == 0)

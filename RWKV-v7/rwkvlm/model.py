@@ -175,7 +175,6 @@ class TimeMix(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.layer_id = layer_id
-        self.compiled = False  # set by RWKV7.compile_blocks
         C, H, N = cfg.n_embd, cfg.n_head, cfg.head_size
 
         def vec():
@@ -235,61 +234,44 @@ class TimeMix(nn.Module):
         self.ln_x.weight.fill_(((1 + l) / L) ** 0.7)
         self.ln_x.bias.zero_()
 
-    def forward(self, x, v_first, x_prev=None, state=None, return_state=False, ln=None):
-        """x: (B, T, C), the ln1 output, or with `ln` (compiled blocks only) the block's input,
-        which ln then normalises inside the first fused function. Returns (out, v_first) or,
-        with return_state, (out, v_first, new_wkv_state)."""
+    def forward(self, x, v_first, x_prev=None, state=None, return_state=False):
+        """x: (B, T, C), the ln1 output. Returns (out, v_first) or, with return_state,
+        (out, v_first, new_wkv_state). (Compiled blocks run _block_fused instead.)"""
         B, T, C = x.shape
         N = self.cfg.head_size
-        comp = self.compiled and not return_state  # inference (any T, carried state) runs eager
-        fn = _compiled if comp else _plain
-        mus = tuple(p.view(C) for p in (self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g))
-        if ln is None:
-            xr, xw, xk, xv, xa, xg = fn(_time_shift_mix)(x, _shift(x, x_prev), *mus)
-        else:
-            xr, xw, xk, xv, xa, xg = fn(_ln_time_shift_mix)(x, ln.weight, ln.bias, ln.eps, *mus)
+        mus = (self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g)
+        xr, xw, xk, xv, xa, xg = _time_shift_mix(x, _shift(x, x_prev), *mus)
         r = self.receptance(xr)  # (B, T, C)
         k = self.key(xk)         # (B, T, C)
         v = self.value(xv)       # (B, T, C)
-        w, k, v, v_first, a, b, g = fn(_time_mix_inner)(
-            xw, xv, xa, xg, k, v, v_first, self.layer_id == 0, comp and self.cfg.wkv_impl != "torch", N,
-            self.w0.view(C), self.w1, self.w2, self.a0.view(C), self.a1, self.a2,
-            self.v0.view(C), self.v1, self.v2, self.g1, self.g2, self.k_k.view(C), self.k_a.view(C))
+        w, k, v, v_first, a, b, g = _time_mix_inner(
+            xw, xv, xa, xg, k, v, v_first, self.layer_id == 0, N,
+            self.w0, self.w1, self.w2, self.a0, self.a1, self.a2,
+            self.v0, self.v1, self.v2, self.g1, self.g2, self.k_k, self.k_a)
         if return_state:
             y, new_state = wkv7_chunked(r, w, k, v, a, b, N, state=state)
         else:
             y = wkv7(r, w, k, v, a, b, N, impl=self.cfg.wkv_impl)  # (B, T, C)
-        if comp:  # ln_x fused with the bonus and the gate
-            out = fn(_group_norm_time_mix_out)(y, self.ln_x.weight, self.ln_x.bias, self.ln_x.eps,
-                                               r, k, v, g, self.r_k.view(C), N)
-        else:
-            y = self.ln_x(y.reshape(B * T, C)).view(B, T, C)  # (B*T, C) -> (B, T, C)
-            out = _time_mix_out(y, r, k, v, g, self.r_k.view(C), N)
-        out = self.output(out)  # (B, T, C)
+        y = self.ln_x(y.reshape(B * T, C)).view(B, T, C)  # (B*T, C) -> (B, T, C)
+        out = self.output(_time_mix_out(y, r, k, v, g, self.r_k.view(C), N))  # (B, T, C)
         if return_state:
             return out, v_first, new_state
         return out, v_first
 
 
-# The pointwise work of a block, as plain functions of tensors so that --compile can fuse
-# each one (vector parameters come in as (C,) views: their gradients keep their shapes).
+# A block's work as plain functions of tensors: the eager modules call them, and so does
+# _block_fused, the whole block as one function for --compile.
 
 def _time_shift_mix(x, xs, *mus):
-    """x + (shift(x) - x) * mu for each of the six mixing vectors mu (C,). x, xs: (B, T, C)."""
+    """x + (shift(x) - x) * mu for each of the six mixing vectors mu (1, 1, C). x, xs: (B, T, C)."""
     xx = xs - x  # (B, T, C)
     return tuple(x + xx * mu for mu in mus)
 
 
-def _ln_time_shift_mix(x, ln_w, ln_b, eps: float, *mus):
-    """_time_shift_mix of layer_norm(x) (zero initial shift state). x: (B, T, C)."""
-    h = F.layer_norm(x, (x.shape[-1],), ln_w, ln_b, eps)  # (B, T, C)
-    return _time_shift_mix(h, _shift(h, None), *mus)
-
-
-def _time_mix_inner(xw, xv, xa, xg, k, v, v_first, is_first: bool, w_like_k: bool, N: int,
+def _time_mix_inner(xw, xv, xa, xg, k, v, v_first, is_first: bool, N: int,
                     w0, w1, w2, a0, a1, a2, v0, v1, v2, g1, g2, k_k, k_a):
-    """The LoRAs and the WKV inputs: decay w (fp32, or k's dtype with w_like_k: what the CUDA
-    kernel takes), new k, v (and v_first), a = -kk, b = kk * iclr, gate g."""
+    """The LoRAs and the WKV inputs: decay w (fp32), new k, v (and v_first), a = -kk,
+    b = kk * iclr, gate g."""
     B, T, C = k.shape
     w_raw = w0.float() + (torch.tanh(xw @ w1) @ w2).float()  # (B, T, C) fp32
     if is_first:
@@ -302,8 +284,6 @@ def _time_mix_inner(xw, xv, xa, xg, k, v, v_first, is_first: bool, w_like_k: boo
     kk = kk.view(B, T, C)  # (B, T, C)
     k = k * (1 + (iclr - 1) * k_a)
     w = -F.softplus(-w_raw) - 0.5  # (B, T, C) fp32; decay = exp(-exp(w))
-    if w_like_k:
-        w = w.to(k.dtype)
     return w, k, v, v_first, -kk, kk * iclr, g
 
 
@@ -329,16 +309,33 @@ def _channel_mix_in(x, xs, mu):
     return x + (xs - x) * mu  # (B, T, C)
 
 
-def _add_ln_channel_mix_in(x, dx, ln_w, ln_b, eps: float, mu):
-    """The residual add after the time mix, then ln2 and the channel mix's token shift:
-    returns (x + dx, the ffn.key input). x, dx: (B, T, C)."""
-    x = x + dx
-    h = F.layer_norm(x, (x.shape[-1],), ln_w, ln_b, eps)  # (B, T, C)
-    return x, _channel_mix_in(h, _shift(h, None), mu)
+def _layer_norm(x, ln: tuple):
+    w, b, eps = ln
+    return F.layer_norm(x, (x.shape[-1],), w, b, eps)  # (B, T, C)
 
 
-def _relu_sq(h):
-    return torch.relu(h) ** 2  # (B, T, 4C)
+def _block_fused(x, v_first, N: int, wkv_impl: str, ln1: tuple, att: tuple, ln_x: tuple, ln2: tuple, ffn: tuple):
+    """Block.forward (after ln0) as one function of tensors, for torch.compile: one graph per
+    block call, around the WKV custom op (rwkvlm.wkv_cuda.wkv7_op). ln1, ln_x, ln2 are
+    (weight, bias, eps); att and ffn are the parameters in Block.fused_params order (vectors
+    as (C,) views).
+    x: (B, T, C); v_first: (B, T, C) or None in the first layer."""
+    from rwkvlm.wkv_cuda import wkv7_op
+
+    (x_r, x_w, x_k, x_v, x_a, x_g, w0, w1, w2, a0, a1, a2, v0, v1, v2, g1, g2, k_k, k_a, r_k,
+     W_r, W_k, W_v, W_o) = att
+    f_xk, W_fk, W_fv = ffn
+    h = _layer_norm(x, ln1)  # (B, T, C)
+    xr, xw, xk, xv, xa, xg = _time_shift_mix(h, _shift(h, None), x_r, x_w, x_k, x_v, x_a, x_g)
+    r, k, v = F.linear(xr, W_r), F.linear(xk, W_k), F.linear(xv, W_v)  # (B, T, C) each
+    w, k, v, v_first, a, b, g = _time_mix_inner(xw, xv, xa, xg, k, v, v_first, v_first is None, N,
+                                                w0, w1, w2, a0, a1, a2, v0, v1, v2, g1, g2, k_k, k_a)
+    y = wkv7_op(r, w, k, v, a, b, N, wkv_impl)  # (B, T, C)
+    out = _group_norm_time_mix_out(y, *ln_x, r, k, v, g, r_k, N)
+    x = x + F.linear(out, W_o)
+    h = _layer_norm(x, ln2)
+    h = torch.relu(F.linear(_channel_mix_in(h, _shift(h, None), f_xk), W_fk)) ** 2  # (B, T, 4C)
+    return x + F.linear(h, W_fv), v_first
 
 
 def _plain(fn):
@@ -388,7 +385,6 @@ class ChannelMix(nn.Module):
         self.cfg = cfg
         self.layer_id = layer_id
         C = cfg.n_embd
-        self.compiled = False  # set by RWKV7.compile_blocks
         self.x_k = nn.Parameter(torch.zeros(1, 1, C))
         self.key = _skip_init_linear(C, cfg.dim_ffn)
         self.value = _skip_init_linear(cfg.dim_ffn, C)
@@ -403,14 +399,8 @@ class ChannelMix(nn.Module):
 
     def forward(self, x, x_prev=None):
         """x: (B, T, C) (the ln2 output)."""
-        fn = _compiled if self.compiled else _plain
-        return self.mixed(fn(_channel_mix_in)(x, _shift(x, x_prev), self.x_k.view(-1)))  # (B, T, C)
-
-    def mixed(self, h):
-        """The part after the token shift: h (B, T, C) -> (B, T, C)."""
-        fn = _compiled if self.compiled else _plain
-        h = fn(_relu_sq)(self.key(h))  # (B, T, 4C)
-        return self.value(h)           # (B, T, C)
+        h = torch.relu(self.key(_channel_mix_in(x, _shift(x, x_prev), self.x_k))) ** 2  # (B, T, 4C)
+        return self.value(h)  # (B, T, C)
 
 
 class Block(nn.Module):
@@ -423,20 +413,35 @@ class Block(nn.Module):
             self.ln0 = nn.LayerNorm(cfg.n_embd)
         self.att = TimeMix(cfg, layer_id)
         self.ffn = ChannelMix(cfg, layer_id)
+        self.compiled = False  # set by RWKV7.compile_blocks
 
     def forward(self, x, v_first):
         if self.layer_id == 0:
             x = self.ln0(x)
-        if not self.att.compiled:
+        if not self.compiled:
             # module by module: DeepSpeed ZeRO-3 gathers each module's weights in its forward
             dx, v_first = self.att(self.ln1(x), v_first)
             x = x + dx
             return x + self.ffn(self.ln2(x)), v_first
-        # compiled (never under ZeRO-3): ln1, ln2 and the residual add run inside the fused functions
-        dx, v_first = self.att(x, v_first, ln=self.ln1)
-        x, h = _compiled(_add_ln_channel_mix_in)(x, dx, self.ln2.weight, self.ln2.bias, self.ln2.eps,
-                                                 self.ffn.x_k.view(-1))
-        return x + self.ffn.mixed(h), v_first
+        # compiled (never under ZeRO-3, which partitions the weights read here directly)
+        cfg = self.att.cfg
+        return _compiled(_block_fused)(x, v_first, cfg.head_size, cfg.wkv_impl, *self.fused_params())
+
+    def fused_params(self) -> tuple:
+        """_block_fused's parameter arguments: ln1, att, ln_x, ln2, ffn."""
+        a, f = self.att, self.ffn
+
+        def ln(m):
+            return (m.weight, m.bias, m.eps)
+
+        def vec(p):  # (1, 1, C) or (H, N) -> (C,): torch 2.11's compiled backward can return a
+            return p.view(-1)  # vector parameter's gradient as (C,); the view's backward reshapes it
+
+        att = (vec(a.x_r), vec(a.x_w), vec(a.x_k), vec(a.x_v), vec(a.x_a), vec(a.x_g),
+               vec(a.w0), a.w1, a.w2, vec(a.a0), a.a1, a.a2, vec(a.v0), a.v1, a.v2, a.g1, a.g2,
+               vec(a.k_k), vec(a.k_a), vec(a.r_k),
+               a.receptance.weight, a.key.weight, a.value.weight, a.output.weight)
+        return ln(self.ln1), att, ln(a.ln_x), ln(self.ln2), (vec(f.x_k), f.key.weight, f.value.weight)
 
 
 class RWKV7(nn.Module):
@@ -455,19 +460,20 @@ class RWKV7(nn.Module):
     count_params = staticmethod(count_params)
 
     def compile_blocks(self) -> None:
-        """Run each block's pointwise work (layer norms, token shift and mixing, LoRAs,
-        normalisation, ln_x, bonus, gating, squared ReLU, the residual add after the time
-        mix) and the head loss's per-chunk softmax through torch.compile, which fuses it
-        into few kernels.
+        """Run each block as one torch.compile'd function (_block_fused) and the head loss's
+        per-chunk softmax work compiled too.
 
-        The matmuls of the Linear layers and the WKV op stay outside the compiled
-        functions. The layer norms' weights are read directly rather than through their
-        modules' forward, so compiled blocks are not for DeepSpeed ZeRO-3 (--compile auto
-        leaves them off there). Names, shapes and results are unchanged.
+        Inside a block the compiler fuses the layer norms, token shift and mixing, LoRAs,
+        normalisation, ln_x, bonus, gating, squared ReLU and the residual adds around the
+        matmuls, and the WKV op runs as an opaque custom op (the CUDA kernel on GPU, the
+        PyTorch path with --wkv_impl torch or on CPU); one compiled call per block replaces
+        dozens of separately launched ops, which is what bounds small-batch steps. The
+        weights are read directly rather than through the modules' forward, so compiled
+        blocks are not for DeepSpeed ZeRO-3 (--compile auto leaves them off there). Names,
+        shapes and results are unchanged.
         """
         for block in self.blocks:
-            block.att.compiled = True
-            block.ffn.compiled = True
+            block.compiled = True
         self.head.compiled = True
 
     # ---------------------------------------------------------------------------------------

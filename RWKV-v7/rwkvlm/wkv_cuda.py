@@ -43,7 +43,7 @@ import torch
 
 from rwkvlm.errors import UserError
 
-__all__ = ["wkv7_cuda", "is_available", "load_extension", "CHUNK_LEN", "HEAD_SIZES"]
+__all__ = ["wkv7_cuda", "wkv7_op", "is_available", "load_extension", "CHUNK_LEN", "HEAD_SIZES"]
 
 CHUNK_LEN = 16
 HEAD_SIZES = (32, 64)
@@ -202,25 +202,118 @@ def load_extension(head_size: int = 64, variants: str = "default", verbose: bool
         return ops
 
 
-class _WKV7(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, r, w, k, v, a, b, head_size, cfg):
-        ops = load_extension(head_size, cfg[0])
-        need = any(ctx.needs_input_grad[:6])
-        y, sT, sa = ops.forward(r, w, k, v, a, b, need, cfg[1])
-        if need:
-            ctx.save_for_backward(r, w, k, v, a, b, sT, sa)
-        ctx.head_size = head_size
-        ctx.cfg = cfg
-        return y
+# ------------------------------------------------------------------------------------------
+# The op pair as torch.library custom ops. They are the autograd wrapper of the eager call
+# below and of the compiled blocks (rwkvlm.model): torch.compile treats them as opaque ops
+# whose output shapes come from the fake functions, so a whole block compiles as one graph
+# around them. CUDA tensors run the kernels; with torch_path (or tensors on another device)
+# they run the chunked PyTorch path instead, whose backward re-runs it under autograd: that
+# is how the compiled blocks work without a GPU (--wkv_impl torch, CPU tests).
+# ------------------------------------------------------------------------------------------
 
-    @staticmethod
-    def backward(ctx, dy):
-        r, w, k, v, a, b, sT, sa = ctx.saved_tensors
-        ops = load_extension(ctx.head_size, ctx.cfg[0])
-        dy = dy.to(torch.bfloat16).contiguous()
-        dr, dw, dk, dv, da, db = ops.backward(r, w, k, v, a, b, dy, sT, sa, ctx.cfg[2], ctx.cfg[3])
-        return dr, dw, dk, dv, da, db, None, None
+_F32 = torch.float32
+
+
+def _kernel_ready(xs):
+    """Contiguous, 16-byte aligned rows (cp.async); a no-op for what the model produces."""
+    xs = tuple(x.contiguous() for x in xs)
+    return tuple(x if x.data_ptr() % 16 == 0 else x.clone() for x in xs)
+
+
+def _on_kernel(r: torch.Tensor, torch_path: bool) -> bool:
+    return r.device.type == "cuda" and not torch_path
+
+
+@torch.library.custom_op("rwkvlm::wkv7_forward", mutates_args=())
+def _op_forward(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor,
+                b: torch.Tensor, head_size: int, torch_path: bool, need_state: bool, variants: str,
+                cfg_fwd: int, cfg_rows: int, cfg_cols: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, sT, sa): the output and the fp32 buffers the kernel backward reads (empty on the
+    PyTorch path). On the kernel path all six inputs are bf16 with T % CHUNK_LEN == 0."""
+    if _on_kernel(r, torch_path):
+        ops = load_extension(head_size, variants)
+        return ops.forward(*_kernel_ready((r, w, k, v, a, b)), need_state, cfg_fwd)
+    from rwkvlm.wkv import wkv7_chunked
+
+    y, _ = wkv7_chunked(r, w, k, v, a, b, head_size)
+    return y, r.new_empty((0,), dtype=_F32), r.new_empty((0,), dtype=_F32)
+
+
+@_op_forward.register_fake
+def _(r, w, k, v, a, b, head_size, torch_path, need_state, variants, cfg_fwd, cfg_rows, cfg_cols):
+    if not _on_kernel(r, torch_path):
+        return r.new_empty(r.shape), r.new_empty((0,), dtype=_F32), r.new_empty((0,), dtype=_F32)
+    B, T, C = r.shape
+    N = head_size
+    sT_shape = (B, C // N, T // CHUNK_LEN, N, N) if need_state else (0,)  # per chunk (B, H, T/L, N, N)
+    return r.new_empty(r.shape), r.new_empty(sT_shape, dtype=_F32), r.new_empty((B, T, C), dtype=_F32)
+
+
+@torch.library.custom_op("rwkvlm::wkv7_backward", mutates_args=())
+def _op_backward(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor,
+                 b: torch.Tensor, dy: torch.Tensor, sT: torch.Tensor, sa: torch.Tensor, head_size: int,
+                 torch_path: bool, variants: str, cfg_rows: int, cfg_cols: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dr, dw, dk, dv, da, db)."""
+    if _on_kernel(r, torch_path):
+        ops = load_extension(head_size, variants)
+        return tuple(ops.backward(*_kernel_ready((r, w, k, v, a, b, dy)), sT, sa, cfg_rows, cfg_cols))
+    from rwkvlm.wkv import wkv7_chunked
+
+    # torch.func: autograd's dispatch keys are off inside an op's implementation
+    _, vjp = torch.func.vjp(lambda *xs: wkv7_chunked(*xs, head_size)[0], r, w, k, v, a, b)
+    return tuple(vjp(dy))
+
+
+@_op_backward.register_fake
+def _(r, w, k, v, a, b, dy, sT, sa, head_size, torch_path, variants, cfg_rows, cfg_cols):
+    return tuple(r.new_empty(r.shape) for _ in range(6))
+
+
+def _setup_context(ctx, inputs, output):
+    r, w, k, v, a, b, head_size, torch_path, need_state, variants, _, cfg_rows, cfg_cols = inputs
+    _, sT, sa = output
+    ctx.save_for_backward(r, w, k, v, a, b, sT, sa)
+    ctx.opts = (head_size, torch_path, variants, cfg_rows, cfg_cols)
+    ctx.had_state = need_state or not _on_kernel(r, torch_path)
+
+
+def _backward(ctx, dy, _dsT, _dsa):
+    if not ctx.had_state:
+        raise RuntimeError("wkv7: backward through a forward that ran without grad (need_state=False)")
+    r, w, k, v, a, b, sT, sa = ctx.saved_tensors
+    head_size, torch_path, variants, cfg_rows, cfg_cols = ctx.opts
+    grads = _op_backward(r, w, k, v, a, b, dy.to(r.dtype), sT, sa, head_size, torch_path, variants,
+                         cfg_rows, cfg_cols)
+    return (*grads,) + (None,) * 7
+
+
+_op_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def wkv7_op(r, w, k, v, a, b, head_size: int = 64, impl: str = "auto", *, _cfg=("default", -1, -1, -1)):
+    """WKV7 through the custom op, without argument checks: traceable by torch.compile.
+
+    impl "auto": the kernel for CUDA tensors, the chunked PyTorch path otherwise; "torch": the
+    PyTorch path; "cuda": the kernel (CUDA tensors only). On the kernel path the inputs are
+    cast to bf16 and T is zero-padded to a multiple of CHUNK_LEN (the output at t < T never
+    depends on later steps); y comes back in r's dtype, length T.
+    """
+    torch_path = impl == "torch" or r.device.type != "cuda"
+    if impl == "cuda" and torch_path:
+        raise UserError(f"wkv7: impl 'cuda' needs CUDA tensors; these are on {r.device}.")
+    xs = (r, w, k, v, a, b)
+    T = r.shape[1]
+    pad = 0 if torch_path else (-T) % CHUNK_LEN
+    if not torch_path:
+        xs = tuple(x.to(torch.bfloat16) for x in xs)
+        if pad:
+            xs = tuple(torch.nn.functional.pad(x, (0, 0, 0, pad)) for x in xs)  # (B, T + pad, C)
+    need_state = torch.is_grad_enabled() and any(x.requires_grad for x in xs)
+    y = _op_forward(*xs, head_size, torch_path, need_state, _cfg[0], _cfg[1], _cfg[2], _cfg[3])[0]
+    if pad:
+        y = y[:, :T]  # (B, T, C)
+    return y.to(r.dtype)
 
 
 def wkv7_cuda(r, w, k, v, a, b, head_size: int = 64, *, _cfg=("default", -1, -1, -1)):
@@ -249,15 +342,4 @@ def wkv7_cuda(r, w, k, v, a, b, head_size: int = 64, *, _cfg=("default", -1, -1,
             raise UserError(f"wkv7_cuda: {nm} is on {x.device}; the CUDA op needs all six on one CUDA device.")
     if T == 0 or B == 0:
         return r.new_zeros(r.shape)
-    out_dtype = r.dtype
-    xs = tuple(x.to(torch.bfloat16) for x in xs)
-    pad = (-T) % CHUNK_LEN
-    if pad:
-        xs = tuple(torch.nn.functional.pad(x, (0, 0, 0, pad)) for x in xs)
-    xs = tuple(x.contiguous() for x in xs)
-    # cp.async needs 16-byte aligned rows: a view with an odd storage offset is copied
-    xs = tuple(x if x.data_ptr() % 16 == 0 else x.clone() for x in xs)
-    y = _WKV7.apply(*xs, head_size, tuple(_cfg))
-    if pad:
-        y = y[:, :T]
-    return y.to(out_dtype)
+    return wkv7_op(r, w, k, v, a, b, head_size, "cuda", _cfg=tuple(_cfg))
