@@ -75,9 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--wkv_impl", default="auto", choices=["auto", "cuda", "torch"],
       help="WKV op: auto (the CUDA kernel on GPU), cuda, or torch (the PyTorch reference path)")
     a("--compile", default="auto", choices=["auto", "0", "1"],
-      help="torch.compile the blocks' pointwise work (1.4x faster steps on an H200; the first step "
-           "waits about 30 s for the compiler). auto: on GPU (not with deepspeed_stage_3); 0: off; "
-           "1: always, also on CPU")
+      help="torch.compile each block as one graph around the WKV kernel (much faster steps; the "
+           "first step waits for the compiler, under a minute). auto: on GPU (not with "
+           "deepspeed_stage_3); 0: off; 1: always, also on CPU")
     # --- hardware
     a("--accelerator", default="gpu", type=str, choices=["gpu", "cuda", "cpu", "auto"])
     a("--devices", default=1, type=int, help="GPUs (or CPU processes) per node")
