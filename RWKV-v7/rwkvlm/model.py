@@ -28,6 +28,7 @@ from torch.utils.checkpoint import checkpoint
 
 from rwkvlm.errors import UserError
 from rwkvlm.wkv import wkv7, wkv7_chunked
+from rwkvlm.wkv_cuda import wkv7_op
 
 __all__ = ["ModelConfig", "RWKV7", "count_params", "l2wrap_loss", "L2Wrap", "head_l2wrap_loss"]
 
@@ -320,8 +321,6 @@ def _block_fused(x, v_first, N: int, wkv_impl: str, ln1: tuple, att: tuple, ln_x
     (weight, bias, eps); att and ffn are the parameters in Block.fused_params order (vectors
     as (C,) views).
     x: (B, T, C); v_first: (B, T, C) or None in the first layer."""
-    from rwkvlm.wkv_cuda import wkv7_op
-
     (x_r, x_w, x_k, x_v, x_a, x_g, w0, w1, w2, a0, a1, a2, v0, v1, v2, g1, g2, k_k, k_a, r_k,
      W_r, W_k, W_v, W_o) = att
     f_xk, W_fk, W_fv = ffn
@@ -336,10 +335,6 @@ def _block_fused(x, v_first, N: int, wkv_impl: str, ln1: tuple, att: tuple, ln_x
     h = _layer_norm(x, ln2)
     h = torch.relu(F.linear(_channel_mix_in(h, _shift(h, None), f_xk), W_fk)) ** 2  # (B, T, 4C)
     return x + F.linear(h, W_fv), v_first
-
-
-def _plain(fn):
-    return fn
 
 
 _COMPILED: dict = {}
