@@ -44,6 +44,16 @@ with deepspeed_arch_list():
     for name in '$*'.split():
         getattr(ops, name)().load()" > "$W/adam_builds.txt" 2>&1 &
 }
+setup() {  # the card and versions; in the background the data (DOCS docs x 30, its pid in DATA),
+           # the WKV kernel and the DeepSpeed ops named
+  card_info
+  python3 -c "import os, torch, pytorch_lightning as pl, deepspeed; print('torch', torch.__version__, 'lightning', pl.__version__, 'deepspeed', deepspeed.__version__, 'TORCH_CUDA_ARCH_LIST', os.environ.get('TORCH_CUDA_ARCH_LIST'))"
+  say "background: data (${DOCS:-20000} docs x 30), WKV kernel and $* builds"
+  bash $B/gpu_data.sh "${DOCS:-20000}" 30 "${CTX:-4096}" > "$W/data.txt" 2>&1 &
+  DATA=$!
+  builds "$@"
+}
+tflops() { grep -o '[0-9.]* TFLOP/s' "$W/matmul.txt" 2>/dev/null | head -1 | cut -d' ' -f1; }  # matmul_rate.py's figure
 
 strategy_runs() {  # RUNS (strategy:precision) at M_BSZ 4 for STEPS steps, one per card at a time
   RUNS=${RUNS:-"deepspeed_stage_1:bf16 deepspeed_stage_3:bf16 deepspeed_stage_2_offload:bf16 deepspeed_stage_3_offload:bf16 deepspeed_stage_2:fp16 deepspeed_stage_2:tf32 deepspeed_stage_2:fp32 ddp:bf16"}
@@ -61,12 +71,7 @@ strategy_runs() {  # RUNS (strategy:precision) at M_BSZ 4 for STEPS steps, one p
 
 case "$STAGE" in
 check)
-  card_info
-  python3 -c "import os, torch, pytorch_lightning as pl, deepspeed; print('torch', torch.__version__, 'lightning', pl.__version__, 'deepspeed', deepspeed.__version__, 'TORCH_CUDA_ARCH_LIST', os.environ.get('TORCH_CUDA_ARCH_LIST'))"
-  say "background: data, WKV kernel and FusedAdam builds"
-  bash $B/gpu_data.sh "${DOCS:-20000}" 30 "${CTX:-4096}" > "$W/data.txt" 2>&1 &
-  DATA=$!
-  builds FusedAdamBuilder
+  setup FusedAdamBuilder
   if [ "${KERNELS:-1}" = 1 ]; then
     wkv() { CUDA_VISIBLE_DEVICES=$LAST timeout 200 python3 -m pytest -q tests/test_wkv_cuda.py -p no:cacheprovider
             CUDA_VISIBLE_DEVICES=$LAST timeout 240 python3 $B/bench_wkv.py --fla-budget-s 150; }
@@ -74,7 +79,7 @@ check)
   fi
   say "matmul rate and one training step (${STEP_MODES:-eager compile}), card 0"
   CUDA_VISIBLE_DEVICES=0 python3 $B/matmul_rate.py | tee "$W/matmul.txt"
-  TF=$(grep -o '[0-9.]* TFLOP/s' "$W/matmul.txt" | head -1 | cut -d' ' -f1)
+  TF=$(tflops)
   CUDA_VISIBLE_DEVICES=0 timeout 300 python3 $B/bench_step.py --bsz 16 --modes ${STEP_MODES:-eager compile} --profile \
      --steps 6 --tflops "${TF:-0}" --json "$W/step.json" 2>&1 | tee "$W/step.txt" | grep -v -i warn
   [ "${KERNELS:-1}" = 1 ] && [ "$NGPU" -lt 2 ] && wkv > "$W/wkv.txt" 2>&1
@@ -134,14 +139,9 @@ speed)
   # session (setsid) so that it outlasts this call: `real` collects it.
   DOCS=${DOCS:-20000}
   card() { echo $(( $1 < NGPU ? $1 : LAST )); }
-  card_info
-  python3 -c "import os, torch, pytorch_lightning as pl, deepspeed; print('torch', torch.__version__, 'lightning', pl.__version__, 'deepspeed', deepspeed.__version__)"
-  say "data ($DOCS docs x 30), WKV kernel and FusedAdam builds"
-  bash $B/gpu_data.sh "$DOCS" 30 "${CTX:-4096}" > "$W/data.txt" 2>&1 &
-  DATA=$!
-  builds FusedAdamBuilder
+  setup FusedAdamBuilder
   (CUDA_VISIBLE_DEVICES=0 python3 $B/matmul_rate.py > "$W/matmul.txt" 2>&1
-   TF=$(grep -o '[0-9.]* TFLOP/s' "$W/matmul.txt" | head -1 | cut -d' ' -f1)
+   TF=$(tflops)
    CUDA_VISIBLE_DEVICES=0 timeout 200 python3 $B/bench_step.py --bsz 16 --modes compile --profile --top 40 \
      --steps 6 --tflops "${TF:-0}" --json "$W/step.json" > "$W/step.txt" 2>&1) &
   STEP=$!
@@ -189,10 +189,7 @@ confirm)
   # ROWS overrides the M_BSZ list; KERNELS=1 first runs the GPU kernel tests; STEP_AB=DIR then
   # times one compiled step at the first row's M_BSZ with this tree's rwkvlm and with the
   # rwkvlm package under DIR (an older commit), on the same card.
-  card_info
-  say "data, WKV kernel and FusedAdam builds"
-  bash $B/gpu_data.sh "${DOCS:-20000}" 30 "${CTX:-4096}" > "$W/data.txt" 2>&1 &
-  builds FusedAdamBuilder
+  setup FusedAdamBuilder
   python3 $B/matmul_rate.py | tee "$W/matmul.txt"
   if [ "${KERNELS:-0}" = 1 ]; then
     say "GPU tests: WKV kernel, compiled op"
@@ -214,10 +211,10 @@ confirm)
   fi
   if [ -n "${STEP_AB:-}" ]; then
     M=${ROWS%% *}
-    TF=$(grep -o '[0-9.]* TFLOP/s' "$W/matmul.txt" | head -1 | cut -d' ' -f1)
+    TF=$(tflops)
     for side in new old; do
       say "one compiled step, M_BSZ $M, $side rwkvlm"
-      PP=$PYTHONPATH; [ $side = old ] && PP=$STEP_AB:$PYTHONPATH
+      PP=${PYTHONPATH:-}; [ $side = old ] && PP=$STEP_AB:$PP
       PYTHONPATH=$PP timeout 200 python3 $B/bench_step.py --bsz "$M" --modes compile --steps 8 --tflops "${TF:-0}" \
         2>&1 | grep -v -i warn | tee "$W/step_$side.txt"
     done
@@ -227,20 +224,14 @@ strategies)
   # The strategies and precisions besides bf16 + deepspeed_stage_2: RUNS short runs (M_BSZ 4,
   # STEPS steps, --compile auto), one per card at a time; each should end with rc 0, a finite
   # loss falling from ~11.25 and rwkv-final.pth (offload builds DeepSpeed's CPU Adam first).
-  card_info
-  say "data, WKV kernel, FusedAdam and CPU Adam builds"
-  bash $B/gpu_data.sh "${DOCS:-20000}" 30 "${CTX:-4096}" > "$W/data.txt" 2>&1 &
-  builds FusedAdamBuilder CPUAdamBuilder
+  setup FusedAdamBuilder CPUAdamBuilder
   wait; tail -1 "$W/data.txt"; tail -3 "$W/adam_builds.txt"
   strategy_runs
   ;;
 pair)
   # Two GPUs (nvidia-h100-x2): the M_BSZ 1 row alone on card 0 (the tutorial's H100 reference
   # row), the 2-GPU and 2-node runs (gpu_multi.sh), then strategy_runs two at a time.
-  card_info
-  say "data, WKV kernel, FusedAdam and CPU Adam builds"
-  bash $B/gpu_data.sh "${DOCS:-20000}" 30 "${CTX:-4096}" > "$W/data.txt" 2>&1 &
-  builds FusedAdamBuilder CPUAdamBuilder
+  setup FusedAdamBuilder CPUAdamBuilder
   python3 $B/matmul_rate.py | tee "$W/matmul.txt"
   wait; tail -1 "$W/data.txt"
   say "trainer, 1 GPU alone, M_BSZ 1"
