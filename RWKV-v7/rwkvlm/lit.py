@@ -152,7 +152,7 @@ class RWKVTrainModule(pl.LightningModule):
             self._save_weights(self.proj / FINAL_WEIGHTS)
             if self.global_rank == 0:
                 save_final_info(self.proj, step, cfg)
-                self.print_fn(f"\nreached --my_exit_tokens ({cfg.my_exit_tokens}): wrote {self.proj / 'rwkv-final.pth'}")
+                self.print_fn(f"\nreached --my_exit_tokens ({cfg.my_exit_tokens}): wrote {self.proj / FINAL_WEIGHTS}")
             return
         want_state = epoch_done or (cfg.save_every_steps > 0 and step % cfg.save_every_steps == 0)
         if cfg.save_every_minutes > 0:
