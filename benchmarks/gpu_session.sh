@@ -186,10 +186,15 @@ parity)
 confirm)
   # One GPU, nothing else running: the trainer at M_BSZ 16 (profiled) and at M_BSZ 8 on an
   # H200, or at M_BSZ 1 and 16 on an H100 (the rows of the tutorial's reference figures).
-  # ROWS overrides the M_BSZ list; KERNELS=1 first runs the GPU kernel tests; STEP_AB=DIR then
+  # ROWS overrides the M_BSZ list, PROFILE_ROWS (16) the rows profiled (PROFILE steps, 3);
+  # KERNELS=1 first runs the GPU kernel tests; SMALL=1 first times every WKV kernel
+  # configuration at B 1 and one compiled step at M_BSZ 1 (profiled); STEP_AB=DIR then
   # times one compiled step at the first row's M_BSZ with this tree's rwkvlm and with the
   # rwkvlm package under DIR (an older commit), on the same card.
   setup FusedAdamBuilder
+  if [ "${SMALL:-0}" = 1 ]; then  # the all-variants WKV build, beside the others
+    python3 -c "from rwkvlm.wkv_cuda import load_extension; load_extension(64, 'all')" > "$W/kernel_all_build.txt" 2>&1 &
+  fi
   python3 $B/matmul_rate.py | tee "$W/matmul.txt"
   if [ "${KERNELS:-0}" = 1 ]; then
     say "GPU tests: WKV kernel, compiled op"
@@ -197,18 +202,26 @@ confirm)
   fi
   wait
   tail -1 "$W/data.txt"
+  if [ "${SMALL:-0}" = 1 ]; then
+    say "WKV op at B 1 (T 4096, H 12), every kernel configuration"
+    timeout 150 python3 $B/bench_wkv.py --B 1 --no-fla --variants 2>&1 | grep -v -i warn | tee "$W/wkv_b1.txt" | tail -25
+    say "one compiled step at M_BSZ 1, profiled"
+    timeout 150 python3 $B/bench_step.py --bsz 1 --modes compile --profile --steps 8 --tflops "$(tflops)" \
+      2>&1 | grep -v -i warn | tee "$W/step1.txt" | head -40
+  fi
   echo "compile: 1" > "$W/compile.txt"
   if [ -z "${ROWS:-}" ]; then if nvidia-smi -L | grep -q H100; then ROWS="1 16"; else ROWS="8 16"; fi; fi
   for M in $ROWS; do
-    P=""; [ "$M" = 16 ] && [ "${PROFILE:-3}" != 0 ] && P="--profile_steps ${PROFILE:-3}"
+    P=""; case " ${PROFILE_ROWS:-16} " in *" $M "*) [ "${PROFILE:-3}" != 0 ] && P="--profile_steps ${PROFILE:-3}" ;; esac
     say "trainer, 1 GPU, M_BSZ $M"
     NAME=t$M M_BSZ=$M STEPS=${STEPS:-40} LIMIT=200 EXTRA="--compile 1 $P ${MORE:-}" bash $B/gpu_train_run.sh "$W" 2>&1 | grep -v "profile (top" | head -12
   done
-  if [ -f "$W/t16.profile.txt" ]; then
-    say "t16 profile"; head -1 "$W/t16.profile.txt"
-    grep -E "Self CPU time total|Self CUDA time total" "$W/t16.profile.txt" | sort -u
-    grep -E "cudaLaunchKernel |aten::isfinite|AccumulateGrad|aten::pin_memory|linalg_vector_norm|CompiledFunction " "$W/t16.profile.txt" | cut -c1-60,100-125,185-250 | sort -u
-  fi
+  for M in $ROWS; do
+    [ -f "$W/t$M.profile.txt" ] || continue
+    say "t$M profile"; head -2 "$W/t$M.profile.txt"
+    grep -E "Self CPU time total|Self CUDA time total" "$W/t$M.profile.txt" | sort -u
+    grep -E "cudaLaunchKernel |aten::isfinite|AccumulateGrad|aten::pin_memory|linalg_vector_norm|CompiledFunction |cudaMemsetAsync|cudaStreamSynchronize|cudaDeviceSynchronize|aten::item|aten::_local_scalar_dense" "$W/t$M.profile.txt" | cut -c1-60,100-125,185-250 | sort -u
+  done
   if [ -n "${STEP_AB:-}" ]; then
     M=${ROWS%% *}
     TF=$(tflops)

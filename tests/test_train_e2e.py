@@ -152,5 +152,10 @@ def test_profile_steps_writes_a_profile(tmp_path):
     assert "Self CPU" in text and "aten::" in text
     walls = text.split("wall time per step (ms): ", 1)[1].split("\n", 1)[0].split(", ")
     assert len(walls) == 3 and all(float(w) > 0 for w in walls)
+    phases = text.split("host time per phase (median ms; the profiler's overhead included): ", 1)[1].split("\n", 1)[0]
+    names = [p.rsplit(" ", 1)[0] for p in phases.split(", ")]
+    assert names == ["forward", "backward", "to optimizer step", "optimizer step",
+                     "wait for the GPU (loss read)", "data and Lightning loop before the next step"], names
+    assert all(float(p.rsplit(" ", 1)[1]) >= 0 for p in phases.split(", "))
     assert (proj / "rwkv-final.pth").is_file()
     assert len((proj / "loss_log.csv").read_text().splitlines()) == steps + 1

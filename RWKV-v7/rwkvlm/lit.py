@@ -14,6 +14,7 @@ import math
 import os
 import secrets
 import signal
+import statistics
 import sys
 import threading
 import time
@@ -56,6 +57,7 @@ class RWKVTrainModule(pl.LightningModule):
         self.proj = Path(cfg.proj_dir)
         self.profiler = None
         self.profile_times = []
+        self.phase_marks = []  # per profiled step: [(phase, host perf_counter)]
 
     # ------------------------------------------------------------ steps
     @property
@@ -103,6 +105,9 @@ class RWKVTrainModule(pl.LightningModule):
     def on_train_batch_start(self, batch, batch_idx):
         if self.cfg.profile_steps > 0 and batch_idx == PROFILE_AFTER_STEPS:
             self._start_profile()
+        if self.profiler is not None:
+            self._mark("data and Lightning loop before the next step")  # closes the previous profiled step
+            self.phase_marks.append([("start", time.perf_counter())])
         step = self.step
         self.lr_now = lr_at(step, step - self.run_start_step, self.cfg)
         for g in self.trainer.optimizers[0].param_groups:
@@ -113,9 +118,26 @@ class RWKVTrainModule(pl.LightningModule):
                 f.writelines(f"{step},{self.global_rank},{self.dataset.start(s)}\n"
                              for s in range(step * mb, (step + 1) * mb))
 
+    def on_before_backward(self, loss):
+        self._mark("forward")
+
+    def on_after_backward(self):
+        self._mark("backward")
+
+    def on_before_optimizer_step(self, optimizer):
+        self._mark("to optimizer step")
+
+    def _mark(self, phase):
+        """--profile_steps: the host time at which `phase` ended (issued, not run: the GPU
+        works asynchronously until the loss is read in on_train_batch_end)."""
+        if self.profiler is not None and self.phase_marks:
+            self.phase_marks[-1].append((phase, time.perf_counter()))
+
     def on_train_batch_end(self, outputs, batch, batch_idx):
         cfg = self.cfg
+        self._mark("optimizer step")
         loss = float(outputs["loss"].detach()) if isinstance(outputs, dict) else float(outputs.detach())
+        self._mark("wait for the GPU (loss read)")
         own_bad = not math.isfinite(loss)
         bad = own_bad
         if cfg.world_size > 1:  # every rank stops together (a rank left behind would hang)
@@ -190,6 +212,7 @@ class RWKVTrainModule(pl.LightningModule):
         if torch.cuda.is_available() and self.trainer.strategy.root_device.type == "cuda":
             acts.append(ProfilerActivity.CUDA)
         self.profile_times = []
+        self.phase_marks = []
         self.profiler = profile(activities=acts)
         self.profiler.__enter__()
 
@@ -203,7 +226,8 @@ class RWKVTrainModule(pl.LightningModule):
         has_cuda = any(getattr(e, "self_device_time_total", 0) > 0 for e in avg)
         parts = [f"torch.profiler over {n} training steps after the first {PROFILE_AFTER_STEPS} "
                  f"(totals over all {n} steps); wall time per step (ms): "
-                 + ", ".join(f"{t * 1e3:.1f}" for t in self.profile_times), ""]
+                 + ", ".join(f"{t * 1e3:.1f}" for t in self.profile_times)]
+        parts += [self._phase_table(), ""]
         if has_cuda:
             parts += ["== by GPU time (self)", avg.table(sort_by="self_device_time_total", row_limit=40), ""]
         parts += ["== by CPU time (self)", avg.table(sort_by="self_cpu_time_total", row_limit=40), ""]
@@ -211,6 +235,17 @@ class RWKVTrainModule(pl.LightningModule):
         with atomic_open(self.proj / "profile.txt", "w") as f:
             f.write("\n".join(parts) + "\n")
         self.print_fn(f"wrote {self.proj / 'profile.txt'} ({n} steps profiled)")
+
+    def _phase_table(self) -> str:
+        """Host time per phase of the profiled steps (median ms), in the order they ran."""
+        per_phase = {}
+        for marks in self.phase_marks:
+            for (_, t0), (name, t1) in zip(marks, marks[1:]):
+                per_phase.setdefault(name, []).append((t1 - t0) * 1e3)
+        if not per_phase:
+            return "host time per phase: none recorded"
+        return "host time per phase (median ms; the profiler's overhead included): " + ", ".join(
+            f"{name} {statistics.median(v):.1f}" for name, v in per_phase.items())
 
     # ------------------------------------------------------------ Ctrl-C / SIGTERM
     def _install_stop_handlers(self):
