@@ -10,8 +10,7 @@
 #   real    the RWKV-7-Arithmetic-0.1B run on REAL_CARDS (default every GPU): EXIT_TOKENS from
 #           KTS (measured kt/s for those GPUs together) x TRAIN_S seconds, then the evaluation
 #   (MORE: flags added to every trainer run, e.g. for a CPU rehearsal with a stand-in nvidia-smi)
-#   parity  bf16 vs fp32 loss parity (gpu_loss_parity.sh), then the trainer at M_BSZ 8 (and
-#           M_BSZ 1 on an H100: the tutorial's reference rows)
+#   parity  bf16 vs fp32 loss parity (gpu_loss_parity.sh)
 #   confirm one GPU alone: the trainer at the reference rows' settings (M_BSZ 16 profiled and 8
 #           on an H200, 1 and 16 on an H100)
 #   strategies  short runs of the other DeepSpeed stages (offload too), fp16, tf32, fp32 and ddp
@@ -22,7 +21,7 @@
 #                                                      KERNELS=1 (kernel tests + WKV vs fla), PARITY=0, T8=0]
 #   DOCS=120000 bash benchmarks/gpu_session.sh speed OUT
 #   KTS=400 bash benchmarks/gpu_session.sh real OUT   [env TRAIN_S=420, COMPILE=1, EVAL=400, REAL_CARDS=0,1,2, DOCS]
-#   bash benchmarks/gpu_session.sh parity OUT         [env COMPILE=1]
+#   bash benchmarks/gpu_session.sh parity OUT         [env COMPILE=1, FP_REF=CSV, FP_STEPS=12, PARALLEL=1]
 set -u
 STAGE=$1; OUT=$2
 W=/tmp/gpuwork; mkdir -p "$W"
@@ -172,16 +171,12 @@ speed)
   for n in t16 t16s1 t16auto; do [ -f "$W/$n.profile.txt" ] && { say "$n profile"; head -4 "$W/$n.profile.txt" | cut -c1-300; grep -E "Self CPU time total|Self CUDA time total" "$W/$n.profile.txt" | sort -u; }; done
   ;;
 parity)
+  # bf16 DeepSpeed vs the fp32 PyTorch path over 200 steps (gpu_loss_parity.sh; its FP_REF,
+  # FP_STEPS and PARALLEL pass through); the data as `check` makes it when missing
   C=${COMPILE:-$(chosen_compile)}
   [ -f RWKV-v5/demo.meta.json ] || bash $B/gpu_data.sh 20000 30 > "$W/data.txt" 2>&1
-  say "loss parity: bf16 DeepSpeed (compile $C) vs fp32 PyTorch path, 200 steps"
-  EXTRA="--compile $C ${MORE:-}" timeout 330 bash $B/gpu_loss_parity.sh "$W/parity" 200 2 | tail -12
-  say "trainer, 1 GPU, M_BSZ 8"
-  NAME=t8 M_BSZ=8 STEPS=30 LIMIT=200 EXTRA="--compile $C ${MORE:-}" bash $B/gpu_train_run.sh "$W"
-  if nvidia-smi -L | grep -q H100; then
-    say "trainer, 1 GPU, M_BSZ 1 (the tutorial's table row)"
-    NAME=t1 M_BSZ=1 STEPS=40 LIMIT=150 EXTRA="--compile $C ${MORE:-}" bash $B/gpu_train_run.sh "$W"
-  fi
+  say "loss parity: bf16 DeepSpeed (compile $C) vs fp32 PyTorch path, 200 steps${FP_REF:+ (fp32 side: $FP_REF)}"
+  EXTRA="--compile $C ${MORE:-}" timeout 450 bash $B/gpu_loss_parity.sh "$W/parity" 200 2 | tail -24
   ;;
 confirm)
   # One GPU, nothing else running: the trainer at M_BSZ 16 (profiled) and at M_BSZ 8 on an

@@ -154,3 +154,94 @@ def test_deepspeed_bf16_section_is_valid_for_the_installed_deepspeed():
 
     got = get_bfloat16_config({"bf16": deepspeed_bf16_config()})
     assert got.enabled and getattr(got, "check_grad_overflow", False) is False, ds.__version__
+
+
+# ------------------------------------------------------------------------------------------
+# DeepSpeed ZeRO-1/2 gradient norm as one multi-tensor norm (optim.foreach_grad_norm)
+# ------------------------------------------------------------------------------------------
+
+class _FakeDist:
+    class ReduceOp:
+        SUM = "sum"
+
+    def __init__(self):
+        self.calls = []
+
+    def all_reduce(self, t, op=None, group=None):
+        self.calls.append(("all_reduce", op, group, float(t)))
+
+
+class _FakeZeroOptimizer:
+    """What get_grad_norm_direct reads from DeepSpeedZeroOptimizer."""
+
+    def __init__(self, mp_rank=0):
+        self.model_parallel_rank, self.dp_process_group, self.device = mp_rank, "dp-group", "cpu"
+        self.mp_calls = []
+
+    def _model_parallel_all_reduce(self, tensor, op):
+        self.mp_calls.append(op)
+
+
+def _grad_norm_fixture():
+    import types
+
+    from rwkvlm.optim import foreach_grad_norm
+
+    masked = []
+
+    def mask(t, device=None):
+        masked.append(float(t))
+        t.masked_fill_(~torch.isfinite(t), -1.0)
+
+    ns = types.SimpleNamespace(dist=_FakeDist(), mask_nan_or_inf_with_val_inplace=mask,
+                               PIPE_REPLICATED="ds_pipe_replicated")
+    original_calls = []
+
+    def original(self, gradients, params, norm_type=2):
+        original_calls.append(norm_type)
+        return torch.tensor(-7.0)
+
+    return foreach_grad_norm(original, ns), ns, masked, original_calls
+
+
+def test_foreach_grad_norm_matches_fp64_norm_and_keeps_the_reduction():
+    """Same total as sqrt(sum ||g||^2) in fp64 over bf16 gradients of awkward sizes (padding
+    gradients left out, as DeepSpeed does); the rank and model-parallel reductions and the
+    NaN masking still run."""
+    fn, ns, masked, original_calls = _grad_norm_fixture()
+    g = torch.Generator().manual_seed(0)
+    shapes = [(65, 33), (1, 1, 768), (7,), (300, 5), (1,)]
+    grads = [(torch.randn(*s, generator=g) * 10 ** (i - 2)).to(torch.bfloat16) for i, s in enumerate(shapes)]
+    pad = torch.full((9,), 1e3, dtype=torch.bfloat16)
+    pad._zero_padding = True
+    params = [torch.nn.Parameter(torch.empty(s)) for s in shapes]
+    opt = _FakeZeroOptimizer()
+    got = fn(opt, grads[:2] + [pad] + grads[2:], params)
+    want = torch.sqrt(sum(x.double().norm() ** 2 for x in grads))
+    assert got.dtype == torch.float32 and abs(float(got) - float(want)) <= 1e-6 * float(want)
+    assert [c[:3] for c in ns.dist.calls] == [("all_reduce", "sum", "dp-group")]
+    assert opt.mp_calls == ["sum"] and len(masked) == 1 and original_calls == []
+    # a non-finite gradient gives DeepSpeed's -1 marker
+    bad = grads[:1] + [torch.tensor([float("nan")], dtype=torch.bfloat16)]
+    assert float(fn(_FakeZeroOptimizer(), bad, params[:2])) == -1.0
+
+
+def test_foreach_grad_norm_leaves_other_cases_to_deepspeed():
+    """Other norm types, model-parallel ranks and pipeline-replicated parameters go to
+    DeepSpeed's own method."""
+    fn, _, _, original_calls = _grad_norm_fixture()
+    grads, params = [torch.ones(3)], [torch.nn.Parameter(torch.ones(3))]
+    assert float(fn(_FakeZeroOptimizer(), grads, params, norm_type=float("inf"))) == -7.0
+    assert float(fn(_FakeZeroOptimizer(mp_rank=1), grads, params)) == -7.0
+    params[0].ds_pipe_replicated = True
+    assert float(fn(_FakeZeroOptimizer(), grads, params)) == -7.0
+    assert len(original_calls) == 3
+
+
+def test_use_foreach_grad_norm_installs_once_when_deepspeed_is_there():
+    ds = pytest.importorskip("deepspeed.runtime.zero.stage_1_and_2")
+    from rwkvlm.optim import use_foreach_grad_norm
+
+    assert use_foreach_grad_norm() and use_foreach_grad_norm()
+    method = ds.DeepSpeedZeroOptimizer.get_grad_norm_direct
+    assert method.rwkvlm_foreach and not getattr(method.original, "rwkvlm_foreach", False)  # wrapped once

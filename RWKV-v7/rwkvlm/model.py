@@ -337,6 +337,14 @@ def _block_fused(x, v_first, N: int, wkv_impl: str, ln1: tuple, att: tuple, ln_x
     return x + F.linear(h, W_fv), v_first
 
 
+def _block_fused_cp(*args):
+    """_block_fused under activation checkpointing, for torch.compile: only the block's inputs
+    are kept for backward, whose graph recomputes the rest. Compiled from inside, this costs
+    no extra compiled call per block and no saved-tensor hooks, unlike checkpoint(block) around
+    the compiled function."""
+    return checkpoint(_block_fused, *args, use_reentrant=False)
+
+
 _COMPILED: dict = {}
 
 
@@ -418,9 +426,12 @@ class Block(nn.Module):
             dx, v_first = self.att(self.ln1(x), v_first)
             x = x + dx
             return x + self.ffn(self.ln2(x)), v_first
-        # compiled (never under ZeRO-3, which partitions the weights read here directly)
+        # compiled (never under ZeRO-3, which partitions the weights read here directly);
+        # with --grad_cp 1 the checkpoint is inside the graph: its backward recomputes the block
+        # within one compiled call (RWKV7.forward_hidden does not wrap compiled blocks again)
         cfg = self.att.cfg
-        return _compiled(_block_fused)(x, v_first, cfg.head_size, cfg.wkv_impl, *self.fused_params())
+        fn = _block_fused_cp if cfg.grad_cp and torch.is_grad_enabled() else _block_fused
+        return _compiled(fn)(x, v_first, cfg.head_size, cfg.wkv_impl, *self.fused_params())
 
     def fused_params(self) -> tuple:
         """_block_fused's parameter arguments: ln1, att, ln_x, ln2, ffn."""
@@ -518,7 +529,7 @@ class RWKV7(nn.Module):
         v_first = None
         use_cp = self.cfg.grad_cp and torch.is_grad_enabled()
         for block in self.blocks:
-            if use_cp:
+            if use_cp and not block.compiled:  # a compiled block checkpoints inside its graph
                 x, v_first = checkpoint(block, x, v_first, use_reentrant=False)
             else:
                 x, v_first = block(x, v_first)
@@ -590,9 +601,10 @@ class RWKV7(nn.Module):
 # ============================================================================================
 
 def _default_chunk_rows(vocab: int, device_type: str = "cpu") -> int:
-    """Rows per chunk: one fp32 logits chunk of about 128 MiB on CPU, 1 GiB on a GPU
-    (fewer, larger matmuls keep a GPU busy; the GPU memory budget has room)."""
-    budget = (1 << 28) if device_type == "cuda" else (1 << 25)
+    """Rows per chunk: logits of about 2^25 elements per chunk on CPU (128 MiB in fp32), 2^27
+    on a GPU (2,048 rows of the World vocabulary: its bf16 logits and their gradient take
+    512 MiB; a whole M_BSZ 1 sample in one chunk took twice that)."""
+    budget = (1 << 27) if device_type == "cuda" else (1 << 25)
     return max(1, budget // max(1, vocab))
 
 

@@ -106,6 +106,58 @@ def deepspeed_bf16_config() -> dict:
     return section
 
 
+def use_foreach_grad_norm() -> bool:
+    """DeepSpeed ZeRO-1/2's gradient norm (for --grad_clip) as one multi-tensor norm.
+
+    DeepSpeed 0.19 takes the norm tensor by tensor: an fp64 copy and a norm for each of the
+    model's ~400 gradients every step (1,200 launches and ~800 host dispatches), which at
+    M_BSZ 1 is host time on the step's critical path. The replacement computes the same
+    per-tensor norms with torch._foreach_norm (fp32 accumulation, squares summed in fp64) and
+    keeps DeepSpeed's reduction across ranks and its NaN/inf masking. Cases it does not cover
+    (another norm type, model or pipeline parallelism) go to DeepSpeed's own method.
+    Returns whether it is in place (False when DeepSpeed's internals differ).
+    """
+    try:
+        from deepspeed.runtime.zero import stage_1_and_2 as zero
+    except ImportError:
+        return False
+    cls = getattr(zero, "DeepSpeedZeroOptimizer", None)
+    names = ("dist", "mask_nan_or_inf_with_val_inplace", "PIPE_REPLICATED")
+    if cls is None or not hasattr(cls, "get_grad_norm_direct") or not all(hasattr(zero, n) for n in names):
+        return False
+    if not getattr(cls.get_grad_norm_direct, "rwkvlm_foreach", False):
+        cls.get_grad_norm_direct = foreach_grad_norm(cls.get_grad_norm_direct, zero)
+    return True
+
+
+def foreach_grad_norm(original, ns):
+    """DeepSpeedZeroOptimizer.get_grad_norm_direct with one torch._foreach_norm; `ns` holds
+    what DeepSpeed's method uses (dist, mask_nan_or_inf_with_val_inplace, PIPE_REPLICATED)."""
+    import torch
+
+    def get_grad_norm_direct(self, gradients, params, norm_type=2):
+        params = list(params)
+        if (float(norm_type) != 2.0 or getattr(self, "model_parallel_rank", 0) != 0
+                or any(getattr(p, ns.PIPE_REPLICATED, False) for p in params)):
+            return original(self, gradients, params, norm_type)
+        grads = [g.detach() for g in gradients if not getattr(g, "_zero_padding", False)][:len(params)]
+        if grads:
+            norms = torch._foreach_norm(grads, 2.0, dtype=torch.float32)  # one per tensor
+            total = torch.stack(norms).double().square().sum().float()
+        else:
+            total = torch.tensor(0.0, dtype=torch.float32, device=self.device)
+        ns.dist.all_reduce(total, op=ns.dist.ReduceOp.SUM, group=self.dp_process_group)
+        self._model_parallel_all_reduce(tensor=total, op=ns.dist.ReduceOp.SUM)
+        total = total.sqrt()
+        ns.mask_nan_or_inf_with_val_inplace(total, device=self.device)
+        return total
+
+    get_grad_norm_direct.rwkvlm_foreach = True
+    get_grad_norm_direct.original = original
+    get_grad_norm_direct.__doc__ = original.__doc__
+    return get_grad_norm_direct
+
+
 @contextlib.contextmanager
 def deepspeed_arch_list():
     """TORCH_CUDA_ARCH_LIST without arch suffixes ('9.0a' -> '9.0') while DeepSpeed builds an op.

@@ -114,6 +114,10 @@ def _resolve_hardware(cfg: TrainConfig):
             allgather_bucket_size=bucket, reduce_bucket_size=bucket, overlap_comm=overlap,
             logging_level=logging.WARNING,
         )
+        if stage in (1, 2) and not offload:  # offload takes the norm on the CPU side
+            from rwkvlm.optim import use_foreach_grad_norm
+
+            use_foreach_grad_norm()
         if cfg.precision == "bf16":  # Lightning keeps a "bf16" section it finds in the config
             from rwkvlm.optim import deepspeed_bf16_config
 
