@@ -213,7 +213,7 @@ confirm)
   done
   for M in $ROWS; do
     [ -f "$W/t$M.profile.txt" ] || continue
-    say "t$M profile"; head -2 "$W/t$M.profile.txt"
+    say "t$M profile"; head -3 "$W/t$M.profile.txt"
     grep -E "Self CPU time total|Self CUDA time total" "$W/t$M.profile.txt" | sort -u
     grep -E "cudaLaunchKernel |aten::isfinite|AccumulateGrad|aten::pin_memory|linalg_vector_norm|CompiledFunction |cudaMemsetAsync|cudaStreamSynchronize|cudaDeviceSynchronize|aten::item|aten::_local_scalar_dense" "$W/t$M.profile.txt" | cut -c1-60,100-125,185-250 | sort -u
   done

@@ -227,7 +227,14 @@ class RWKVTrainModule(pl.LightningModule):
         parts = [f"torch.profiler over {n} training steps after the first {PROFILE_AFTER_STEPS} "
                  f"(totals over all {n} steps); wall time per step (ms): "
                  + ", ".join(f"{t * 1e3:.1f}" for t in self.profile_times)]
-        parts += [self._phase_table(), ""]
+        parts += [self._phase_table()]
+        if torch.cuda.is_available() and self.trainer.strategy.root_device.type == "cuda":
+            gib = 2 ** 30
+            parts += [f"CUDA memory of this process so far: peak allocated "
+                      f"{torch.cuda.max_memory_allocated() / gib:.2f} GiB, peak reserved "
+                      f"{torch.cuda.max_memory_reserved() / gib:.2f} GiB "
+                      f"(PYTORCH_CUDA_ALLOC_CONF={os.environ.get('PYTORCH_CUDA_ALLOC_CONF', '')!r})"]
+        parts += [""]
         if has_cuda:
             parts += ["== by GPU time (self)", avg.table(sort_by="self_device_time_total", row_limit=40), ""]
         parts += ["== by CPU time (self)", avg.table(sort_by="self_cpu_time_total", row_limit=40), ""]

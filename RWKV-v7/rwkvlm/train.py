@@ -134,6 +134,11 @@ def _resolve_hardware(cfg: TrainConfig):
 
 def run(cfg: TrainConfig) -> int:
     """train_stage 3: load the newest save, train to --my_exit_tokens."""
+    # The CUDA caching allocator grows its segments in place rather than caching many
+    # fixed-size ones: the same training peak takes less GPU memory (the M_BSZ 1 row of
+    # benchmarks/RESULTS.md). Set before the first CUDA allocation; a PYTORCH_CUDA_ALLOC_CONF
+    # of the user's own wins.
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     import pytorch_lightning as pl
 
     from rwkvlm.checkpoint import check_weights_fit, find_start
