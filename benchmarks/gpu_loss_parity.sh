@@ -6,9 +6,6 @@
 # choose others; the same card for both runs them one after the other).
 # Usage (device machine, repo root, after the data exists): bash benchmarks/gpu_loss_parity.sh OUTDIR [STEPS] [M_BSZ]
 # Environment: EXTRA (more flags for the bf16 run, e.g. "--compile 1");
-#   FP_REF=CSV: the fp32 side is an earlier fp32 run's loss_log.csv (same data, seed and flags);
-#   the fp32 run here then stops (SIGTERM) after FP_STEPS steps (12), and its losses are
-#   compared step by step with CSV's, which shows that CSV still stands for this code;
 #   PARALLEL=1 runs the two sides at the same time even on one card.
 set -eu
 OUTDIR=${1:-/tmp/parity}; STEPS=${2:-200}; M_BSZ=${3:-2}
@@ -30,22 +27,7 @@ export PYTHONUNBUFFERED=1
 [ "$BF" != "$FP" ] || [ "${PARALLEL:-0}" = 1 ] || wait
 (eval CUDA_VISIBLE_DEVICES=$FP sh demo-training-run.sh --proj_dir out/parity-fp32 $COMMON --precision fp32 \
   --strategy auto --wkv_impl torch --compile 0 > "$OUTDIR/fp32.txt" 2>&1 || echo "fp32 run failed: see $OUTDIR/fp32.txt") &
-if [ -n "${FP_REF:-}" ]; then  # stop the fp32 run after FP_STEPS steps (it saves and exits)
-  FP_STEPS=${FP_STEPS:-12}
-  until [ "$(cat out/parity-fp32/loss_log.csv 2>/dev/null | wc -l)" -gt "$FP_STEPS" ]; do
-    pgrep -f "train.py.*out/parity-fp32" > /dev/null || [ ! -f out/parity-fp32/loss_log.csv ] || break
-    sleep 1
-  done
-  pkill -TERM -f "train.py.*out/parity-fp32"
-fi
 wait
 tail -n 3 "$OUTDIR/bf16.txt" "$OUTDIR/fp32.txt"
 cp out/parity-bf16/loss_log.csv "$OUTDIR/bf16.csv"; cp out/parity-fp32/loss_log.csv "$OUTDIR/fp32.csv"
-if [ -n "${FP_REF:-}" ]; then
-  echo "fp32 here (first steps) vs the fp32 reference $FP_REF:"
-  python3 "$REPO/benchmarks/loss_parity.py" "$OUTDIR/fp32.csv" "$FP_REF" --per-step --tol 0.001 | tee "$OUTDIR/fp32_vs_ref.txt"
-  cp "$FP_REF" "$OUTDIR/fp32_ref.csv"
-  python3 "$REPO/benchmarks/loss_parity.py" "$OUTDIR/bf16.csv" "$FP_REF" --steps "$STEPS" | tee "$OUTDIR/parity.txt"
-else
-  python3 "$REPO/benchmarks/loss_parity.py" "$OUTDIR/bf16.csv" "$OUTDIR/fp32.csv" --steps "$STEPS" | tee "$OUTDIR/parity.txt"
-fi
+python3 "$REPO/benchmarks/loss_parity.py" "$OUTDIR/bf16.csv" "$OUTDIR/fp32.csv" --steps "$STEPS" | tee "$OUTDIR/parity.txt"

@@ -21,7 +21,7 @@
 #                                                      KERNELS=1 (kernel tests + WKV vs fla), PARITY=0, T8=0]
 #   DOCS=120000 bash benchmarks/gpu_session.sh speed OUT
 #   KTS=400 bash benchmarks/gpu_session.sh real OUT   [env TRAIN_S=420, COMPILE=1, EVAL=400, REAL_CARDS=0,1,2, DOCS]
-#   bash benchmarks/gpu_session.sh parity OUT         [env COMPILE=1, FP_REF=CSV, FP_STEPS=12, PARALLEL=1]
+#   bash benchmarks/gpu_session.sh parity OUT         [env COMPILE=1, PARALLEL=1]
 set -u
 STAGE=$1; OUT=$2
 W=/tmp/gpuwork; mkdir -p "$W"
@@ -171,11 +171,11 @@ speed)
   for n in t16 t16s1 t16auto; do [ -f "$W/$n.profile.txt" ] && { say "$n profile"; head -4 "$W/$n.profile.txt" | cut -c1-300; grep -E "Self CPU time total|Self CUDA time total" "$W/$n.profile.txt" | sort -u; }; done
   ;;
 parity)
-  # bf16 DeepSpeed vs the fp32 PyTorch path over 200 steps (gpu_loss_parity.sh; its FP_REF,
-  # FP_STEPS and PARALLEL pass through); the data as `check` makes it when missing
+  # bf16 DeepSpeed vs the fp32 PyTorch path over 200 steps (gpu_loss_parity.sh; PARALLEL=1
+  # runs both sides at once on one card); the data as `check` makes it when missing
   C=${COMPILE:-$(chosen_compile)}
   [ -f RWKV-v5/demo.meta.json ] || bash $B/gpu_data.sh 20000 30 > "$W/data.txt" 2>&1
-  say "loss parity: bf16 DeepSpeed (compile $C) vs fp32 PyTorch path, 200 steps${FP_REF:+ (fp32 side: $FP_REF)}"
+  say "loss parity: bf16 DeepSpeed (compile $C) vs fp32 PyTorch path, 200 steps"
   EXTRA="--compile $C ${MORE:-}" timeout 450 bash $B/gpu_loss_parity.sh "$W/parity" 200 2 | tail -24
   ;;
 confirm)
