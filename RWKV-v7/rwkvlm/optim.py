@@ -110,8 +110,10 @@ def use_foreach_grad_norm() -> bool:
     """DeepSpeed ZeRO-1/2's gradient norm (for --grad_clip) as one multi-tensor norm.
 
     DeepSpeed 0.19 takes the norm tensor by tensor: an fp64 copy and a norm for each of the
-    model's ~400 gradients every step (1,200 launches and ~800 host dispatches), which at
-    M_BSZ 1 is host time on the step's critical path. The replacement computes the same
+    model's ~400 gradients every step, about 800 kernels each launched from Python, which at
+    M_BSZ 1 is host time on the step's critical path (on an H100, under the profiler, the
+    optimizer step's host time at M_BSZ 1 went from 41.9 to 22.0 ms: benchmarks/RESULTS.md,
+    session 5). The replacement computes the same
     per-tensor norms with torch._foreach_norm (fp32 accumulation, squares summed in fp64) and
     keeps DeepSpeed's reduction across ranks and its NaN/inf masking. Cases it does not cover
     (another norm type, model or pipeline parallelism) go to DeepSpeed's own method.
