@@ -228,7 +228,7 @@ class RWKVTrainModule(pl.LightningModule):
                  f"(totals over all {n} steps); wall time per step (ms): "
                  + ", ".join(f"{t * 1e3:.1f}" for t in self.profile_times)]
         parts += [self._phase_table()]
-        if torch.cuda.is_available() and self.trainer.strategy.root_device.type == "cuda":
+        if has_cuda:
             gib = 2 ** 30
             parts += [f"CUDA memory of this process so far: peak allocated "
                       f"{torch.cuda.max_memory_allocated() / gib:.2f} GiB, peak reserved "

@@ -418,7 +418,9 @@ class Block(nn.Module):
         self.ffn = ChannelMix(cfg, layer_id)
         self.compiled = False  # set by RWKV7.compile_blocks
 
-    def forward(self, x, v_first):
+    def forward(self, x, v_first, grad_cp: bool = False):
+        """grad_cp: a compiled block checkpoints inside its graph (RWKV7.forward_hidden wraps
+        eager blocks in checkpoint() instead)."""
         if self.layer_id == 0:
             x = self.ln0(x)
         if not self.compiled:
@@ -426,11 +428,10 @@ class Block(nn.Module):
             dx, v_first = self.att(self.ln1(x), v_first)
             x = x + dx
             return x + self.ffn(self.ln2(x)), v_first
-        # compiled (never under ZeRO-3, which partitions the weights read here directly);
-        # with --grad_cp 1 the checkpoint is inside the graph: its backward recomputes the block
-        # within one compiled call (RWKV7.forward_hidden does not wrap compiled blocks again)
+        # compiled (never under ZeRO-3, which partitions the weights read here directly); with
+        # grad_cp the backward graph recomputes the block within the same compiled call
         cfg = self.att.cfg
-        fn = _block_fused_cp if cfg.grad_cp and torch.is_grad_enabled() else _block_fused
+        fn = _block_fused_cp if grad_cp else _block_fused
         return _compiled(fn)(x, v_first, cfg.head_size, cfg.wkv_impl, *self.fused_params())
 
     def fused_params(self) -> tuple:
@@ -529,10 +530,10 @@ class RWKV7(nn.Module):
         v_first = None
         use_cp = self.cfg.grad_cp and torch.is_grad_enabled()
         for block in self.blocks:
-            if use_cp and not block.compiled:  # a compiled block checkpoints inside its graph
+            if use_cp and not block.compiled:
                 x, v_first = checkpoint(block, x, v_first, use_reentrant=False)
-            else:
-                x, v_first = block(x, v_first)
+            else:  # a compiled block checkpoints inside its graph
+                x, v_first = block(x, v_first, grad_cp=use_cp)
         return self.ln_out(x)  # (B, T, C)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
