@@ -54,6 +54,11 @@ setup() {  # the card and versions; in the background the data (DOCS docs x 30, 
 }
 tflops() { grep -o '[0-9.]* TFLOP/s' "$W/matmul.txt" 2>/dev/null | head -1 | cut -d' ' -f1; }  # matmul_rate.py's figure
 
+alive() { local st; st=$(ps -o stat= -p "$1" 2>/dev/null) && [ "${st#Z}" = "$st" ]; }  # running, not a zombie
+wait_runs() {  # wait for this shell's background jobs, except a loss parity left running (start_parity)
+  local j; j=$(jobs -p | grep -v -x "$(cat "$W/parity.pid" 2>/dev/null || echo none)")
+  [ -z "$j" ] || wait $j
+}
 strategy_runs() {  # RUNS (strategy:precision) at M_BSZ 4 for STEPS steps, one per card at a time
   RUNS=${RUNS:-"deepspeed_stage_1:bf16 deepspeed_stage_3:bf16 deepspeed_stage_2_offload:bf16 deepspeed_stage_3_offload:bf16 deepspeed_stage_2:fp16 deepspeed_stage_2:tf32 deepspeed_stage_2:fp32 ddp:bf16"}
   local i=0 r ST PR N
@@ -62,10 +67,26 @@ strategy_runs() {  # RUNS (strategy:precision) at M_BSZ 4 for STEPS steps, one p
     say "start $N on card $((i % NGPU))"
     (NAME=$N M_BSZ=4 CARDS=$((i % NGPU)) STEPS=${STEPS:-20} LIMIT=${SLIMIT:-240} \
        EXTRA="--strategy $ST --precision $PR ${MORE:-}" bash $B/gpu_train_run.sh "$W" > "$W/$N.out" 2>&1) &
-    i=$((i + 1)); [ $((i % NGPU)) = 0 ] && wait
+    i=$((i + 1)); [ $((i % NGPU)) = 0 ] && wait_runs
   done
-  wait
+  wait_runs
   for r in $RUNS; do ST=${r%%:*}; PR=${r##*:}; N="s_${ST#deepspeed_}_$PR"; say "$N"; grep -E "rc |loss first|peak|steady" "$W/$N.summary.txt" 2>/dev/null || tail -5 "$W/$N.out"; done
+}
+
+start_parity() {  # the 200-step loss parity, both sides on card $1, in its own session (setsid) so
+                 # that it can outlast this call; collect_parity (this call or the next) reports it
+  say "background (setsid) on card $1: loss parity, bf16 DeepSpeed (compile 1) vs fp32 PyTorch path, 200 steps"
+  BF_CARD=$1 FP_CARD=$1 PARALLEL=1 EXTRA="--compile 1 ${MORE:-}" setsid nohup bash $B/gpu_loss_parity.sh "$W/parity" 200 2 \
+    > "$W/parity.txt" 2>&1 < /dev/null &
+  echo $! > "$W/parity.pid"
+}
+collect_parity() {  # wait for the parity until $1 seconds into this call, then print what it has
+  while alive "$(cat "$W/parity.pid")" && [ "$SECONDS" -lt "$1" ]; do sleep 2; done
+  if alive "$(cat "$W/parity.pid")"; then
+    say "loss parity still running: $(tail -n 1 RWKV-v7/train_temp/out/parity-fp32/loss_log.csv 2>/dev/null)"
+  else
+    say "loss parity"; tail -24 "$W/parity.txt"; rm -f "$W/parity.pid"
+  fi
 }
 
 case "$STAGE" in
@@ -197,6 +218,7 @@ confirm)
   fi
   wait
   tail -1 "$W/data.txt"
+  if [ "${PARITY:-0}" = 1 ] && [ "$NGPU" -ge 2 ]; then start_parity "$LAST"; fi
   if [ "${SMALL:-0}" = 1 ]; then
     say "WKV op at B 1 (T 4096, H 12), every kernel configuration"
     timeout 150 python3 $B/bench_wkv.py --B 1 --no-fla --variants 2>&1 | grep -v -i warn | tee "$W/wkv_b1.txt" | tail -25
@@ -209,14 +231,17 @@ confirm)
   for M in $ROWS; do
     P=""; case " ${PROFILE_ROWS:-16} " in *" $M "*) [ "${PROFILE:-3}" != 0 ] && P="--profile_steps ${PROFILE:-3}" ;; esac
     say "trainer, 1 GPU, M_BSZ $M"
-    NAME=t$M M_BSZ=$M STEPS=${STEPS:-40} LIMIT=200 EXTRA="--compile 1 $P ${MORE:-}" bash $B/gpu_train_run.sh "$W" 2>&1 | grep -v "profile (top" | head -12
+    NAME=t$M M_BSZ=$M CARDS=0 STEPS=${STEPS:-40} LIMIT=200 EXTRA="--compile 1 $P ${MORE:-}" bash $B/gpu_train_run.sh "$W" 2>&1 \
+      | grep -v -E "profile \(top|^torch.profiler over|^host time per phase" | head -12
   done
+  [ -n "${CONFIRM_RUNS:-}" ] && RUNS=$CONFIRM_RUNS NGPU=1 STEPS=${SSTEPS:-10} strategy_runs  # on card 0 only
   for M in $ROWS; do
     [ -f "$W/t$M.profile.txt" ] || continue
     say "t$M profile"; head -3 "$W/t$M.profile.txt"
     grep -E "Self CPU time total|Self CUDA time total" "$W/t$M.profile.txt" | sort -u
     grep -E "cudaLaunchKernel |aten::isfinite|AccumulateGrad|aten::pin_memory|linalg_vector_norm|CompiledFunction |cudaMemsetAsync|cudaStreamSynchronize|cudaDeviceSynchronize|aten::item|aten::_local_scalar_dense" "$W/t$M.profile.txt" | cut -c1-60,100-125,185-250 | sort -u
   done
+  [ -f "$W/parity.pid" ] && collect_parity "${PARITY_UNTIL:-540}"
   if [ -n "${STEP_AB:-}" ]; then
     M=${ROWS%% *}
     TF=$(tflops)
@@ -239,14 +264,29 @@ strategies)
 pair)
   # Two GPUs (nvidia-h100-x2): the M_BSZ 1 row alone on card 0 (the tutorial's H100 reference
   # row), the 2-GPU and 2-node runs (gpu_multi.sh), then strategy_runs two at a time.
-  setup FusedAdamBuilder CPUAdamBuilder
-  python3 $B/matmul_rate.py | tee "$W/matmul.txt"
+  # On a machine that `confirm` used (PARITY=1) it first waits for the loss parity left running;
+  # STEPS1=0 skips the M_BSZ 1 row; with ONE_T16=1 the 2-GPU run is compared with confirm's t16
+  # run (same settings, same machine) instead of a new 1-GPU run; X2_RUNS (strategy:precision)
+  # then run on every GPU at once (M_BSZ 4, SSTEPS steps).
+  [ -f "$W/parity.pid" ] && collect_parity "${PARITY_UNTIL:-300}"
+  setup FusedAdamBuilder $([ -n "${RUNS-x}" ] && echo CPUAdamBuilder)  # CPU Adam for the offload runs
+  [ -f "$W/matmul.txt" ] || python3 $B/matmul_rate.py | tee "$W/matmul.txt"
   wait; tail -1 "$W/data.txt"
-  say "trainer, 1 GPU alone, M_BSZ 1"
-  NAME=t1 M_BSZ=1 CARDS=0 STEPS=${STEPS1:-60} LIMIT=150 EXTRA="--compile 1 ${MORE:-}" bash $B/gpu_train_run.sh "$W" 2>&1 | head -12
-  say "1 GPU, 2 GPUs, 2 nodes (M_BSZ 16)"
-  EXTRA="--compile 1 ${MORE:-}" timeout 270 bash $B/gpu_multi.sh "$W/multi" "${STEPS:-30}" 16 2>&1 | tail -6
-  STEPS=${SSTEPS:-10} strategy_runs
+  if [ "${STEPS1:-60}" != 0 ]; then
+    say "trainer, 1 GPU alone, M_BSZ 1"
+    NAME=t1 M_BSZ=1 CARDS=0 STEPS=${STEPS1:-60} LIMIT=150 EXTRA="--compile 1 ${MORE:-}" bash $B/gpu_train_run.sh "$W" 2>&1 | head -12
+  fi
+  ONE=""; [ "${ONE_T16:-0}" = 1 ] && [ -f "$W/t16.loss_log.csv" ] && ONE="$W/t16.loss_log.csv"
+  say "1 GPU${ONE:+ (the t16 run of confirm)}, 2 GPUs, 2 nodes (M_BSZ 16)"
+  ONE=$ONE EXTRA="--compile 1 ${MORE:-}" timeout 270 bash $B/gpu_multi.sh "$W/multi" "${STEPS:-30}" 16 2>&1 | tail -6
+  [ -n "${RUNS-x}" ] && STEPS=${SSTEPS:-10} strategy_runs
+  for r in ${X2_RUNS:-}; do
+    ST=${r%%:*}; PR=${r##*:}; N="x${NGPU}_${ST#deepspeed_}_$PR"
+    say "$N: $NGPU GPUs"
+    NAME=$N M_BSZ=4 DEVICES=$NGPU STEPS=${SSTEPS:-10} LIMIT=${SLIMIT:-240} EXTRA="--strategy $ST --precision $PR ${MORE:-}" \
+      bash $B/gpu_train_run.sh "$W" > "$W/$N.out" 2>&1
+    grep -E "rc |loss first|peak|steady" "$W/$N.summary.txt" 2>/dev/null || tail -5 "$W/$N.out"
+  done
   ;;
 *) echo "unknown stage $STAGE (check, speed, real, parity, confirm, strategies, pair)"; exit 2 ;;
 esac
