@@ -140,3 +140,25 @@ def test_non_finite_weights_are_never_saved(tmp_path):
         m._save_resume_state(8)
     assert not (tmp_path / "rwkv-1.pth").exists() and not (tmp_path / "resume").exists()
     assert engine.calls == []
+
+
+def test_fp16_skipped_steps_are_reported(tmp_path):
+    """DeepSpeed skips an fp16 step whose scaled gradients overflow; the trainer says so, once per
+    skipped step, and counts from the engine's own figure (restored by a resume)."""
+    from types import SimpleNamespace
+
+    m, engine, cfg = _module(tmp_path)
+    cfg.precision = "fp16"
+    said = []
+    m.print_fn = said.append
+    engine.skipped_steps = 3  # as restored from a resume state
+    engine.optimizer = SimpleNamespace(loss_scaler=SimpleNamespace(cur_scale=65536.0))
+    m.on_train_batch_start(None, 0)
+    m._note_fp16_skip()  # a normal step
+    assert said == []
+    engine.skipped_steps, engine.optimizer.loss_scaler.cur_scale = 4, 32768.0
+    m.trainer.global_step = 1
+    m._note_fp16_skip()
+    assert len(said) == 1 and "step 1 skipped" in said[0] and "now 32768" in said[0] and "--precision bf16" in said[0]
+    m._note_fp16_skip()  # nothing new
+    assert len(said) == 1

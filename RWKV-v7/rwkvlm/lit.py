@@ -58,6 +58,7 @@ class RWKVTrainModule(pl.LightningModule):
         self.profiler = None
         self.profile_times = []
         self.phase_marks = []  # per profiled step: [(phase, host perf_counter)]
+        self.fp16_skipped = None  # DeepSpeed's count of skipped fp16 steps when last looked at
 
     # ------------------------------------------------------------ steps
     @property
@@ -108,6 +109,8 @@ class RWKVTrainModule(pl.LightningModule):
         if self.profiler is not None:
             self._mark("data and Lightning loop before the next step")  # closes the previous profiled step
             self.phase_marks.append([("start", time.perf_counter())])
+        if self.fp16_skipped is None and self.cfg.precision == "fp16":  # after a resume restored the count
+            self.fp16_skipped = self._deepspeed_skipped_steps()
         step = self.step
         self.lr_now = lr_at(step, step - self.run_start_step, self.cfg)
         for g in self.trainer.optimizers[0].param_groups:
@@ -145,6 +148,8 @@ class RWKVTrainModule(pl.LightningModule):
         if bad:
             self._diverged(f"the training loss is {loss} at step {self.step}" if own_bad
                            else f"another rank's training loss is not finite at step {self.step}")
+        if self.cfg.precision == "fp16":
+            self._note_fp16_skip()
         now = time.perf_counter()
         dt = now - self.t_last
         self.t_last = now
@@ -313,6 +318,25 @@ class RWKVTrainModule(pl.LightningModule):
         return self.model.state_dict()
 
     # ------------------------------------------------------------ divergence
+    def _deepspeed_skipped_steps(self) -> int | None:
+        engine = getattr(self.trainer.strategy, "deepspeed_engine", None)
+        return getattr(engine, "skipped_steps", None)
+
+    def _note_fp16_skip(self):
+        """fp16 under DeepSpeed: say so when the step just taken was skipped because its scaled
+        gradients overflowed (the weights are unchanged and the loss scale is lowered)."""
+        skipped = self._deepspeed_skipped_steps()
+        if skipped is None or self.fp16_skipped is None:
+            return
+        if skipped > self.fp16_skipped and self.global_rank == 0:
+            scaler = getattr(getattr(self.trainer.strategy.deepspeed_engine, "optimizer", None), "loss_scaler", None)
+            scale = getattr(scaler, "cur_scale", None)
+            now = f", now {scale:g}" if isinstance(scale, (int, float)) else ""
+            self.print_fn(f"fp16: step {self.step} skipped (its gradients overflowed; loss scale lowered{now}). "
+                          f"A few at the start are normal; a long run of them means training diverges: "
+                          f"lower --lr_init or use --precision bf16.")
+        self.fp16_skipped = skipped
+
     def _diverged(self, what: str):
         """Stop with a message (before anything of this step is saved)."""
         cfg = self.cfg
