@@ -162,3 +162,7 @@ def test_fp16_skipped_steps_are_reported(tmp_path):
     assert len(said) == 1 and "step 1 skipped" in said[0] and "now 32768" in said[0] and "--precision bf16" in said[0]
     m._note_fp16_skip()  # nothing new
     assert len(said) == 1
+    engine.skipped_steps, engine.optimizer.loss_scaler.cur_scale = 5, 16384.0
+    m.trainer.global_step = 2
+    m._note_fp16_skip()  # the next one is told without the advice
+    assert len(said) == 2 and "step 2 skipped" in said[1] and "now 16384" in said[1] and "--lr_init" not in said[1]

@@ -59,6 +59,7 @@ class RWKVTrainModule(pl.LightningModule):
         self.profile_times = []
         self.phase_marks = []  # per profiled step: [(phase, host perf_counter)]
         self.fp16_skipped = None  # DeepSpeed's count of skipped fp16 steps when last looked at
+        self.fp16_told = False  # the advice that goes with the first skipped step was given
 
     # ------------------------------------------------------------ steps
     @property
@@ -331,10 +332,14 @@ class RWKVTrainModule(pl.LightningModule):
         if skipped > self.fp16_skipped and self.global_rank == 0:
             scaler = getattr(getattr(self.trainer.strategy.deepspeed_engine, "optimizer", None), "loss_scaler", None)
             scale = getattr(scaler, "cur_scale", None)
-            now = f", now {scale:g}" if isinstance(scale, (int, float)) else ""
-            self.print_fn(f"fp16: step {self.step} skipped (its gradients overflowed; loss scale lowered{now}). "
-                          f"A few at the start are normal; a long run of them means training diverges: "
-                          f"lower --lr_init or use --precision bf16.")
+            now = f"; loss scale now {scale:g}" if isinstance(scale, (int, float)) else ""
+            msg = f"fp16: step {self.step} skipped (its gradients overflowed{now})."
+            if not self.fp16_told:  # the advice once per run
+                msg += (" DeepSpeed lowers the loss scale until the gradients fit: a few skipped steps at"
+                        " the start are normal; a long run of them later means training diverges: lower"
+                        " --lr_init or use --precision bf16.")
+                self.fp16_told = True
+            self.print_fn(msg)
         self.fp16_skipped = skipped
 
     def _diverged(self, what: str):
