@@ -305,10 +305,13 @@ class RWKVTrainModule(pl.LightningModule):
             return self.proj / f"rwkv-{mini_epoch}.pth"
         return None
 
+    def _engine(self):
+        """The DeepSpeed engine under a DeepSpeed strategy, else None."""
+        return getattr(self.trainer.strategy, "deepspeed_engine", None)
+
     def gathered_state_dict(self) -> dict | None:
         """The model's full state dict on rank 0 (None elsewhere); collective under ZeRO-3."""
-        strategy = self.trainer.strategy
-        engine = getattr(strategy, "deepspeed_engine", None)
+        engine = self._engine()
         if engine is not None and engine.zero_optimization_stage() == 3:
             full = engine._zero3_consolidated_16bit_state_dict()  # collective
             if self.global_rank != 0:
@@ -320,8 +323,7 @@ class RWKVTrainModule(pl.LightningModule):
 
     # ------------------------------------------------------------ divergence
     def _deepspeed_skipped_steps(self) -> int | None:
-        engine = getattr(self.trainer.strategy, "deepspeed_engine", None)
-        return getattr(engine, "skipped_steps", None)
+        return getattr(self._engine(), "skipped_steps", None)
 
     def _note_fp16_skip(self):
         """fp16 under DeepSpeed: say so when the step just taken was skipped because its scaled
@@ -330,7 +332,7 @@ class RWKVTrainModule(pl.LightningModule):
         if skipped is None or self.fp16_skipped is None:
             return
         if skipped > self.fp16_skipped and self.global_rank == 0:
-            scaler = getattr(getattr(self.trainer.strategy.deepspeed_engine, "optimizer", None), "loss_scaler", None)
+            scaler = getattr(getattr(self._engine(), "optimizer", None), "loss_scaler", None)
             scale = getattr(scaler, "cur_scale", None)
             now = f"; loss scale now {scale:g}" if isinstance(scale, (int, float)) else ""
             msg = f"fp16: step {self.step} skipped (its gradients overflowed{now})."
@@ -372,7 +374,7 @@ class RWKVTrainModule(pl.LightningModule):
 
     def _save_resume_state(self, step: int):
         self._check_weights_finite()
-        engine = getattr(self.trainer.strategy, "deepspeed_engine", None)
+        engine = self._engine()
         state = {
             "format": 1, "step": step, "run_start_step": self.run_start_step,
             "epoch_begin": self.start.epoch_begin, "epoch_loss_sum": self.epoch_loss_sum,
@@ -397,7 +399,7 @@ class RWKVTrainModule(pl.LightningModule):
 
     def _restore_resume_state(self):
         d = self.start.resume_dir
-        engine = getattr(self.trainer.strategy, "deepspeed_engine", None)
+        engine = self._engine()
         if engine is not None:
             engine.load_checkpoint(str(d / "ds"), tag="state", load_optimizer_states=True,
                                    load_lr_scheduler_states=False, load_module_strict=True)
