@@ -148,8 +148,7 @@ real)
     EXTRA="--compile $C --epoch_save 1 ${MORE:-}" bash $B/gpu_train_run.sh "$W"
   if [ -f "$W/parity.pid" ]; then  # the loss parity that `speed` left running on its own card
     say "loss parity (started by speed)"
-    for _ in $(seq 40); do kill -0 "$(cat "$W/parity.pid")" 2>/dev/null || break; sleep 2; done
-    tail -12 "$W/parity.txt"
+    collect_parity $((SECONDS + 80))
   fi
   ;;
 speed)
@@ -187,7 +186,7 @@ speed)
   wait $STEP
   say "one compiled step, card 0"; grep -v -i warn "$W/step.txt"; head -3 "$W/matmul.txt"
   (NAME=t16auto CARDS=0 STEPS=${STEPS:-40} LIMIT=200 EXTRA="--compile 1 --strategy auto --profile_steps 3 ${MORE:-}" bash $B/gpu_train_run.sh "$W" > "$W/t16auto.out" 2>&1) &
-  wait $(jobs -p | grep -v "^$(cat "$W/parity.pid" 2>/dev/null)$") 2>/dev/null
+  wait_runs
   for n in t16 t16s1 t8 t1 t16auto; do [ -f "$W/$n.out" ] && { say "$n"; grep -v "profile (top" "$W/$n.out" | head -12; }; done
   for n in t16 t16s1 t16auto; do [ -f "$W/$n.profile.txt" ] && { say "$n profile"; head -4 "$W/$n.profile.txt" | cut -c1-300; grep -E "Self CPU time total|Self CUDA time total" "$W/$n.profile.txt" | sort -u; }; done
   ;;

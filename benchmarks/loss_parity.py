@@ -1,6 +1,6 @@
 """Compare two training runs' loss_log.csv: running-mean loss agreement.
 
-    python benchmarks/loss_parity.py RUN_A/loss_log.csv RUN_B/loss_log.csv [--steps 200] [--tol 0.01] [--per-step]
+    python benchmarks/loss_parity.py RUN_A/loss_log.csv RUN_B/loss_log.csv [--steps 200] [--tol 0.01]
 
 Prints the running-mean loss of both runs at a few steps and the largest
 difference from step 20 on (the first steps' means are dominated by the
@@ -32,21 +32,7 @@ def main():
     ap.add_argument("b")
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--tol", type=float, default=0.01)
-    ap.add_argument("--per-step", action="store_true",
-                    help="compare the per-step losses of the steps both runs have (e.g. a short rerun "
-                         "against a reference run); exit status 1 when one differs by more than --tol")
     args = ap.parse_args()
-    if args.per_step:
-        la, lb = losses(args.a, args.steps), losses(args.b, args.steps)
-        n = min(len(la), len(lb))
-        diffs = [abs(x - y) for x, y in zip(la[:n], lb[:n])]
-        for s in range(n):
-            print(f"step {s + 1:4d}: loss {la[s]:.6f} vs {lb[s]:.6f} (diff {la[s] - lb[s]:+.6f})")
-        worst = max(diffs) if diffs else float("nan")
-        ok = n > 0 and worst <= args.tol
-        print(f"{n} steps compared; largest per-step difference {worst:.6f}; target <= {args.tol}: "
-              f"{'met' if ok else 'NOT met'}")
-        sys.exit(0 if ok else 1)
     ma, mb = running_mean(args.a, args.steps), running_mean(args.b, args.steps)
     n = min(len(ma), len(mb))
     for s in (10, 50, 100, 150, 200):
