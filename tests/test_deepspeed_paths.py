@@ -29,6 +29,9 @@ class FakeEngine:
 
     def save_checkpoint(self, save_dir, tag=None, client_state={}, save_latest=True, exclude_frozen_parameters=False):
         Path(save_dir, tag).mkdir(parents=True)
+        # DeepSpeed's layout: the module's weights (ZeRO-1/2) in mp_rank_00_model_states.pt
+        torch.save({"module": {f"model.{k}": v for k, v in self.module.state_dict().items()}},
+                   Path(save_dir, tag, "mp_rank_00_model_states.pt"))
         self.calls.append(("save", save_dir, tag, save_latest))
 
     def load_checkpoint(self, load_dir, tag=None, load_module_strict=True, load_optimizer_states=True,
@@ -87,12 +90,13 @@ def test_fake_engine_matches_deepspeed_signatures():
 
 def test_resume_state_through_the_engine(tmp_path):
     m, engine, cfg = _module(tmp_path)
-    m._save_resume_state(8)
+    m._save(8, pending=[], final=False)
     d = tmp_path / "resume" / "step-000000008"
     assert engine.calls == [("save", str(d / "ds"), "state", False)]
     state = json.loads((d / "state.json").read_text())
     assert state["kind"] == "deepspeed" and state["step"] == 8 and state["fingerprint"]["deepspeed"]
     assert (d / "rng-rank0.pt").is_file() and not (d / "trainer.pt").exists()
+    assert (tmp_path / "rwkv-latest.pth").samefile(d / "weights.pth")
 
     # a re-run with the same settings resumes exactly from it: weights and optimizer come from the engine
     start = find_start(cfg)
@@ -106,8 +110,8 @@ def test_weights_saved_in_bf16_without_prefixes(tmp_path):
     for stage in (2, 3):
         (tmp_path / str(stage)).mkdir()
         m, _, _ = _module(tmp_path / str(stage), stage=stage)
-        out = tmp_path / f"rwkv-{stage}.pth"
-        m._save_weights(out)
+        m._save(16, pending=["rwkv-3.pth"], final=False)
+        out = tmp_path / str(stage) / "rwkv-3.pth"
         sd = torch.load(out, weights_only=True)
         assert set(sd) == set(m.model.state_dict())
         assert all(v.dtype == torch.bfloat16 for v in sd.values())
@@ -134,10 +138,8 @@ def test_non_finite_weights_are_never_saved(tmp_path):
     m, engine, _ = _module(tmp_path)
     with torch.no_grad():
         m.model.blocks[0].att.w1[3, 5] = float("nan")
-    with pytest.raises(UserError, match="diverged.*--lr_init"):
-        m._save_weights(tmp_path / "rwkv-1.pth")
-    with pytest.raises(UserError, match="NaN or infinite"):
-        m._save_resume_state(8)
+    with pytest.raises(UserError, match="diverged.*NaN or infinite.*--lr_init"):
+        m._save(16, pending=["rwkv-1.pth"], final=False)
     assert not (tmp_path / "rwkv-1.pth").exists() and not (tmp_path / "resume").exists()
     assert engine.calls == []
 

@@ -246,6 +246,7 @@ def test_partial_utf8_tokens_wait_for_the_whole_character(tok):
 
 # ---------------------------------------------------------------- chat.py
 
+@pytest.mark.slow
 def test_chat_prompt_cli(ckpt, cpu_env):
     r = subprocess.run([sys.executable, str(REPO / "RWKV-v7" / "chat.py"), str(ckpt), "--prompt", "12 + 7 = ?",
                         "--max_tokens", "5", "--device", "cpu", "--seed", "1"],

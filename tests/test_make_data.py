@@ -309,3 +309,58 @@ def test_memory_does_not_grow_with_copies(tmp_path):
         rss[n] = int(r.stdout.rsplit("RSS", 1)[1]) / 1024
     assert (tmp_path / "m.bin").stat().st_size > 50e6
     assert rss[200] - rss[1] < 20, rss
+
+
+KILLPOINT = ROOT / "tests" / "killpoint.py"
+
+
+def _set(prefix):
+    """The bytes of <prefix>.bin/.idx/.meta.json (None for a missing file)."""
+    out = []
+    for ext in (".bin", ".idx", ".meta.json"):
+        p = Path(f"{prefix}{ext}")
+        out.append(p.read_bytes() if p.is_file() else None)
+    return tuple(out)
+
+
+@pytest.mark.parametrize("kill", ["replace:demo.bin:1", "replace:demo.idx:1", "replace:demo.meta.json:1",
+                                  "replace:.demo.binidx-commit.json:1", "create:.demo.meta.json.*:1",
+                                  "create:.demo.idx.*:1"])
+def test_kill_while_replacing_keeps_a_whole_set(tmp_path, kill):
+    """SIGKILL at each moment of make_data's final writes: the old set or the new one (.bin, .idx and
+    .meta.json that belong together) is there for the trainer, and the next run leaves no temporary."""
+    write_jsonl(tmp_path / "demo.jsonl", DOCS)
+    new = tmp_path / "new"
+    new.mkdir()
+    (new / "demo.jsonl").write_bytes((tmp_path / "demo.jsonl").read_bytes())
+    assert run(tmp_path, "demo.jsonl", 3, 16, "--seed", "1") == 0
+    assert run(new, "demo.jsonl", 3, 16, "--seed", "2") == 0
+    old_set, new_set = _set(tmp_path / "demo"), _set(new / "demo")
+    new_set = new_set[:2] + (new_set[2].replace(str(new).encode(), str(tmp_path).encode()),)
+    r = subprocess.run([sys.executable, str(KILLPOINT), "--kill", kill, str(WRAPPER), "demo.jsonl", "3", "16",
+                        "--seed", "2"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == -9, (r.returncode, r.stdout[-2000:], r.stderr[-2000:])
+    data = BinIdx(tmp_path / "demo")  # what the trainer opens; completes a half-done replacement
+    meta = read_meta(tmp_path / "demo")
+    assert (data.num_tokens, data.num_items) == (meta["tokens"], meta["items"])
+    assert _set(tmp_path / "demo") in (old_set, new_set), "a mixed set of old and new files"
+    assert run(tmp_path, "demo.jsonl", 3, 16, "--seed", "2") == 0
+    assert _set(tmp_path / "demo") == new_set
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")], "temporaries left"
+
+
+def test_stale_temporaries_of_dead_writers_are_removed(tmp_path):
+    """Temporaries of a killed make_data (its pid is gone) go on the next run; a live writer's stay."""
+    from rwkvlm.atomic import _host
+
+    write_jsonl(tmp_path / "demo.jsonl", DOCS)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    stale = [tmp_path / f".demo.bin.{_host()}-{dead}-abcd1234.tmp", tmp_path / f".demo.meta.json.{_host()}-{dead}-x1y2z3w4.tmp"]
+    live = tmp_path / f".demo.idx.{_host()}-{os.getpid()}-abcd1234.tmp"
+    other_host = tmp_path / f".demo.bin.otherhost-{dead}-abcd1234.tmp"
+    for p in (*stale, live, other_host):
+        p.write_bytes(b"x" * 1000)
+    assert run(tmp_path, "demo.jsonl", 2, 16, "--seed", "1") == 0
+    assert not any(p.exists() for p in stale)
+    assert live.exists() and other_host.exists()

@@ -233,7 +233,7 @@ def test_chunked_ce_matches_torch_and_keeps_input():
     assert torch.equal(logits, keep)
 
 
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["eager", "compiled"])
 @pytest.mark.parametrize("chunk_rows", [4, 1000])
 def test_fused_head_loss_matches_unfused(chunk_rows, compiled):
     """The fused head loss (eager, and with its per-chunk softmax work under torch.compile,
@@ -414,7 +414,7 @@ def test_forward_rnn_last_only_matches_full():
         assert all(torch.equal(x, y) for x, y in zip(a, b))  # the state does not depend on the head
 
 
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["eager", "compiled"])
 def test_fused_head_loss_exact_when_target_probability_underflows(compiled):
     """Rows whose target probability underflows fp32 (loss > 87) still get the exact loss."""
     torch.manual_seed(3)
@@ -438,6 +438,7 @@ def test_fused_head_loss_exact_when_target_probability_underflows(compiled):
 # torch.compile'd blocks (--compile 1)
 # ------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_compiled_blocks_match_eager(model):
     """compile_blocks changes speed only: same loss and same gradient for every parameter
     (under gradient checkpointing, which re-runs the compiled graphs); the state dict keeps
@@ -490,6 +491,7 @@ def _saved_activation_bytes(m, idx, tgt) -> int:
     return sum(seen.values())
 
 
+@pytest.mark.slow
 def test_compiled_blocks_checkpoint_inside_the_graph():
     """--grad_cp 1 with compiled blocks keeps about what the eager checkpointed model keeps (the
     blocks' inputs), far less than without checkpointing: the recompute happens inside the

@@ -10,6 +10,8 @@ import pytest
 from rwkvlm.dataset import MagicPrimeDataset
 from trainkit import TRAIN_TEMP, make_dataset, prepare_args, run_args
 
+pytestmark = pytest.mark.slow  # end-to-end trainings
+
 STEPS = 6
 
 

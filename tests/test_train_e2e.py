@@ -7,6 +7,8 @@ import torch
 
 from trainkit import TINY, TRAIN_TEMP, make_dataset, snapshot
 
+pytestmark = pytest.mark.slow  # end-to-end trainings
+
 
 def _sh(script, *args, env, check=True):
     r = subprocess.run(["sh", str(TRAIN_TEMP / script), *map(str, args)], env=env, capture_output=True,
@@ -51,7 +53,11 @@ def test_prepare_writes_init(trained):
 def test_run_writes_checkpoints_and_logs(trained):
     proj = trained["proj"]
     names = sorted(p.name for p in proj.glob("rwkv-*.pth"))
-    assert names == ["rwkv-0.pth", "rwkv-1.pth", "rwkv-2.pth", "rwkv-final.pth", "rwkv-init.pth"]
+    assert names == ["rwkv-0.pth", "rwkv-1.pth", "rwkv-2.pth", "rwkv-final.pth", "rwkv-init.pth", "rwkv-latest.pth"]
+    # the run ends with an exact-resume state of its last step, which the final weights come from
+    final_state = proj / "resume" / "step-000000120"
+    assert (proj / "rwkv-final.pth").samefile(final_state / "weights.pth")
+    assert (proj / "rwkv-latest.pth").samefile(final_state / "weights.pth")
     for n in names:
         sd = torch.load(proj / n, weights_only=True)
         assert all(isinstance(v, torch.Tensor) for v in sd.values())
@@ -79,16 +85,24 @@ def test_rerun_after_final_does_nothing(trained):
     assert snapshot(proj) == before
 
 
-def test_rerun_resumes_from_newest_checkpoint(trained, tmp_path):
-    """A longer --my_exit_tokens starts from rwkv-2.pth (settings changed: weights only) at mini-epoch 3."""
+def test_raising_exit_tokens_continues_exactly(trained, tmp_path):
+    """A longer --my_exit_tokens continues exactly from the finished run's last state (optimizer state,
+    data position, mini-epoch count, no new warmup), the schedule stretched to the new end."""
+    from rwkvlm.config import parse_args
+    from rwkvlm.optim import lr_at
+
     proj = trained["proj"]
     more = trained["exit_tokens"] + 160 * 64
-    r = _sh("demo-training-run.sh", *_overrides(trained["meta"], proj, more), *_run_overrides(),
-            env=trained["env"])
-    assert "rwkv-2.pth" in r.stdout and "mini-epoch 3" in r.stdout, r.stdout[-2000:]
+    args = [*_overrides(trained["meta"], proj, more), *_run_overrides()]
+    r = _sh("demo-training-run.sh", *args, env=trained["env"])
+    assert f"resumed exactly from {proj / 'resume' / 'step-000000120'}" in r.stdout, r.stdout[-2000:]
+    assert "--my_exit_tokens changed" in r.stdout and "mini-epoch 3" in r.stdout
     assert (proj / "rwkv-3.pth").is_file()
     last = (proj / "train_log.txt").read_text().splitlines()[-1].split()
-    assert last[0] == "3" and last[-1] == "0"
+    assert last[0] == "3" and last[-1] == "3"  # the same run, continued
+    rows = {int(ln.split(",")[0]): float(ln.split(",")[3]) for ln in (proj / "loss_log.csv").read_text().splitlines()[1:]}
+    cfg = parse_args(["--train_stage", "3", "--data_file", "x", *map(str, args)])
+    assert rows[121] == pytest.approx(lr_at(120, 120, cfg), rel=1e-6)  # not a warmup's 1% start
 
 
 def test_checkpoints_run_in_rwkv_package(trained):

@@ -151,5 +151,6 @@ def test_loss_turning_nan_stops_before_saving(data, tmp_path, monkeypatch):
     with pytest.raises(UserError, match=r"loss is nan at step 6.*--lr_init"):
         main(args)
     saved = sorted(p.name for p in proj.glob("rwkv-*.pth"))
-    assert saved == ["rwkv-0.pth", "rwkv-1.pth", "rwkv-init.pth"], saved
+    assert saved == ["rwkv-0.pth", "rwkv-1.pth", "rwkv-init.pth", "rwkv-latest.pth"], saved
+    assert (proj / "rwkv-latest.pth").samefile(proj / "resume" / "step-000000004" / "weights.pth")
     assert not (proj / "rwkv-final.pth").exists()

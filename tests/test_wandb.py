@@ -9,6 +9,8 @@ import pytest
 
 from trainkit import TRAIN_TEMP, make_dataset, prepare_args, run_args
 
+pytestmark = pytest.mark.slow  # end-to-end trainings
+
 pytest.importorskip("wandb")
 
 

@@ -7,13 +7,13 @@ int32 sizes[n], int64 byte pointers[n], int64 doc_idx[m].
 
 `BinIdx` memory-maps both files and only checks what is O(1) to check, so it
 opens multi-GB files instantly. `BinIdxWriter` streams items to disk (memory
-does not grow with the data) under temporary names and renames both files
-into place only when complete.
+does not grow with the data) under temporary names and puts both files (and
+make_data's .meta.json) in place as one set only when complete; a reader
+first completes a set that a killed writer left half renamed.
 """
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import struct
 import tempfile
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_path
+from .atomic import commit_files, finish_commit, remove_stale_temps, temp_path
 from .errors import UserError
 
 MAGIC = b"MMIDIDX\x00\x00"
@@ -63,6 +63,7 @@ class BinIdx:
         self.path = split_path(path)
         self.bin_path = Path(str(self.path) + ".bin")
         self.idx_path = Path(str(self.path) + ".idx")
+        finish_interrupted_write(self.path)
         self._open_index()
         self._open_tokens()
 
@@ -142,8 +143,23 @@ class BinIdx:
         return f"BinIdx({str(self.path)!r}, tokens={self.num_tokens}, items={self.num_items}, dtype={self.dtype})"
 
 
-class _Abort(Exception):
-    pass
+def commit_journal(path) -> Path:
+    """The journal of an interrupted BinIdxWriter commit of <path>.bin/.idx (see atomic.commit_files)."""
+    path = Path(path)
+    return path.parent / f".{path.name}.binidx-commit.json"
+
+
+def finish_interrupted_write(path) -> None:
+    """Complete a BinIdxWriter commit that a killed writer left half done, so that
+    <path>.bin/.idx/.meta.json are the new set (a no-op when there is none)."""
+    journal = commit_journal(path)
+    try:
+        finish_commit(journal)
+    except OSError as e:
+        raise UserError(
+            f"a write of {path}.bin/.idx was interrupted and cannot be completed here ({e}). Run "
+            f"make_data.py again to write the data anew."
+        ) from None
 
 
 class BinIdxWriter:
@@ -151,7 +167,9 @@ class BinIdxWriter:
 
     Use as a context manager (finishes on success, removes the temporaries on error), or
     call finish()/abort() yourself. Sizes, pointers and doc_idx go to anonymous temporary
-    files, so memory stays flat however many items are written.
+    files, so memory stays flat however many items are written. finish() replaces .bin,
+    .idx and any extra files (make_data's .meta.json) as one set: a crash at any moment
+    leaves the old set or the new one (`finish_interrupted_write`).
     """
 
     def __init__(self, path, dtype=np.uint16):
@@ -161,24 +179,37 @@ class BinIdxWriter:
         self.dtype = DTYPES[self.code]
         self.bin_path = Path(str(self.path) + ".bin")
         self.idx_path = Path(str(self.path) + ".idx")
+        self._temps = []
         self._stack = contextlib.ExitStack()
         try:
-            tmp_idx = self._stack.enter_context(atomic_path(self.idx_path))
-            tmp_bin = self._stack.enter_context(atomic_path(self.bin_path))
             directory = self.bin_path.parent
-            self._tmp_idx = tmp_idx
-            self._bin = self._stack.enter_context(open(tmp_bin, "wb"))
+            finish_interrupted_write(self.path)  # a killed earlier write: complete it before replacing it
+            remove_stale_temps(directory, {self.bin_path.name, self.idx_path.name, commit_journal(self.path).name})
+            self._tmp_bin = self._temp(self.bin_path)
+            self._tmp_idx = self._temp(self.idx_path)
+            self._bin = self._stack.enter_context(open(self._tmp_bin, "wb"))
             self._sizes = self._stack.enter_context(tempfile.TemporaryFile(dir=directory))
             self._pointers = self._stack.enter_context(tempfile.TemporaryFile(dir=directory))
             self._docs = self._stack.enter_context(tempfile.TemporaryFile(dir=directory))
         except BaseException:
-            self._stack.__exit__(_Abort, _Abort(), None)
+            self._discard()
             raise
         self._docs.write(np.zeros(1, "<i8").tobytes())
         self.num_items = 0
         self.num_docs = 1  # doc_idx entries (starts with 0)
         self.num_tokens = 0
         self._done = False
+
+    def _temp(self, dest: Path) -> Path:
+        tmp = temp_path(dest)
+        self._temps.append(tmp)
+        return tmp
+
+    def _discard(self) -> None:
+        self._stack.close()
+        for tmp in self._temps:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
 
     def _check(self, tokens) -> np.ndarray:
         arr = np.asarray(tokens)
@@ -228,8 +259,9 @@ class BinIdxWriter:
         arr = self._check(tokens)
         self.add_items(arr, [arr.size], end_documents=True)
 
-    def finish(self) -> None:
-        """Write the index and rename both files into place (.bin first)."""
+    def finish(self, extra: dict | None = None) -> None:
+        """Write the index and put .bin, .idx and `extra` ({path: bytes}, e.g. the
+        .meta.json that belongs to this data) in place as one set."""
         if self._done:
             return
         try:
@@ -240,20 +272,23 @@ class BinIdxWriter:
                     part.flush()
                     part.seek(0)
                     shutil.copyfileobj(part, idx, 1 << 20)
-            # A stale .idx must never sit beside the new .bin.
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.idx_path)
+            renames = [(self._tmp_bin, self.bin_path), (self._tmp_idx, self.idx_path)]
+            for dest, data in (extra or {}).items():
+                tmp = self._temp(Path(dest))
+                tmp.write_bytes(data)
+                renames.append((tmp, Path(dest)))
+            self._stack.close()
+            commit_files(renames, commit_journal(self.path))
         except BaseException:
             self.abort()
             raise
         self._done = True
-        self._stack.close()
 
     def abort(self) -> None:
         """Discard everything written; no .bin/.idx is created or changed."""
         if not self._done:
             self._done = True
-            self._stack.__exit__(_Abort, _Abort(), None)
+            self._discard()
 
     def __enter__(self):
         return self

@@ -1,42 +1,52 @@
-"""Checkpoints: the rwkv-*.pth weight files and the exact-resume states.
+"""Checkpoints: the rwkv-*.pth weight files, the exact-resume states, and where a run starts.
 
 Weight files (the spec's format): `rwkv-init.pth`, `rwkv-<N>.pth` (N = the
-mini-epoch just finished) and `rwkv-final.pth`, each a plain state dict that
-loads with `torch.load(weights_only=True)`.
+mini-epoch just finished), `rwkv-final.pth` and `rwkv-latest.pth`, each a
+plain state dict that loads with `torch.load(weights_only=True)`.
 
-Exact-resume states live in `<proj_dir>/resume/step-<step>/`: `state.json`
-(written last: a state without it is incomplete and ignored) plus either
-`trainer.pt` (model and optimiser state, for torch optimisers) or `ds/` (a
-DeepSpeed checkpoint). `rwkv-final.json`, written after rwkv-final.pth, holds
-the step and settings it belongs to: a re-run with the same settings then has
-nothing to do. Every file is written under a temporary name and renamed when
-complete.
+An exact-resume state is a folder `resume/step-<step>/` (names: rundir.py):
+`weights.pth` (the weights as in rwkv-N.pth), `trainer.pt` (model and
+optimiser, torch optimisers) or `ds/` (a DeepSpeed checkpoint),
+`rng-rank<R>.pt` for every rank, and `state.json`, written last: a folder
+without it is incomplete and never used. state.json lists the weight files
+that are made from this state after it (`pending`), so a kill between the
+two is repaired on the next start.
+
+Where a run starts (`find_start`): the save with the most training behind it
+(samples seen), whatever the settings it was made with. With the settings of
+the state unchanged, the run continues exactly; with --my_exit_tokens changed
+too, with the schedule stretched to the new end. With other settings changed
+it continues from that save's weights (and its optimiser state where the
+optimiser is the same kind and shape) at the same number of samples, with a
+fresh warmup. A damaged save is reported and the next older one is used.
 """
 from __future__ import annotations
 
 import datetime
 import json
+import math
 import pickle
 import re
 import shutil
 import warnings
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from rwkvlm.atomic import atomic_open, atomic_torch_save
+from rwkvlm.atomic import atomic_open, atomic_torch_save, link_or_copy
 from rwkvlm.errors import UserError
-
-RESUME_DIR = "resume"
-FINAL_WEIGHTS = "rwkv-final.pth"
-FINAL_INFO = "rwkv-final.json"  # written after rwkv-final.pth: its step and run settings
-STATE_FILE = "state.json"
-_EPOCH_RE = re.compile(r"^rwkv-(\d+)\.pth$")
-_STEP_RE = re.compile(r"^step-(\d+)$")
-
+from rwkvlm.rundir import (DS_DIR, DS_TAG, FINAL, STATE_FILE, STATE_WEIGHTS, TRAINER_FILE, RunDir, epoch_name,
+                           rng_file)
 
 SAVE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "tf32": torch.float32}
+
+# settings an exact resume must share with the run that saved the state (--my_exit_tokens
+# may change: the schedule then stretches or shrinks to the new end)
+EXACT_KEYS = ("n_layer", "n_embd", "vocab_size", "head_size", "ctx_len", "micro_bsz", "world_size",
+              "magic_prime", "precision", "deepspeed", "mini_epoch_samples")
+RECENT_STEPS = 20  # a state records the mean loss of the steps before it, over this many
 
 
 def save_weights(sd: dict, path, precision: str) -> None:
@@ -48,6 +58,21 @@ def save_weights(sd: dict, path, precision: str) -> None:
 
 class CorruptCheckpoint(Exception):
     """A checkpoint file that cannot be read (truncated, damaged, not a checkpoint)."""
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def _torch_load(path):
+    """torch.load with weights_only=True; CorruptCheckpoint for a damaged or unsafe file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CorruptCheckpoint(f"{path}: missing")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for damaged files
+        raise CorruptCheckpoint(f"{path}: {_first_line(e)}") from None
 
 
 def load_weights(path) -> dict:
@@ -70,21 +95,34 @@ def load_weights(path) -> dict:
             ) from None
         raise CorruptCheckpoint(f"{path}: {msg.splitlines()[0] if msg else type(e).__name__}") from None
     except Exception as e:  # torch raises many types for damaged files
-        raise CorruptCheckpoint(f"{path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise CorruptCheckpoint(f"{path}: {_first_line(e)}") from None
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CorruptCheckpoint(f"{path}: not a state dict of tensors")
     return obj
 
 
+def check_complete(path) -> None:
+    """Raise CorruptCheckpoint unless `path` is a whole torch.save file.
+
+    Reads only the zip directory at the end of the file (no unpickling, no tensor
+    data), so it is cheap for any size: a file cut short by a kill or a full disk
+    loses that directory.
+    """
+    path = Path(path)
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except FileNotFoundError:
+        raise CorruptCheckpoint(f"{path}: missing") from None
+    except (OSError, zipfile.BadZipFile, ValueError) as e:
+        raise CorruptCheckpoint(f"{path}: not a complete torch.save file ({_first_line(e)})") from None
+    if not any(n.endswith("data.pkl") for n in names):
+        raise CorruptCheckpoint(f"{path}: not a torch.save file")
+
+
 def load_trainer_state(path) -> dict:
     """Load a resume state's trainer.pt ({"model": state dict, "optimizer": state dict})."""
-    path = Path(path)
-    if not path.is_file():
-        raise CorruptCheckpoint(f"{path}: missing")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for damaged files
-        raise CorruptCheckpoint(f"{path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    obj = _torch_load(path)
     if not isinstance(obj, dict) or "model" not in obj or "optimizer" not in obj:
         raise CorruptCheckpoint(f"{path}: not a resume state")
     return obj
@@ -123,82 +161,420 @@ def describe_weights(sd: dict) -> str:
     return f"N_LAYER={len(layers)} N_EMBD={emb.shape[1]} vocab_size={emb.shape[0]}"
 
 
-def epoch_checkpoints(proj_dir) -> list[tuple[int, Path]]:
-    """rwkv-N.pth files in proj_dir, newest (largest N) first."""
-    out = []
-    for p in Path(proj_dir).glob("rwkv-*.pth"):
-        m = _EPOCH_RE.match(p.name)
-        if m:
-            out.append((int(m.group(1)), p))
-    return sorted(out, reverse=True)
-
-
-def resume_states(proj_dir) -> list[tuple[int, Path]]:
-    """Complete exact-resume states (their state.json exists), newest first."""
-    root = Path(proj_dir) / RESUME_DIR
-    out = []
-    if root.is_dir():
-        for d in root.iterdir():
-            m = _STEP_RE.match(d.name)
-            if m and (d / STATE_FILE).is_file():
-                out.append((int(m.group(1)), d))
-    return sorted(out, reverse=True)
-
-
-@dataclass
-class StartPoint:
-    """Where a train_stage 3 run starts."""
-
-    step: int  # global optimiser step to start at
-    weights: dict | None  # state dict to load before training (None: the resume state holds them)
-    source: Path | None  # file or resume dir it came from
-    resume_dir: Path | None = None  # exact-resume state to restore in on_train_start
-    state: dict = field(default_factory=dict)  # its state.json
-    epoch_begin: int = 0  # first mini-epoch of this run
-    payload: dict | None = None  # trainer.pt of a torch resume state: {"model", "optimizer"}
-
-
 def run_fingerprint(cfg) -> dict:
-    """Settings an exact resume must share with the run that saved the state."""
+    """The settings a state or rwkv-final.pth was made with (EXACT_KEYS and a few more)."""
     return {
         "n_layer": cfg.n_layer, "n_embd": cfg.n_embd, "vocab_size": cfg.vocab_size,
         "head_size": cfg.head_size, "ctx_len": cfg.ctx_len, "micro_bsz": cfg.micro_bsz,
         "world_size": cfg.world_size, "magic_prime": cfg.magic_prime, "precision": cfg.precision,
         "deepspeed": cfg.is_deepspeed, "my_exit_tokens": cfg.my_exit_tokens,
-        "mini_epoch_samples": cfg.mini_epoch_samples,
+        "mini_epoch_samples": cfg.mini_epoch_samples, "strategy": cfg.strategy,
     }
 
 
-def save_final_info(proj_dir, step: int, cfg) -> None:
-    """Rank 0, after rwkv-final.pth: rwkv-final.json says which step and settings it belongs
-    to, so that a re-run of the same script finds the run finished instead of training the
-    tail again from an older save."""
-    info = {"step": step, "tokens": step * cfg.tokens_per_step, "weights": FINAL_WEIGHTS,
-            "fingerprint": run_fingerprint(cfg), "saved_at": str(datetime.datetime.now())}
-    with atomic_open(Path(proj_dir) / FINAL_INFO, "w") as f:
+def changed_settings(fingerprint: dict, cfg) -> dict:
+    """{key: (saved, now)} for the EXACT_KEYS in which `fingerprint` differs from cfg."""
+    now = run_fingerprint(cfg)
+    return {k: (fingerprint.get(k), now[k]) for k in EXACT_KEYS if fingerprint.get(k) != now[k]}
+
+
+def _say_changes(changes: dict) -> str:
+    return ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changes.items())
+
+
+# ============================================================================================
+# What PROJ_DIR holds
+# ============================================================================================
+
+KIND_RANK = {"state": 3, "final": 2, "epoch": 1, "init": 0}  # at equal progress, the first wins
+
+
+@dataclass
+class Save:
+    """One save in PROJ_DIR: a state folder or a weight file, with how far training had got."""
+
+    kind: str  # "state", "final", "epoch" or "init"
+    path: Path
+    samples: int  # samples trained on (all ranks) when it was made
+    step: int = 0  # its step, at the settings it was made with
+    fingerprint: dict | None = None  # its settings (state, final)
+    state: dict = field(default_factory=dict)  # state.json
+    loss: float | None = None  # mean loss of the steps before it, where known
+    epoch: int | None = None  # N of rwkv-N.pth
+
+    @property
+    def order(self):
+        return (self.samples, KIND_RANK[self.kind], self.step)
+
+    def describe(self, rd: RunDir) -> str:
+        loss = f", mean loss {self.loss:.4g}" if self.loss is not None else ""
+        return f"{rd.relative(self.path)} (step {self.step}{loss})"
+
+
+_STATE_FIELDS = {"step": int, "kind": str, "fingerprint": dict}
+_STATE_OPTIONAL = {"run_start_step": int, "epoch_begin": int, "epoch_loss_sum": (int, float),
+                   "epoch_loss_count": int, "samples": int, "pending": list, "recent_losses": list,
+                   "loss": (int, float, type(None)), "wandb_id": (str, type(None)), "log_lines": list}
+
+
+def _read_state(d: Path, step: int) -> dict:
+    """state.json of the state folder d, checked field by field; CorruptCheckpoint if it is not right."""
+    try:
+        state = json.loads((d / STATE_FILE).read_text())
+    except (OSError, ValueError) as e:
+        raise CorruptCheckpoint(f"{d / STATE_FILE}: unreadable ({_first_line(e)})") from None
+    if not isinstance(state, dict):
+        raise CorruptCheckpoint(f"{d / STATE_FILE}: not a JSON object")
+    for key, typ in _STATE_FIELDS.items():
+        if not isinstance(state.get(key), typ) or isinstance(state.get(key), bool):
+            raise CorruptCheckpoint(f"{d / STATE_FILE}: field {key!r} is missing or not a {typ.__name__}")
+    for key, typ in _STATE_OPTIONAL.items():
+        if key in state and (not isinstance(state[key], typ) or isinstance(state[key], bool)):
+            raise CorruptCheckpoint(f"{d / STATE_FILE}: field {key!r} has the wrong type")
+    if state["step"] != step or state["kind"] not in ("torch", "deepspeed"):
+        raise CorruptCheckpoint(f"{d / STATE_FILE}: does not describe {d.name}")
+    fp = state["fingerprint"]
+    for key in ("micro_bsz", "world_size"):
+        if not isinstance(fp.get(key), int) or fp[key] < 1:
+            raise CorruptCheckpoint(f"{d / STATE_FILE}: fingerprint field {key!r} is not a positive integer")
+    if not all(isinstance(x, (int, float)) for x in state.get("recent_losses", [])) or \
+            not all(isinstance(x, str) for x in state.get("pending", [])) or \
+            not all(isinstance(x, int) for x in state.get("log_lines", [])):
+        raise CorruptCheckpoint(f"{d / STATE_FILE}: a list field holds the wrong types")
+    return state
+
+
+def _state_samples(state: dict) -> int:
+    fp = state["fingerprint"]
+    return int(state.get("samples", state["step"] * fp["micro_bsz"] * fp["world_size"]))
+
+
+def _epoch_losses(rd: RunDir) -> dict:
+    """{mini-epoch: mean loss} from train_log.txt."""
+    out = {}
+    try:
+        lines = rd.train_log.read_text().splitlines()
+    except OSError:
+        return out
+    for ln in lines:
+        parts = ln.split()
+        try:
+            out[int(parts[0])] = float(parts[1])
+        except (ValueError, IndexError):
+            continue
+    return out
+
+
+def list_saves(rd: RunDir, cfg) -> list[Save]:
+    """Every save in PROJ_DIR, the one with the most training behind it first.
+
+    A state whose state.json is unreadable or malformed is reported and left out.
+    """
+    saves = []
+    for step, d in rd.state_dirs():
+        try:
+            state = _read_state(d, step)
+        except CorruptCheckpoint as e:
+            warnings.warn(f"ignoring the resume state {d} ({e}); using the previous save.", stacklevel=3)
+            continue
+        loss = state.get("loss")
+        saves.append(Save("state", d, _state_samples(state), step, state["fingerprint"], state,
+                          float(loss) if loss is not None else None))
+    info = rd.read_json(rd.final_info)
+    if rd.final.is_file() and info is not None:
+        try:
+            fp, step = info["fingerprint"], int(info["step"])
+            samples = int(info.get("samples", step * fp["micro_bsz"] * fp["world_size"]))
+            saves.append(Save("final", rd.final, samples, step, fp))
+        except (KeyError, TypeError, ValueError):
+            pass  # not ours: rwkv-final.pth then counts as nothing
+    losses = _epoch_losses(rd)
+    for n, p in rd.epoch_checkpoints():
+        saves.append(Save("epoch", p, (n + 1) * cfg.mini_epoch_samples, (n + 1) * cfg.epoch_steps,
+                          loss=losses.get(n), epoch=n))
+    if rd.init.is_file():
+        saves.append(Save("init", rd.init, 0, 0))
+    return sorted(saves, key=lambda s: s.order, reverse=True)
+
+
+def check_state_files(save: Save) -> dict | None:
+    """Raise CorruptCheckpoint unless every file of a state is there and whole; returns
+    trainer.pt's content for torch states (read anyway to check it), else None."""
+    d, state = save.path, save.state
+    for r in range(state["fingerprint"]["world_size"]):
+        rng = _torch_load(d / rng_file(r))
+        if not isinstance(rng, dict) or not isinstance(rng.get("torch"), torch.Tensor):
+            raise CorruptCheckpoint(f"{d / rng_file(r)}: not an RNG state")
+    if (d / STATE_WEIGHTS).exists() or "pending" in state:  # states of this version have weights.pth
+        check_complete(d / STATE_WEIGHTS)
+    if state["kind"] == "torch":
+        return load_trainer_state(d / TRAINER_FILE)
+    ds = d / DS_DIR / DS_TAG
+    files = sorted(ds.glob("*.pt")) if ds.is_dir() else []
+    if not files:
+        raise CorruptCheckpoint(f"{ds}: no DeepSpeed checkpoint files")
+    for f in files:
+        check_complete(f)
+    return None
+
+
+def state_weights(save: Save, payload: dict | None) -> dict:
+    """The weights of a state: weights.pth, or (states of earlier versions) trainer.pt's model
+    or the DeepSpeed checkpoint's module."""
+    d = save.path
+    if (d / STATE_WEIGHTS).is_file():
+        return load_weights(d / STATE_WEIGHTS)
+    if payload is not None:
+        return payload["model"]
+    obj = _torch_load(d / DS_DIR / DS_TAG / "mp_rank_00_model_states.pt")
+    module = obj.get("module") if isinstance(obj, dict) else None
+    if not isinstance(module, dict):
+        raise CorruptCheckpoint(f"{d}: its DeepSpeed checkpoint holds no module weights")
+    return {k.removeprefix("model."): v for k, v in module.items()}
+
+
+# ============================================================================================
+# Where a run starts
+# ============================================================================================
+
+@dataclass
+class StartPoint:
+    """Where a train_stage 3 run starts."""
+
+    step: int  # global optimiser step to start at, at this run's settings
+    weights: dict | None  # state dict to load before training (None: the resume state holds them)
+    source: Path | None  # file or resume dir it came from
+    resume_dir: Path | None = None  # state whose optimiser (and, if exact, RNG) state is restored
+    exact: bool = False  # everything continues as if never stopped
+    restore_optimizer: bool = False  # the optimiser state of resume_dir is loaded
+    state: dict = field(default_factory=dict)  # its state.json
+    epoch_begin: int = 0  # first mini-epoch of this run
+    run_start_step: int = 0  # the step this run's warmup counts from
+    payload: dict | None = None  # trainer.pt of a torch resume state: {"model", "optimizer"}
+    finished: bool = False  # training had already reached --my_exit_tokens
+
+
+def _optimizer_carries(save: Save, cfg) -> bool:
+    """Whether the optimiser state of a state folder can be loaded by this run's optimiser."""
+    fp = save.fingerprint or {}
+    if save.state.get("kind") == "torch":
+        return not cfg.is_deepspeed
+    # a DeepSpeed checkpoint is partitioned by rank and built for one ZeRO stage and precision
+    return (cfg.is_deepspeed and fp.get("strategy") == cfg.strategy and fp.get("world_size") == cfg.world_size
+            and fp.get("precision") == cfg.precision)
+
+
+def _start_from(save: Save, cfg, payload, log) -> StartPoint:
+    """The StartPoint for a chosen save."""
+    if save.kind == "init":
+        return StartPoint(step=0, weights=load_weights(save.path), source=save.path)
+    if save.kind == "state":
+        changes = changed_settings(save.fingerprint, cfg)
+        if not changes:
+            st = save.state
+            old_exit = save.fingerprint.get("my_exit_tokens")
+            if old_exit is not None and old_exit != cfg.my_exit_tokens and save.step < cfg.total_steps:
+                log(f"note: --my_exit_tokens changed {old_exit} -> {cfg.my_exit_tokens}: continuing exactly from "
+                    f"{save.path.name}, with the learning-rate schedule stretched to the new end.")
+            return StartPoint(step=save.step, weights=payload["model"] if payload else None, source=save.path,
+                              resume_dir=save.path, exact=True, restore_optimizer=True, state=st,
+                              payload=payload, epoch_begin=int(st.get("epoch_begin", 0)),
+                              run_start_step=int(st.get("run_start_step", save.step)))
+    # the settings changed since this save: carry its weights on from the same number of samples
+    weights = state_weights(save, payload) if save.kind == "state" else load_weights(save.path)
+    step = save.samples // cfg.real_bsz
+    start = StartPoint(step=step, weights=weights, source=save.path, epoch_begin=step // cfg.epoch_steps,
+                       run_start_step=step)
+    if save.kind == "state":
+        carries = _optimizer_carries(save, cfg)
+        start.resume_dir, start.restore_optimizer, start.payload = save.path, carries, payload
+        log(f"note: the settings changed since {save.path.name} was saved "
+            f"({_say_changes(changed_settings(save.fingerprint, cfg))}), so it cannot continue exactly. "
+            f"Carried over: its weights (step {save.step}, {save.samples} samples trained)"
+            + (" and its optimiser state" if carries else
+               "; the optimiser state restarts (it was saved for another optimiser set-up)")
+            + f". Training continues at sample {step * cfg.real_bsz} (step {step} at the new settings, "
+              f"mini-epoch {step // cfg.epoch_steps}); restarting: the warmup and the data order (windows "
+              f"are drawn by the new settings from there on).")
+    elif save.kind == "final" and changed_settings(save.fingerprint, cfg):
+        log(f"note: continuing from the weights of {save.path.name} ({save.samples} samples trained), "
+            f"saved with other settings ({_say_changes(changed_settings(save.fingerprint, cfg))}); "
+            f"the optimiser state and the warmup restart.")
+    return start
+
+
+def _repair(rd: RunDir, save: Save, log) -> None:
+    """Make the weight files made from a state whole again: the rwkv-N.pth / rwkv-final.pth
+    that it lists as pending (a stop can interrupt their write) and rwkv-latest.pth."""
+    src = save.path / STATE_WEIGHTS
+    if save.kind != "state" or not src.is_file():
+        return
+    for name in save.state.get("pending", []):
+        try:
+            check_complete(rd / name)
+            continue
+        except CorruptCheckpoint:
+            pass
+        link_or_copy(src, rd / name)
+        log(f"note: {name} was missing or incomplete (a stop interrupted its write); rebuilt it from "
+            f"{rd.relative(save.path)}.")
+    try:
+        current = rd.latest.samefile(src)
+    except OSError:
+        current = False
+    if not current:
+        link_or_copy(src, rd.latest)
+
+
+def ensure_final(rd: RunDir, save: Save, cfg, weights_of, log) -> None:
+    """When `save` is at or past --my_exit_tokens: rwkv-final.pth holds its weights and
+    rwkv-final.json says so (writing them where a stop interrupted that, or where the run
+    ended on a mini-epoch file alone)."""
+    if save.kind == "final":
+        return  # rwkv-final.pth itself, checked whole when it was chosen
+    info = rd.read_json(rd.final_info) or {}
+    if info.get("source") == rd.relative(save.path):
+        try:
+            check_complete(rd.final)
+            return
+        except CorruptCheckpoint:
+            pass
+    src = save.path / STATE_WEIGHTS if save.kind == "state" else save.path
+    if src.is_file():
+        link_or_copy(src, rd.final)
+    else:
+        save_weights(weights_of(), rd.final, cfg.precision)
+    write_final_info(rd, save.step, save.samples, save.fingerprint or run_fingerprint(cfg),
+                     source=rd.relative(save.path))
+    log(f"note: wrote {FINAL} from {rd.relative(save.path)}, which had already reached --my_exit_tokens.")
+
+
+def write_final_info(rd: RunDir, step: int, samples: int, fingerprint: dict, source: str) -> None:
+    """rwkv-final.json, after rwkv-final.pth: which step, progress and settings it belongs to."""
+    info = {"step": step, "samples": samples, "tokens": samples * fingerprint.get("ctx_len", 0),
+            "weights": FINAL, "source": source, "fingerprint": fingerprint,
+            "saved_at": str(datetime.datetime.now())}
+    with atomic_open(rd.final_info, "w") as f:
         json.dump(info, f, indent=1)
 
 
-def _finished_run(proj: Path, cfg) -> StartPoint | None:
-    """The finished run in proj: rwkv-final.pth with rwkv-final.json for these very settings."""
+def _checked(save: Save):
+    """Check the save's files; returns trainer.pt's content for torch states (else None)."""
+    if save.kind == "state":
+        return check_state_files(save)
+    check_complete(save.path) if save.kind != "init" else load_weights(save.path)
+    return None
+
+
+# ---------------------------------------------------------------- divergence
+
+def healthy(save: Save, best: float | None, vocab_size: int) -> bool:
+    """A save whose logged loss shows training had not yet blown up.
+
+    Unknown losses (rwkv-init.pth, saves of earlier versions) count as healthy; a
+    known one must be finite, no worse than a uniform guess over the vocabulary
+    plus one, and within twice the best loss of the saves (plus 0.5).
+    """
+    if save.loss is None:
+        return True
+    if not math.isfinite(save.loss):
+        return False
+    limit = math.log(vocab_size) + 1.0
+    if best is not None:
+        limit = min(limit, 2.0 * best + 0.5)
+    return save.loss <= limit
+
+
+def last_healthy(saves: list[Save], vocab_size: int) -> tuple[Save | None, list[Save]]:
+    """The newest healthy save, and the saves newer than it."""
+    known = [s.loss for s in saves if s.loss is not None and math.isfinite(s.loss)]
+    best = min(known) if known else None
+    for i, s in enumerate(saves):
+        if healthy(s, best, vocab_size):
+            return s, saves[:i]
+    return None, saves
+
+
+def write_divergence(rd: RunDir, cfg, step: int, what: str) -> tuple[Save | None, list[Save]]:
+    """Rank 0, when a run diverges: find the last healthy save and record it in diverged.json."""
+    saves = list_saves(rd, cfg)
+    good, bad = last_healthy(saves, cfg.vocab_size)
+    info = {"step": step, "what": what, "lr_init": cfg.lr_init, "warmup_steps": cfg.warmup_steps,
+            "healthy": rd.relative(good.path) if good else None,
+            "newer": [rd.relative(s.path) for s in bad], "saved_at": str(datetime.datetime.now())}
+    with atomic_open(rd.diverged, "w") as f:
+        json.dump(info, f, indent=1)
+    return good, bad
+
+
+def _match_save(rd: RunDir, saves: list[Save], spec: str) -> Save:
+    """The save that --resume_from names: step-N (or N) for a state, a weight file's name, or a path."""
+    spec = spec.strip()
+    want = None
+    if re.fullmatch(r"(step-)?\d+", spec):
+        want = rd.state_dir(int(spec.removeprefix("step-")))
+    else:
+        p = Path(spec)
+        want = p if p.is_absolute() or p.exists() else rd / spec
+    for s in saves:
+        if s.path.resolve() == Path(want).resolve():
+            return s
+    listing = ", ".join(rd.relative(s.path) for s in saves[:12]) or "none"
+    raise UserError(f"--resume_from {spec!r} is not a save in PROJ_DIR {rd.path.resolve()}. The saves there, "
+                    f"newest first: {listing}.")
+
+
+def _set_aside_newer(rd: RunDir, saves: list[Save], chosen: Save, why: str, log) -> None:
+    """Move the saves with more training than `chosen` out of the way, so they no longer win."""
+    newer = [s for s in saves if s.order > chosen.order and s.kind != "init"]
+    if not newer:
+        return
+    paths = [s.path for s in newer]
+    if any(s.kind == "final" for s in newer):
+        paths.append(rd.final_info)
+    if rd.latest.exists():
+        paths.append(rd.latest)
+    folder = rd.set_aside(paths, why)
+    log(f"note: moved the {len(newer)} newer save(s) ({', '.join(rd.relative(s.path) for s in newer)}) to "
+        f"{folder}, so that this and later runs continue from {rd.relative(chosen.path)}; delete that folder "
+        f"when you no longer need them.")
+
+
+def _after_divergence(rd: RunDir, cfg, saves: list[Save], log) -> Save | None:
+    """The save to continue from after a divergence recorded in diverged.json (None: no record)."""
+    info = rd.read_json(rd.diverged)
+    if info is None:
+        return None
     try:
-        info = json.loads((proj / FINAL_INFO).read_text())
-        step = int(info["step"])
-    except (OSError, ValueError, KeyError, TypeError):
+        lr0, warm0, step = float(info["lr_init"]), int(info["warmup_steps"]), int(info["step"])
+    except (KeyError, TypeError, ValueError):
         return None
-    weights = proj / FINAL_WEIGHTS
-    if info.get("fingerprint") != run_fingerprint(cfg) or step < cfg.total_steps or not weights.is_file():
+    good = next((s for s in saves if info.get("healthy") and rd.relative(s.path) == info["healthy"]), None)
+    if good is None:
+        good, _ = last_healthy(saves, cfg.vocab_size)
+    if good is None:
         return None
-    return StartPoint(step=step, weights=None, source=weights)
+    if cfg.lr_init >= lr0 and cfg.warmup_steps <= warm0:
+        raise UserError(
+            f"the last run diverged at step {step} ({info.get('what', 'the loss was not finite')}) with --lr_init "
+            f"{lr0:g} and --warmup_steps {warm0}; the saves after {good.describe(rd)} hold blown-up weights. "
+            f"Lower --lr_init (e.g. {lr0 / 2:g}) or raise --warmup_steps and run again: the run then continues "
+            f"from {rd.relative(good.path)}. To continue from another save anyway, pass --resume_from <save> "
+            f"(e.g. --resume_from {rd.relative(saves[0].path) if saves else 'step-N'}).")
+    log(f"note: the last run diverged at step {step}; with --lr_init {cfg.lr_init:g} (was {lr0:g}) and "
+        f"--warmup_steps {cfg.warmup_steps} (was {warm0}) it continues from the last healthy save, "
+        f"{good.describe(rd)}.")
+    return good
 
 
 def find_start(cfg, log=print) -> StartPoint:
-    """Pick the newest complete save in cfg.proj_dir (or --load_model) and load its weights.
+    """Pick where the run starts (see the module docstring) and load its weights.
 
-    Corrupted or truncated files are skipped with a warning naming them; the
-    next older save is used instead.
+    Damaged or truncated saves are skipped with a warning naming them; the next
+    older save is used instead. Writes in PROJ_DIR only to repair or set aside
+    saves (call it holding the PROJ_DIR lock).
     """
-    proj = Path(cfg.proj_dir)
+    rd = RunDir(cfg.proj_dir)
     if cfg.load_model not in ("", "0"):
         path = Path(cfg.load_model)
         if not path.is_file():
@@ -208,77 +584,76 @@ def find_start(cfg, log=print) -> StartPoint:
             sd = load_weights(path)
         except CorruptCheckpoint as e:
             raise UserError(f"--load_model: cannot read {e}. Use another checkpoint.") from None
-        return StartPoint(step=cfg.epoch_begin * cfg.epoch_steps, weights=sd, source=path,
-                          epoch_begin=cfg.epoch_begin)
+        step = cfg.epoch_begin * cfg.epoch_steps
+        return StartPoint(step=step, weights=sd, source=path, epoch_begin=cfg.epoch_begin, run_start_step=step)
 
-    done = _finished_run(proj, cfg)
-    if done is not None:
-        return done
-    candidates = []  # (step, priority, kind, path, extra): extra is the state.json or the mini-epoch N
-    fp = run_fingerprint(cfg)
-    for step, d in resume_states(proj):
-        try:
-            state = json.loads((d / STATE_FILE).read_text())
-        except (OSError, ValueError) as e:
-            warnings.warn(f"ignoring resume state {d}: unreadable {STATE_FILE} ({e})", stacklevel=2)
-            continue
-        if state.get("fingerprint") != fp:
-            changed = {k: (state.get("fingerprint", {}).get(k), v) for k, v in fp.items()
-                       if state.get("fingerprint", {}).get(k) != v}
-            log(f"note: not resuming exactly from {d} (settings changed since it was saved: "
-                f"{', '.join(f'{k} {a} -> {b}' for k, (a, b) in changed.items())}); using weight files.")
-            continue
-        candidates.append((step, 1, "resume", d, state))
-    for n, p in epoch_checkpoints(proj):
-        candidates.append(((n + 1) * cfg.epoch_steps, 0, "epoch", p, n))
-    init = proj / "rwkv-init.pth"
-    if init.is_file():
-        candidates.append((0, -1, "init", init, None))
-    if not candidates:
+    saves = list_saves(rd, cfg)
+    if not saves:
         raise UserError(
-            f"no rwkv-init.pth and no rwkv-N.pth checkpoint in PROJ_DIR {proj.resolve()}. Run "
+            f"no rwkv-init.pth and no rwkv-N.pth checkpoint in PROJ_DIR {rd.path.resolve()}. Run "
             f"`sh demo-training-prepare.sh` first (with the same N_LAYER, N_EMBD and PROJ_DIR as the run "
             f"script), or point PROJ_DIR at the folder that holds your checkpoints."
         )
-    candidates.sort(key=lambda c: (c[0], c[1]), reverse=True)
-    for step, _, kind, path, extra in candidates:
-        if kind == "resume":
-            state = extra
-            payload = None
-            if state.get("kind") == "torch":
-                try:
-                    payload = load_trainer_state(path / "trainer.pt")
-                except CorruptCheckpoint as e:
-                    warnings.warn(f"resume state {path} is corrupted or incomplete ({e}); falling back to the "
-                                  f"previous save.", stacklevel=2)
-                    continue
-            return StartPoint(step=step, weights=payload["model"] if payload else None, source=path,
-                              resume_dir=path, state=state, payload=payload,
-                              epoch_begin=int(state.get("epoch_begin", 0)))
+    chosen, why = None, None
+    if cfg.resume_from:
+        chosen = _match_save(rd, saves, cfg.resume_from)
+        why = f"--resume_from {cfg.resume_from}: these saves had more training than {rd.relative(chosen.path)}."
+    else:
+        chosen = _after_divergence(rd, cfg, saves, log)
+        if chosen is not None:
+            why = (f"the run diverged after {rd.relative(chosen.path)}; these saves came later and hold "
+                   f"blown-up weights (see ../{rd.diverged.name} there).")
+    if chosen is not None:
         try:
-            sd = load_weights(path)
+            payload = _checked(chosen)
         except CorruptCheckpoint as e:
-            warnings.warn(f"checkpoint {path} is corrupted or truncated ({e}); falling back to the previous "
+            raise UserError(f"the save to continue from, {rd.relative(chosen.path)}, is damaged ({e}). Pass "
+                            f"--resume_from with another save.") from None
+        start = _start_from(chosen, cfg, payload, log)
+        _set_aside_newer(rd, saves, chosen, why, log)
+        rd.diverged.unlink(missing_ok=True)  # after the set-aside: a stop in between repeats both
+        return _finish(rd, chosen, start, cfg, log)
+
+    for save in saves:
+        try:
+            payload = _checked(save)
+            start = _start_from(save, cfg, payload, log)
+        except CorruptCheckpoint as e:
+            what = "resume state" if save.kind == "state" else "checkpoint"
+            warnings.warn(f"{what} {save.path} is corrupted or incomplete ({e}); falling back to the previous "
                           f"save. Delete or move it if this repeats.", stacklevel=2)
             continue
-        if kind == "epoch":
-            return StartPoint(step=step, weights=sd, source=path, epoch_begin=extra + 1)
-        return StartPoint(step=0, weights=sd, source=path, epoch_begin=0)
+        return _finish(rd, save, start, cfg, log)
     raise UserError(
-        f"every checkpoint in {proj.resolve()} is unreadable (see the warnings above). Restore one from a "
+        f"every checkpoint in {rd.path.resolve()} is unreadable (see the warnings above). Restore one from a "
         f"backup or re-run `sh demo-training-prepare.sh` to start over."
     )
 
 
-def save_resume_state(proj_dir, step: int, state: dict, write_payload, keep: int, is_rank0: bool,
-                      barrier=lambda: None) -> Path:
-    """Write an exact-resume state for `step`; keep the newest `keep` of them.
+def _finish(rd: RunDir, save: Save, start: StartPoint, cfg, log) -> StartPoint:
+    """Repair what a stop left unfinished around the chosen save; note a finished run."""
+    weights_of = lambda: start.weights if start.weights is not None else state_weights(save, start.payload)  # noqa: E731
+    _repair(rd, save, log)
+    if start.step >= cfg.total_steps and save.kind != "init":
+        ensure_final(rd, save, cfg, weights_of, log)
+        start.finished = True
+    return start
 
-    `write_payload(directory)` writes the model/optimiser files (collective for
-    DeepSpeed: every rank calls it). state.json is written last, by rank 0.
+
+# ============================================================================================
+# Writing an exact-resume state
+# ============================================================================================
+
+def save_resume_state(rd: RunDir, step: int, state: dict, write_payload, keep: int, is_rank0: bool,
+                      barrier=lambda: None) -> Path:
+    """Write an exact-resume state for `step`; keep the newest `keep` states.
+
+    `write_payload(directory)` writes the weights, model and optimiser files
+    (collective for DeepSpeed: every rank calls it). state.json is written
+    last, by rank 0. Pruning ranks states by the training behind them and never
+    removes the state just written.
     """
-    root = Path(proj_dir) / RESUME_DIR
-    d = root / f"step-{step:09d}"
+    d = rd.state_dir(step)
     if is_rank0:
         if d.exists():
             shutil.rmtree(d)
@@ -289,12 +664,32 @@ def save_resume_state(proj_dir, step: int, state: dict, write_payload, keep: int
     if is_rank0:
         with atomic_open(d / STATE_FILE, "w") as f:
             json.dump(state, f, indent=1)
-        for _, old in resume_states(proj_dir)[keep:]:
-            shutil.rmtree(old, ignore_errors=True)
-        # incomplete leftovers (a kill while writing) older than the newest state
-        for old in root.iterdir():
-            m = _STEP_RE.match(old.name)
-            if m and int(m.group(1)) < step and not (old / STATE_FILE).is_file():
-                shutil.rmtree(old, ignore_errors=True)
+        prune_states(rd, d, keep)
     barrier()
     return d
+
+
+def prune_states(rd: RunDir, newest: Path, keep: int) -> None:
+    """Keep `newest` and the keep - 1 other complete states with the most training behind them."""
+    ranked = []
+    for step, d in rd.state_dirs():
+        if d == newest:
+            continue
+        try:
+            ranked.append((_state_samples(_read_state(d, step)), step, d))
+        except CorruptCheckpoint:
+            ranked.append((-1, step, d))  # damaged: the first to go
+    ranked.sort(reverse=True)
+    for _, _, d in ranked[max(0, keep - 1):]:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def make_weight_files(rd: RunDir, state_dir: Path, names) -> None:
+    """rwkv-N.pth / rwkv-final.pth / rwkv-latest.pth from a state's weights.pth (hard links
+    where the file system allows, so they take no extra space)."""
+    for name in names:
+        link_or_copy(state_dir / STATE_WEIGHTS, rd / name)
+
+
+__all__ = ["CorruptCheckpoint", "StartPoint", "find_start", "load_weights", "save_weights", "check_weights_fit",
+           "run_fingerprint", "save_resume_state", "epoch_name", "write_final_info", "write_divergence"]

@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--save_every_steps", default=0, type=int, help="also write an exact-resume state every N steps (0: off)")
     a("--save_every_minutes", default=0.0, type=float, help="also write an exact-resume state every N minutes (0: off)")
     a("--keep_resume", default=2, type=int, help="keep the last K exact-resume states")
+    a("--resume_from", default="", type=str,
+      help="continue from this save in PROJ_DIR instead of the newest: step-N (an exact-resume state), "
+           "rwkv-N.pth or rwkv-init.pth; the saves after it are moved to PROJ_DIR/set-aside/")
     a("--dump_samples", default="", type=str,
       help="diagnostics: append 'step,rank,start' of every sample to <this path>.rank<R>.csv")
     a("--profile_steps", default=0, type=int,
@@ -142,6 +145,7 @@ class TrainConfig:
     save_every_steps: int
     save_every_minutes: float
     keep_resume: int
+    resume_from: str
     mini_epoch_samples: int
     dump_samples: str
     profile_steps: int

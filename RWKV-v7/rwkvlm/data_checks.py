@@ -25,7 +25,8 @@ def open_training_data(cfg):
     """Open cfg.data_file and check it against cfg. Returns the BinIdx.
 
     Raises UserError for: a missing data file, ctx_len / magic_prime that do not
-    fit the data, data shorter than 3 x ctx_len, token ids >= vocab_size.
+    fit the data, data shorter than 3 x ctx_len, token ids that are not integers in
+    [0, vocab_size).
     Warns when --my_exit_tokens differs from the tokens in the file.
     """
     from rwkvlm.binidx import BinIdx
@@ -97,19 +98,35 @@ def open_training_data(cfg):
             stacklevel=2,
         )
 
-    dtype_max = np.iinfo(data.tokens.dtype).max if np.issubdtype(data.tokens.dtype, np.integer) else None
-    if dtype_max is None or dtype_max >= cfg.vocab_size:
-        top = _max_token(data.tokens)
-        if top >= cfg.vocab_size:
-            raise UserError(
-                f"{bin_path.name} holds token id {top} but --vocab_size is {cfg.vocab_size}. Use "
-                f"--vocab_size {max(65536, top + 1)} (65536 for the World vocabulary), or re-run make_data.py."
-            )
+    check_token_ids(data.tokens, cfg.vocab_size, bin_path.name)
     return data
 
 
-def _max_token(tokens, chunk: int = 1 << 26) -> int:
-    top = 0
+def check_token_ids(tokens, vocab_size: int, name: str, chunk: int = 1 << 26) -> None:
+    """Raise UserError unless every token id is an integer in [0, vocab_size).
+
+    Reads the data only when its dtype can hold ids outside that range (make_data's
+    uint16 with the World vocabulary of 65536 never can).
+    """
+    dtype = np.dtype(tokens.dtype)
+    if dtype.kind not in "iu":
+        raise UserError(
+            f"{name} stores its tokens as {dtype} numbers, but token ids are integers. Re-create the data "
+            f"with make_data.py, which writes uint16 token ids.")
+    info = np.iinfo(dtype)
+    if info.min >= 0 and info.max < vocab_size:
+        return
+    lo, hi = 0, 0
     for i in range(0, len(tokens), chunk):
-        top = max(top, int(np.max(tokens[i : i + chunk])))
-    return top
+        part = np.asarray(tokens[i : i + chunk])
+        lo, hi = min(lo, int(part.min())), max(hi, int(part.max()))
+    if lo < 0:
+        raise UserError(
+            f"{name} holds the negative token id {lo} (its dtype is {dtype}"
+            + (", which stores ids above 32767 as negative numbers" if dtype == np.dtype("<i2") else "")
+            + "). Re-create the data with make_data.py, which writes uint16 token ids.")
+    if hi >= vocab_size:
+        raise UserError(
+            f"{name} holds token id {hi} but --vocab_size is {vocab_size}. Use "
+            f"--vocab_size {max(65536, hi + 1)} (65536 for the World vocabulary), or re-run make_data.py."
+        )

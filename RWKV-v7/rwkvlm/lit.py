@@ -8,6 +8,7 @@ from k.
 """
 from __future__ import annotations
 
+import collections
 import datetime
 import json
 import math
@@ -25,10 +26,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from rwkvlm.atomic import atomic_open, atomic_torch_save
-from rwkvlm.checkpoint import FINAL_WEIGHTS, run_fingerprint, save_final_info, save_resume_state, save_weights
+from rwkvlm.checkpoint import (RECENT_STEPS, make_weight_files, run_fingerprint, save_resume_state, save_weights,
+                               write_divergence, write_final_info)
 from rwkvlm.dataset import MagicPrimeDataset, StepSampler
 from rwkvlm.errors import UserError
 from rwkvlm.optim import lr_at, make_optimizer, param_groups
+from rwkvlm.rundir import (DS_DIR, DS_TAG, FINAL, LATEST, LOSS_LOG_HEADER, STATE_WEIGHTS, TRAINER_FILE, RunDir,
+                           epoch_name, rng_file)
 
 
 PROFILE_AFTER_STEPS = 10  # --profile_steps skips the run's first steps (compilation, warm-up)
@@ -42,10 +46,11 @@ class RWKVTrainModule(pl.LightningModule):
         self.data = data  # BinIdx
         self.start = start  # checkpoint.StartPoint
         self.print_fn = log
-        st = start.state
-        self.run_start_step = int(st.get("run_start_step", start.step))
+        st = start.state if start.exact else {}  # a run that continues exactly keeps its running sums
+        self.run_start_step = start.run_start_step
         self.epoch_loss_sum = float(st.get("epoch_loss_sum", 0.0))
         self.epoch_loss_count = int(st.get("epoch_loss_count", 0))
+        self.recent_losses = collections.deque(st.get("recent_losses", []), maxlen=RECENT_STEPS)
         self.wandb_id = st.get("wandb_id")
         self.wandb_run = None
         self.stop_requested = False
@@ -54,7 +59,7 @@ class RWKVTrainModule(pl.LightningModule):
         self.t_last = None
         self.kt_s = 0.0
         self.lr_now = 0.0
-        self.proj = Path(cfg.proj_dir)
+        self.rd = RunDir(cfg.proj_dir)
         self.profiler = None
         self.profile_times = []
         self.phase_marks = []  # per profiled step: [(phase, host perf_counter)]
@@ -94,7 +99,7 @@ class RWKVTrainModule(pl.LightningModule):
 
     # ------------------------------------------------------------ hooks
     def on_train_start(self):
-        if self.start.resume_dir is not None:
+        if self.start.resume_dir is not None and self.start.restore_optimizer:
             self._restore_resume_state()
         if self.global_rank == 0:
             self._trim_logs()
@@ -158,6 +163,7 @@ class RWKVTrainModule(pl.LightningModule):
         self.kt_s = kt_s if self.kt_s == 0 else 0.9 * self.kt_s + 0.1 * kt_s
         self.epoch_loss_sum += loss
         self.epoch_loss_count += 1
+        self.recent_losses.append(loss)
         step = self.step  # steps done so far
         mini_epoch = (step - 1) // cfg.epoch_steps
         self.log_dict({"loss": loss, "lr": self.lr_now, "Kt/s": self.kt_s, "ep": float(mini_epoch)},
@@ -171,18 +177,8 @@ class RWKVTrainModule(pl.LightningModule):
 
         epoch_done = step % cfg.epoch_steps == 0
         final = step >= cfg.total_steps
-        epoch_weights = None
-        if epoch_done:
-            epoch_weights = self._end_mini_epoch(mini_epoch)
-        if final:
-            if epoch_weights is not None:
-                self._save_weights(epoch_weights)
-            self._save_weights(self.proj / FINAL_WEIGHTS)
-            if self.global_rank == 0:
-                save_final_info(self.proj, step, cfg)
-                self.print_fn(f"\nreached --my_exit_tokens ({cfg.my_exit_tokens}): wrote {self.proj / FINAL_WEIGHTS}")
-            return
-        want_state = epoch_done or (cfg.save_every_steps > 0 and step % cfg.save_every_steps == 0)
+        epoch_file = self._end_mini_epoch(mini_epoch) if epoch_done else None
+        want_state = final or epoch_done or (cfg.save_every_steps > 0 and step % cfg.save_every_steps == 0)
         if cfg.save_every_minutes > 0:
             due = time.monotonic() - self.last_save_time >= cfg.save_every_minutes * 60
             want_state = want_state or bool(self.trainer.strategy.broadcast(due, src=0))
@@ -190,11 +186,13 @@ class RWKVTrainModule(pl.LightningModule):
         if cfg.world_size > 1:  # every rank must take the same (collective) decision
             stop = bool(self.trainer.strategy.reduce_boolean_decision(stop, all=False))
         if want_state or stop:
-            self._save_resume_state(step)
-        if epoch_weights is not None:
-            # after the exact-resume state of the same step: a kill in between leaves the state,
-            # which a re-run prefers, rather than a newer rwkv-N.pth without optimizer state
-            self._save_weights(epoch_weights)
+            # the weight files of this step are made from the state, after it: a stop in between
+            # leaves the state, which lists them, and the next start makes them
+            pending = ([epoch_file] if epoch_file else []) + ([FINAL] if final else [])
+            self._save(step, pending=pending, final=final)
+        if final:
+            self.print_fn(f"\nreached --my_exit_tokens ({cfg.my_exit_tokens}): wrote {self.rd.final}")
+            return
         if stop:
             self.print_fn(f"\nstopped at step {step} on request; saved an exact-resume state. "
                           f"Re-run the script to continue.")
@@ -245,9 +243,9 @@ class RWKVTrainModule(pl.LightningModule):
             parts += ["== by GPU time (self)", avg.table(sort_by="self_device_time_total", row_limit=40), ""]
         parts += ["== by CPU time (self)", avg.table(sort_by="self_cpu_time_total", row_limit=40), ""]
         parts += ["== by CPU time (with children)", avg.table(sort_by="cpu_time_total", row_limit=40)]
-        with atomic_open(self.proj / "profile.txt", "w") as f:
+        with atomic_open(self.rd.profile, "w") as f:
             f.write("\n".join(parts) + "\n")
-        self.print_fn(f"wrote {self.proj / 'profile.txt'} ({n} steps profiled)")
+        self.print_fn(f"wrote {self.rd.profile} ({n} steps profiled)")
 
     def _phase_table(self) -> str:
         """Host time per phase of the profiled steps (median ms), in the order they ran."""
@@ -290,19 +288,19 @@ class RWKVTrainModule(pl.LightningModule):
         self._old_handlers = {}
 
     # ------------------------------------------------------------ mini-epochs and saving
-    def _end_mini_epoch(self, mini_epoch: int) -> Path | None:
-        """Log the mini-epoch's mean loss; return the rwkv-N.pth path to write, if it is due."""
+    def _end_mini_epoch(self, mini_epoch: int) -> str | None:
+        """Log the mini-epoch's mean loss; return the name of the rwkv-N.pth to write, if it is due."""
         cfg = self.cfg
         epoch_in_run = mini_epoch - self.start.epoch_begin
         if self.global_rank == 0:
             mean = self.epoch_loss_sum / max(1, self.epoch_loss_count)
             line = (f"{mini_epoch} {mean:.6f} {math.exp(min(mean, 50)):.4f} {self.lr_now:.8f} "
                     f"{datetime.datetime.now()} {epoch_in_run}\n")
-            with open(self.proj / "train_log.txt", "a") as f:
+            with open(self.rd.train_log, "a") as f:
                 f.write(line)
         self.epoch_loss_sum, self.epoch_loss_count = 0.0, 0
         if cfg.epoch_save > 0 and epoch_in_run % cfg.epoch_save == 0:
-            return self.proj / f"rwkv-{mini_epoch}.pth"
+            return epoch_name(mini_epoch)
         return None
 
     def _engine(self):
@@ -345,12 +343,25 @@ class RWKVTrainModule(pl.LightningModule):
         self.fp16_skipped = skipped
 
     def _diverged(self, what: str):
-        """Stop with a message (before anything of this step is saved)."""
+        """Stop with a message (before anything of this step is saved) that names the last
+        healthy save, which the next run continues from once the learning rate is lowered."""
         cfg = self.cfg
+        detail = ""
+        if self.global_rank == 0:
+            good, bad = write_divergence(self.rd, cfg, self.step, what)
+            if good is not None and bad:
+                detail = (f" The last healthy save is {good.describe(self.rd)}; the {len(bad)} later one(s) ("
+                          + ", ".join(s.describe(self.rd) for s in bad[:4]) + (", ..." if len(bad) > 4 else "")
+                          + ") hold blown-up weights and will be set aside.")
+            elif good is not None:
+                detail = f" The newest save, {good.describe(self.rd)}, is from before it."
+            where = f"it continues from {self.rd.relative(good.path)}" if good else "it continues from the newest save"
+        else:
+            where = "it continues from the last healthy save"
         raise UserError(
-            f"Training diverged: {what}. Nothing from this step was saved; the saves in {cfg.proj_dir} "
-            f"are from before it. Lower --lr_init (now {cfg.lr_init:g}) or raise --warmup_steps (now "
-            f"{cfg.warmup_steps}) and run the script again: it continues from the newest save.")
+            f"Training diverged: {what}. Nothing from this step was saved.{detail} Lower --lr_init (now "
+            f"{cfg.lr_init:g}) or raise --warmup_steps (now {cfg.warmup_steps}) and run the script again: {where} "
+            f"(--resume_from <save> picks another one).")
 
     def _check_weights_finite(self):
         """Every rank's weights (its ZeRO partition) hold only finite values; a collective.
@@ -365,20 +376,21 @@ class RWKVTrainModule(pl.LightningModule):
         if not ok:
             self._diverged(f"the weights hold NaN or infinite values after step {self.step}")
 
-    def _save_weights(self, path: Path):
+    def _save(self, step: int, pending: list, final: bool):
+        """An exact-resume state of this step, then the weight files made from it (`pending`:
+        rwkv-N.pth, rwkv-final.pth) and rwkv-latest.pth; collective."""
         self._check_weights_finite()
-        sd = self.gathered_state_dict()
-        if sd is not None:
-            save_weights(sd, path, self.cfg.precision)
-        self.trainer.strategy.barrier()
-
-    def _save_resume_state(self, step: int):
-        self._check_weights_finite()
+        sd = self.gathered_state_dict()  # rank 0 (collective under ZeRO-3)
         engine = self._engine()
+        samples = step * self.cfg.real_bsz
         state = {
-            "format": 1, "step": step, "run_start_step": self.run_start_step,
+            "format": 2, "step": step, "samples": samples, "run_start_step": self.run_start_step,
             "epoch_begin": self.start.epoch_begin, "epoch_loss_sum": self.epoch_loss_sum,
             "epoch_loss_count": self.epoch_loss_count, "tokens": step * self.cfg.tokens_per_step,
+            "loss": statistics.fmean(self.recent_losses) if self.recent_losses else None,
+            "recent_losses": list(self.recent_losses), "pending": pending,
+            # the logs as far as this state: a resume from it cuts what a killed run wrote later
+            "log_lines": [_count_lines(self.rd.train_log), _count_lines(self.rd.loss_log)],
             "wandb_id": self.wandb_id, "kind": "deepspeed" if engine is not None else "torch",
             "fingerprint": run_fingerprint(self.cfg), "saved_at": str(datetime.datetime.now()),
         }
@@ -386,30 +398,55 @@ class RWKVTrainModule(pl.LightningModule):
         def write_payload(d: Path):
             # RNG states per rank (the recipe draws no random numbers while training, but a
             # model change that adds dropout or noise should still resume exactly)
-            atomic_torch_save(_rng_state(), d / f"rng-rank{self.global_rank}.pt")
+            atomic_torch_save(_rng_state(), d / rng_file(self.global_rank))
             if engine is not None:
-                engine.save_checkpoint(str(d / "ds"), tag="state", save_latest=False)
+                engine.save_checkpoint(str(d / DS_DIR), tag=DS_TAG, save_latest=False)
             elif self.global_rank == 0:
                 atomic_torch_save({"model": self.model.state_dict(),
-                                   "optimizer": self.trainer.optimizers[0].state_dict()}, d / "trainer.pt")
+                                   "optimizer": self.trainer.optimizers[0].state_dict()}, d / TRAINER_FILE)
+            if sd is not None:
+                save_weights(sd, d / STATE_WEIGHTS, self.cfg.precision)
 
-        save_resume_state(self.proj, step, state, write_payload, self.cfg.keep_resume,
-                          is_rank0=self.global_rank == 0, barrier=self.trainer.strategy.barrier)
+        d = save_resume_state(self.rd, step, state, write_payload, self.cfg.keep_resume,
+                              is_rank0=self.global_rank == 0, barrier=self.trainer.strategy.barrier)
+        if self.global_rank == 0:
+            make_weight_files(self.rd, d, pending + [LATEST])
+            if final:
+                write_final_info(self.rd, step, samples, state["fingerprint"], source=self.rd.relative(d))
+        self.trainer.strategy.barrier()
         self.last_save_time = time.monotonic()
 
     def _restore_resume_state(self):
-        d = self.start.resume_dir
+        """The optimiser state of the start's state folder (and, continuing exactly, the RNG).
+
+        The optimiser hyperparameters (betas, eps, weight decay) stay this run's: a state
+        brings its moments, not its settings.
+        """
+        d, start = self.start.resume_dir, self.start
         engine = self._engine()
-        if engine is not None:
-            engine.load_checkpoint(str(d / "ds"), tag="state", load_optimizer_states=True,
-                                   load_lr_scheduler_states=False, load_module_strict=True)
-        else:
-            self.trainer.optimizers[0].load_state_dict(self.start.payload["optimizer"])
-        rng = d / f"rng-rank{self.global_rank}.pt"
-        if rng.is_file():
-            _set_rng_state(torch.load(rng, weights_only=True))
+        optimizer = self.trainer.optimizers[0]
+        mine = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        try:
+            if engine is not None:
+                engine.load_checkpoint(str(d / DS_DIR), tag=DS_TAG, load_optimizer_states=True,
+                                       load_lr_scheduler_states=False, load_module_strict=True)
+            else:
+                optimizer.load_state_dict(start.payload["optimizer"])
+        except (ValueError, KeyError, RuntimeError) as e:
+            if start.exact or engine is not None:
+                raise UserError(f"cannot restore the optimiser state of {d} ({str(e).splitlines()[0]}). If "
+                                f"you changed --weight_decay since it was saved, change it back; or pass "
+                                f"--resume_from with an rwkv-N.pth to continue from weights alone.") from None
+            self.print_fn(f"note: the optimiser state of {d.name} does not fit this run's optimiser "
+                          f"({str(e).splitlines()[0]}); it restarts.")
+            return
+        for group, own in zip(optimizer.param_groups, mine):
+            group.update(own)
+        if not start.exact:
+            return
+        _set_rng_state(torch.load(d / rng_file(self.global_rank), weights_only=True))
         if self.global_rank == 0:
-            self.print_fn(f"resumed exactly from {d} (step {self.start.step})")
+            self.print_fn(f"resumed exactly from {d} (step {start.step})")
 
     # ------------------------------------------------------------ logs
     def _write_run_config(self):
@@ -419,22 +456,31 @@ class RWKVTrainModule(pl.LightningModule):
                     tokens_per_step=cfg.tokens_per_step, total_steps=cfg.total_steps,
                     tokens_per_mini_epoch=cfg.mini_epoch_samples * cfg.ctx_len, start_step=self.start.step,
                     started_from=str(self.start.source))
-        with atomic_open(self.proj / "train_config.json", "w") as f:
+        with atomic_open(self.rd.train_config, "w") as f:
             json.dump(info, f, indent=1, default=str)
 
     def _trim_logs(self):
-        """Drop log lines past the start point, left by a run that was killed after writing them."""
+        """Drop log lines past the start point, left by a run that was killed after writing them.
+
+        A state records how many lines each log had when it was written; for other starts the
+        lines are judged by their mini-epoch and token count.
+        """
+        st = self.start.state if self.start.resume_dir is not None else {}
+        if "log_lines" in st:
+            for path, n in zip((self.rd.train_log, self.rd.loss_log), st["log_lines"]):
+                _keep_lines(path, n)
+            return
         first_epoch = self.start.step // self.cfg.epoch_steps
-        _filter_lines(self.proj / "train_log.txt", lambda ln: int(ln.split()[0]) < first_epoch)
-        _filter_lines(self.proj / "loss_log.csv",
-                      lambda ln: ln.startswith("step") or int(ln.split(",")[0]) <= self.start.step)
+        tokens = self.start.step * self.cfg.tokens_per_step
+        _filter_lines(self.rd.train_log, lambda ln: int(ln.split()[0]) < first_epoch)
+        _filter_lines(self.rd.loss_log, lambda ln: ln.startswith("step") or int(ln.split(",")[1]) <= tokens)
 
     def _log_step(self, step: int, loss: float, kt_s: float):
-        path = self.proj / "loss_log.csv"
+        path = self.rd.loss_log
         new = not path.exists()
         with open(path, "a") as f:
             if new:
-                f.write("step,tokens,loss,lr,kt_s,time\n")
+                f.write(LOSS_LOG_HEADER + "\n")
             f.write(f"{step},{step * self.cfg.tokens_per_step},{loss:.6f},{self.lr_now:.8g},{kt_s:.3f},"
                     f"{time.time():.3f}\n")
         if self.wandb_run is not None:
@@ -457,7 +503,7 @@ class RWKVTrainModule(pl.LightningModule):
         self.wandb_id = self.wandb_id or secrets.token_hex(4)  # a wandb run id: [a-z0-9]{8}
         cfg = dict(vars(self.cfg))
         self.wandb_run = wandb.init(
-            project=self.cfg.wandb, id=self.wandb_id, resume="allow", dir=str(self.proj),
+            project=self.cfg.wandb, id=self.wandb_id, resume="allow", dir=str(self.rd.path),
             name=f"L{self.cfg.n_layer}-D{self.cfg.n_embd}-x070 {datetime.datetime.now():%Y-%m-%d %H:%M}",
             config=json.loads(json.dumps(cfg, default=str)), **settings,
         )
@@ -489,6 +535,23 @@ def _set_rng_state(st: dict) -> None:
     np.random.set_state(("MT19937", keys[:624].astype(np.uint32), int(keys[624])))
     py = tuple(int(x) for x in st["python"].tolist())
     random.setstate((3, py, None))
+
+
+def _count_lines(path: Path) -> int:
+    try:
+        with open(path, "rb") as f:
+            return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+    except FileNotFoundError:
+        return 0
+
+
+def _keep_lines(path: Path, n: int) -> None:
+    """Cut `path` (crash-safely) to its first n lines."""
+    if _count_lines(path) > n:
+        with open(path) as f:
+            lines = [ln for _, ln in zip(range(n), f)]
+        with atomic_open(path, "w") as f:
+            f.writelines(lines)
 
 
 def _filter_lines(path: Path, keep) -> None:

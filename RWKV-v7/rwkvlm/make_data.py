@@ -9,12 +9,12 @@ How: each distinct document is tokenized once (pass 1) into an anonymous
 temporary file plus an offsets array; pass 2 writes the N permutations from
 it in bounded chunks. Memory does not grow with N, and inputs larger than
 RAM work: past IN_MEMORY_BYTES the token file is read back by document.
-Nothing appears under the output names until all is written.
+Nothing appears under the output names until all is written, and the .bin,
+.idx and .meta.json are replaced as one set (binidx.BinIdxWriter.finish).
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import secrets
@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_open
-from .binidx import BinIdx, BinIdxWriter, split_path
+from .atomic import remove_stale_temps
+from .binidx import BinIdx, BinIdxWriter, finish_interrupted_write, split_path
 from .errors import UserError
 from .magic_prime import check_magic_prime, magic_prime
 
@@ -288,6 +288,7 @@ def _preview(tokenizer, data: BinIdx, name: str, i: int) -> str:
 def read_meta(path) -> dict | None:
     """The numbers make_data saved beside <path>.bin/.idx, or None if there is no sidecar."""
     meta_path = Path(str(split_path(path)) + ".meta.json")
+    finish_interrupted_write(split_path(path))
     try:
         with open(meta_path, "r", encoding="utf-8") as f:
             meta = json.load(f)
@@ -387,28 +388,31 @@ def main(argv=None) -> int:
         print(f"### Tokenized {n_docs} documents once ({doc_tokens} tokens); "
               f"writing {copies} shuffled copies (--seed {seed})...", flush=True)
         source = _TokenSource(tokens_file, doc_tokens)
+        remove_stale_temps(out_dir, {meta_path.name})
         with BinIdxWriter(prefix, DTYPE) as writer, \
                 _progress(doc_tokens * copies, "writing", "tok", show and doc_tokens * copies > (16 << 20)) as bar:
             write_copies(source, ends, copy_orders(n_docs, copies, seed), writer, bar)
-            with contextlib.suppress(FileNotFoundError):
-                meta_path.unlink()  # never leave numbers of older files beside the new ones
-    return _report(tokenizer, prefix, name, src, n_docs, copies, ctx_len, seed, p1.skipped)
+            meta = {
+                "tokens": writer.num_tokens, "items": writer.num_items, "documents": n_docs, "ctx_len": ctx_len,
+                "magic_prime": magic_prime(writer.num_tokens, ctx_len), "copies": copies,
+                "vocab": tokenizer.vocab_name, "dtype": "uint16", "source": str(src.resolve()), "seed": seed,
+                "skipped_lines": p1.skipped,
+            }
+            # the numbers go in place together with the data they describe
+            writer.finish(extra={meta_path: (json.dumps(meta, indent=1) + "\n").encode()})
+    return _report(tokenizer, prefix, name, meta)
 
 
-def _report(tokenizer, prefix, name, src, n_docs, copies, ctx_len, seed, skipped) -> int:
+def _report(tokenizer, prefix, name, meta) -> int:
     print("### Verifying result...", flush=True)
     data = BinIdx(prefix)
-    tokens, items = data.num_tokens, data.num_items
-    assert items == n_docs * copies, (items, n_docs, copies)
+    tokens, items, ctx_len, p = data.num_tokens, data.num_items, meta["ctx_len"], meta["magic_prime"]
+    if (tokens, items) != (meta["tokens"], meta["items"]):
+        raise OSError(f"{prefix}.bin/.idx hold {tokens} tokens in {items} items, but {meta['tokens']} tokens "
+                      f"in {meta['items']} items were written: the files were changed meanwhile")
     for i in sorted({0, items - 1}):
         print(_preview(tokenizer, data, name, i))
     print(f"{'-' * 80}\n### Final {name}.bin/idx has {tokens} tokens, {items} items. Dtype {data.dtype}")
-    p = magic_prime(tokens, ctx_len)
-    meta = {
-        "tokens": tokens, "items": items, "documents": n_docs, "ctx_len": ctx_len, "magic_prime": p,
-        "copies": copies, "vocab": tokenizer.vocab_name, "dtype": "uint16", "source": str(src.resolve()),
-        "seed": seed, "skipped_lines": skipped,
-    }
     if p is None:
         print(f"\n### Not enough data for magic_prime: {tokens} tokens is fewer than 3 x ctx_len = "
               f"{3 * ctx_len}. Use more data, more copies, or a smaller ctx_len.\n")
@@ -420,9 +424,6 @@ def _report(tokenizer, prefix, name, src, n_docs, copies, ctx_len, seed, skipped
         except UserError:
             print(f"### WARNING: {p} is under 0.9 x the {tokens // ctx_len} ctx_len slots of this data, "
                   "so the trainer will refuse it; use more data or more copies.\n")
-    with atomic_open(Path(f"{prefix}.meta.json"), "w") as f:
-        json.dump(meta, f, indent=1)
-        f.write("\n")
     print(f"### Saved these numbers to {prefix}.meta.json", flush=True)
     return 0
 

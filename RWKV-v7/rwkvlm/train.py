@@ -9,6 +9,7 @@ what to change, never with an AssertionError.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -34,10 +35,36 @@ def _seed(cfg: TrainConfig) -> int:
     return seed
 
 
+def _ranks() -> tuple[int, int]:
+    """(node rank, local rank) of this process, as the launchers set them."""
+    return int(os.environ.get("NODE_RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+
+
+@contextlib.contextmanager
+def _locked(cfg: TrainConfig):
+    """Hold PROJ_DIR's lock (one per node, taken by the node's first process) while the body runs."""
+    from rwkvlm.rundir import RunDir
+
+    node, local = _ranks()
+    if local != 0:
+        yield
+        return
+    with RunDir(cfg.proj_dir).lock(node) as lock:
+        if lock.took_over:
+            log(f"note: took over the PROJ_DIR lock of a run that is no longer running ({lock.took_over}).")
+        yield
+
+
 def prepare(cfg: TrainConfig) -> int:
     """train_stage 1: the spec's init pass, saved as rwkv-init.pth in the training precision."""
-    from rwkvlm.checkpoint import SAVE_DTYPES, epoch_checkpoints, save_weights
+    with _locked(cfg):
+        return _prepare(cfg)
+
+
+def _prepare(cfg: TrainConfig) -> int:
+    from rwkvlm.checkpoint import SAVE_DTYPES, save_weights
     from rwkvlm.model import RWKV7, count_params
+    from rwkvlm.rundir import RunDir
 
     seed = _seed(cfg)
     proj = cfg.proj_path
@@ -50,7 +77,7 @@ def prepare(cfg: TrainConfig) -> int:
     out = proj / "rwkv-init.pth"
     save_weights(model.state_dict(), out, cfg.precision)
     log(f"wrote {out} ({SAVE_DTYPES[cfg.precision]})")
-    later = epoch_checkpoints(proj)
+    later = RunDir(proj).epoch_checkpoints()
     if later:
         log(f"note: {proj} already holds {later[0][1].name}; `sh demo-training-run.sh` resumes from it, not "
             f"from this rwkv-init.pth. Use a new PROJ_DIR to start from scratch.")
@@ -139,21 +166,33 @@ def run(cfg: TrainConfig) -> int:
     # benchmarks/RESULTS.md). Set before the first CUDA allocation; a PYTORCH_CUDA_ALLOC_CONF
     # of the user's own wins.
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    from rwkvlm.data_checks import open_training_data
+
+    data = open_training_data(cfg)
+    accelerator, strategy, precision = _resolve_hardware(cfg)
+    with _locked(cfg):
+        return _train(cfg, data, accelerator, strategy, precision)
+
+
+def _train(cfg: TrainConfig, data, accelerator, strategy, precision) -> int:
     import pytorch_lightning as pl
 
     from rwkvlm.checkpoint import check_weights_fit, find_start
-    from rwkvlm.data_checks import open_training_data
     from rwkvlm.lit import RWKVTrainModule
     from rwkvlm.model import RWKV7
+    from rwkvlm.rundir import RunDir
 
-    data = open_training_data(cfg)
-    cfg.proj_path.mkdir(parents=True, exist_ok=True)
-    accelerator, strategy, precision = _resolve_hardware(cfg)
+    rd = RunDir(cfg.proj_dir)
+    if _ranks() == (0, 0):
+        removed = rd.remove_leftovers()
+        if removed:
+            log(f"note: removed {len(removed)} leftover(s) of an interrupted save in {rd.path}: "
+                + ", ".join(rd.relative(p) for p in removed[:5]) + (", ..." if len(removed) > 5 else ""))
     start = find_start(cfg, log=log)
-    if start.step >= cfg.total_steps:
+    if start.finished:
         log(f"nothing to do: {start.source} is at step {start.step}, and --my_exit_tokens {cfg.my_exit_tokens} "
-            f"ends at step {cfg.total_steps} (rwkv-final.pth). Raise --my_exit_tokens or use a new PROJ_DIR "
-            f"to train more.")
+            f"ends at step {cfg.total_steps} ({rd.final}). Raise --my_exit_tokens to train on (the run then "
+            f"continues exactly from there), or use a new PROJ_DIR.")
         return 0
     seed = _seed(cfg)
     model = RWKV7(cfg.model_config())
