@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 grep -qx '/.whl/' .git/info/exclude 2>/dev/null || grep -qx '/.whl/' .gitignore || echo '/.whl/' >> .git/info/exclude
 mkdir -p .whl
 python3 -m venv --system-site-packages /tmp/dswheel-venv
+/tmp/dswheel-venv/bin/pip install -q wheel setuptools  # bdist_wheel for the build below
 /tmp/dswheel-venv/bin/pip wheel -q --no-deps --no-build-isolation "deepspeed==0.19.8" -w .whl
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
