@@ -154,6 +154,8 @@ def test_errors_name_both_files_and_what_to_do(tmp_path):
     _expect_error(p, "past the end")
     (tmp_path / "d.bin").write_bytes(good_bin + b"\x01")
     _expect_error(p, "multiple of 2")
+    (tmp_path / "d.bin").write_bytes(good_bin + b"\x01\x00" * 5)  # more tokens than the index describes
+    _expect_error(p, "holds 11 tokens but d.idx describes 6")
     (tmp_path / "d.bin").write_bytes(good_bin)
 
     (tmp_path / "d.idx").write_bytes(b"NOTANIDX!" + good_idx[9:])

@@ -7,6 +7,7 @@ check that the trainer calls them as it should and that what it writes
 around them (state.json, rwkv-N.pth) is right. The real engine is exercised
 by benchmarks/gpu_train_run.sh on the GPU machine.
 """
+import dataclasses
 import inspect
 from pathlib import Path
 import json
@@ -150,7 +151,7 @@ def test_fp16_skipped_steps_are_reported(tmp_path):
     from types import SimpleNamespace
 
     m, engine, cfg = _module(tmp_path)
-    cfg.precision = "fp16"
+    cfg = m.cfg = dataclasses.replace(cfg, precision="fp16")
     said = []
     m.print_fn = said.append
     engine.skipped_steps = 3  # as restored from a resume state

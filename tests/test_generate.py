@@ -132,10 +132,18 @@ def test_state_batch_select_and_cat(gen):
 
 # ---------------------------------------------------------------- sampling
 
-def test_greedy_is_deterministic(gen):
-    a = gen.generate(user_turn("5 + 5 = ?"), opts=GREEDY, generator=torch.Generator().manual_seed(1))
-    b = gen.generate(user_turn("5 + 5 = ?"), opts=GREEDY, generator=torch.Generator().manual_seed(2))
+def test_greedy_follows_the_models_arg_max(gen, tok):
+    """Temperature 0 picks, at every step, the arg-max of the whole-sequence forward's logits,
+    whatever the sampling seed."""
+    prompt = user_turn("5 + 5 = ?")
+    a = gen.generate(prompt, opts=GREEDY, generator=torch.Generator().manual_seed(1))
+    b = gen.generate(prompt, opts=GREEDY, generator=torch.Generator().manual_seed(2))
     assert a.tokens == b.tokens and len(a.tokens) == 10
+    ids = tok.encode(prompt) + a.tokens
+    with torch.no_grad():
+        logits = gen.model(torch.tensor([ids]))[0]  # (T, V)
+    n = len(ids) - len(a.tokens)
+    assert logits[n - 1:-1].argmax(-1).tolist() == a.tokens
 
 
 def test_top_k_1_equals_greedy(gen):

@@ -45,12 +45,13 @@ def _cmd(meta, proj, dump, *extra):
     return [sys.executable, str(TRAIN_TEMP / "train.py"), *args]
 
 
-def test_two_processes_one_node(data, tmp_path, cpu_env):
+@pytest.mark.parametrize("strategy", ["ddp", "auto"])  # auto with two devices is ddp, not Lightning's own
+def test_two_processes_one_node(data, tmp_path, cpu_env, strategy):
     proj = tmp_path / "proj"
     subprocess.run([sys.executable, str(TRAIN_TEMP / "train.py"), *prepare_args(proj)], env=cpu_env, check=True,
                    capture_output=True)
     env = dict(cpu_env, MASTER_PORT=str(_free_port()))
-    r = subprocess.run(_cmd(data, proj, tmp_path / "dump", "--devices", "2"), env=env, capture_output=True,
+    r = subprocess.run(_cmd(data, proj, tmp_path / "dump", "--devices", "2", "--strategy", strategy), env=env, capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert (proj / "rwkv-final.pth").is_file()

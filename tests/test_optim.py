@@ -118,10 +118,10 @@ def test_compile_1_under_zero3_is_refused():
     from rwkvlm.errors import UserError
 
     for strategy in ("deepspeed_stage_3", "deepspeed_stage_3_offload"):
-        _cfg(strategy=strategy).check_settings()  # auto: compiled blocks stay off
+        _cfg(strategy=strategy)  # auto: compiled blocks stay off
         with pytest.raises(UserError, match="--compile auto"):
-            _cfg(strategy=strategy, compile=1).check_settings()
-    _cfg(strategy="deepspeed_stage_2", compile=1).check_settings()
+            _cfg(strategy=strategy, compile=1)
+    _cfg(strategy="deepspeed_stage_2", compile=1)
 
 
 def test_deepspeed_bf16_section_drops_the_overflow_check(monkeypatch):

@@ -1,6 +1,7 @@
 """Every known user mistake stops train.py before any training work, with a
 message that names the value found, the value expected and what to change,
 and leaves PROJ_DIR untouched."""
+import json
 import warnings
 
 import pytest
@@ -122,12 +123,25 @@ def test_checkpoint_shape_mismatch(data, proj):
     _fails(args, "does not fit this model", "N_LAYER=2", "N_LAYER=3", proj_dir=proj)
 
 
-def test_gpu_requested_without_gpu(data, proj, monkeypatch):
+def test_no_gpu_trains_on_cpu_with_a_note(data, proj, tmp_path, monkeypatch, capsys):
+    """The scripts' defaults (--accelerator gpu, deepspeed_stage_2, bf16) on a machine with no
+    visible GPU train on CPU in fp32 without DeepSpeed, saying so in one line."""
+    import shutil
+
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    args = run_args(data, proj) + ["--accelerator", "gpu"]
-    _fails(args, "no CUDA GPU", "--accelerator cpu", proj_dir=proj)
+    d = tmp_path / "nogpu"
+    shutil.copytree(proj, d)
+    args = run_args(dict(data, tokens=3 * 4 * 64), d) + [
+        "--accelerator", "gpu", "--strategy", "deepspeed_stage_2", "--precision", "bf16"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert out.count("no CUDA GPU is visible") == 1 and "training on CPU in fp32" in out
+    assert "cpu auto fp32" in out
+    info = json.loads((d / "rwkv-final.json").read_text())
+    assert info["step"] == 3 and info["fingerprint"]["precision"] == "fp32"
+    assert info["fingerprint"]["strategy"] == "auto" and not info["fingerprint"]["deepspeed"]
 
 
 def test_loss_turning_nan_stops_before_saving(data, tmp_path, monkeypatch):

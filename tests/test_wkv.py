@@ -1,34 +1,15 @@
 """The WKV7 op: reference gradcheck, chunked path vs reference, state carry, GPU dispatch."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 from rwkvlm.wkv import wkv7, wkv7_chunked, wkv7_reference
 
-
-def make_inputs(B, T, H, N, dtype=torch.float32, seed=0, strong_decay=False, device="cpu"):
-    """Inputs shaped like the model's: w = -softplus(-w_raw) - 0.5, a = -kk, b = kk * gate."""
-    g = torch.Generator().manual_seed(seed)
-    C = H * N
-
-    def rnd(*shape):
-        return torch.randn(*shape, generator=g, dtype=torch.float64)
-
-    r, k, v = rnd(B, T, C), rnd(B, T, C), rnd(B, T, C)
-    if strong_decay:
-        w = rnd(B, T, C).abs() * 2.0 + 0.5  # log-decay -exp(w) down to about -e^6 per step
-    else:
-        w = -F.softplus(-2.0 * rnd(B, T, C)) - 0.5
-    kk = F.normalize(rnd(B, T, H, N), dim=-1).view(B, T, C)
-    gate = torch.sigmoid(rnd(B, T, C))
-    out = [r, w, k, v, -kk, kk * gate]
-    return [t.to(dtype=dtype, device=device) for t in out]
+import wkvkit
+from wkvkit import rel_rms
 
 
-def rel_rms(x, ref):
-    """RMS of the difference relative to the RMS of the reference."""
-    x, ref = x.double(), ref.double()
-    return ((x - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-30)).item()
+def make_inputs(B, T, H, N, **kw):
+    return wkvkit.make_inputs(B, T, H, N, decay_scale=2.0, **kw)
 
 
 def test_reference_gradcheck_float64():

@@ -118,6 +118,11 @@ class BinIdx:
                     f"the index points past the end of {self.bin_path.name} (its last item ends at byte {end}, "
                     f"the file has {bin_len} bytes): the two files do not belong together or one is truncated"
                 )
+            if end < bin_len:
+                raise self._fail(
+                    f"{self.bin_path.name} holds {bin_len // itemsize} tokens but {self.idx_path.name} describes "
+                    f"{end // itemsize}: the two files do not belong together (a .bin of another make_data run?)"
+                )
         self.num_tokens = bin_len // itemsize
         self.tokens = self._map(self.bin_path, self.dtype, 0, self.num_tokens)
 

@@ -1,9 +1,12 @@
 """train.py's flags and the one validated training config.
 
-Every flag of the tutorial's scripts is declared here explicitly. `parse_args`
-turns argv into a `TrainConfig`; `TrainConfig.check_settings()` rejects, before
-any training work, every setting that cannot work, with a message naming the
-flag to change. Checks that need the data file live in `rwkvlm.data_checks`.
+Every flag of the tutorial's scripts is a `TrainConfig` field, declared once
+with its default and help; `build_parser` generates train.py's parser from
+them. A TrainConfig is frozen and checks itself when made: every setting that
+cannot work is refused, before any training work, with a message naming the
+flag to change (`warnings()` lists the ones that run but look like mistakes).
+Checks that need the data file live in `rwkvlm.data_checks`; what the machine
+decides (accelerator, strategy, precision plugin) in `rwkvlm.hardware`.
 """
 from __future__ import annotations
 
@@ -33,122 +36,90 @@ def _bool(s: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected True/False or 1/0, got {s!r}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="train.py",
-        description="RWKV-7 (x070) pre-training. train_stage 1 writes rwkv-init.pth; "
-        "train_stage 3 trains, resuming from the newest save in --proj_dir.",
-    )
-    a = p.add_argument
-    # --- what to load, where to write
-    a("--load_model", default="0", type=str, help='"0": newest checkpoint in proj_dir (rwkv-init.pth if none); or a .pth path')
-    a("--proj_dir", default="out", type=str, help="output directory for checkpoints and logs")
-    a("--wandb", default="", type=str, help='wandb project name; "" disables wandb')
-    a("--my_testing", default="x070", type=str, help="model type (only x070 is implemented)")
-    a("--random_seed", default=-1, type=int, help="-1: a random seed")
-    # --- data
-    a("--data_file", default="", type=str, help="binidx data path without extension")
-    a("--data_type", default="binidx", type=str, choices=["binidx"])
-    a("--vocab_size", default=65536, type=int)
-    a("--ctx_len", default=4096, type=int)
-    a("--my_exit_tokens", default=0, type=int, help="tokens to train on (make_data prints it)")
-    a("--magic_prime", default=0, type=int, help="make_data prints it for your ctx_len")
-    # --- schedule
-    a("--train_stage", default=3, type=int, choices=[1, 3], help="1: write rwkv-init.pth; 3: train")
-    a("--epoch_count", default=999999, type=int, help="not used: training stops at --my_exit_tokens")
-    a("--epoch_begin", default=0, type=int, help="mini-epoch to start from when loading a given --load_model")
-    a("--epoch_save", default=1, type=int, help="write rwkv-N.pth every this many mini-epochs")
-    a("--micro_bsz", default=16, type=int, help="samples per GPU per step")
-    a("--lr_init", default=6e-4, type=float)
-    a("--lr_final", default=6e-5, type=float)
-    a("--warmup_steps", default=10, type=int)
-    a("--beta1", default=0.9, type=float)
-    a("--beta2", default=0.99, type=float)
-    a("--adam_eps", default=1e-18, type=float)
-    a("--weight_decay", default=0.001, type=float)
-    a("--grad_clip", default=1.0, type=float)
-    # --- model
-    a("--n_layer", default=12, type=int)
-    a("--n_embd", default=768, type=int)
-    a("--head_size", default=64, type=int)
-    a("--grad_cp", default=0, type=int, choices=[0, 1], help="1: gradient checkpointing (less memory)")
-    a("--wkv_impl", default="auto", choices=["auto", "cuda", "torch"],
-      help="WKV op: auto (the CUDA kernel on GPU), cuda, or torch (the PyTorch reference path)")
-    a("--compile", default="auto", choices=["auto", "0", "1"],
-      help="torch.compile each block as one graph around the WKV kernel (much faster steps; the "
-           "first step waits for the compiler, under a minute). auto: on GPU (not with "
-           "deepspeed_stage_3); 0: off; 1: always, also on CPU")
-    # --- hardware
-    a("--accelerator", default="gpu", type=str, choices=["gpu", "cuda", "cpu", "auto"])
-    a("--devices", default=1, type=int, help="GPUs (or CPU processes) per node")
-    a("--num_nodes", default=1, type=int)
-    a("--precision", default="bf16", type=str, help="bf16, fp32, tf32 or fp16")
-    a("--strategy", default="deepspeed_stage_2", type=str)
-    a("--ds_bucket_mb", default=200, type=int, help="DeepSpeed bucket size in MB (2 for consumer GPUs)")
-    a("--enable_progress_bar", default=True, type=_bool)
-    # --- saving and resume (ours; the tutorial's scripts need none of them)
-    a("--save_every_steps", default=0, type=int, help="also write an exact-resume state every N steps (0: off)")
-    a("--save_every_minutes", default=0.0, type=float, help="also write an exact-resume state every N minutes (0: off)")
-    a("--keep_resume", default=2, type=int, help="keep the last K exact-resume states")
-    a("--resume_from", default="", type=str,
-      help="continue from this save in PROJ_DIR instead of the newest: step-N (an exact-resume state), "
-           "rwkv-N.pth or rwkv-init.pth; the saves after it are moved to PROJ_DIR/set-aside/")
-    a("--dump_samples", default="", type=str,
-      help="diagnostics: append 'step,rank,start' of every sample to <this path>.rank<R>.csv")
-    a("--profile_steps", default=0, type=int,
-      help="diagnostics: profile this many steps after the run's first 10 (CPU and GPU time per op) "
-           "into PROJ_DIR/profile.txt (0: off)")
-    a("--mini_epoch_samples", default=MINI_EPOCH_SAMPLES, type=int,
-      help="samples per mini-epoch; keep 40320 (the recipe): smaller values are for quick tests")
-    return p
+_PARSERS = {"str": str, "int": int, "float": float, "bool": _bool}
 
 
-@dataclasses.dataclass
+def flag(default, help: str = "", *, group: str, choices=None):
+    """A TrainConfig field that is also the train.py flag `--<field name>`."""
+    return dataclasses.field(default=default, metadata={"help": help, "group": group, "choices": choices})
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    load_model: str
-    proj_dir: str
-    wandb: str
-    my_testing: str
-    random_seed: int
-    data_file: str
-    data_type: str
-    vocab_size: int
-    ctx_len: int
-    my_exit_tokens: int
-    magic_prime: int
-    train_stage: int
-    epoch_count: int
-    epoch_begin: int
-    epoch_save: int
-    micro_bsz: int
-    lr_init: float
-    lr_final: float
-    warmup_steps: int
-    beta1: float
-    beta2: float
-    adam_eps: float
-    weight_decay: float
-    grad_clip: float
-    n_layer: int
-    n_embd: int
-    head_size: int
-    grad_cp: int
-    wkv_impl: str
-    compile: str
-    accelerator: str
-    devices: int
-    num_nodes: int
-    precision: str
-    strategy: str
-    ds_bucket_mb: int
-    enable_progress_bar: bool
-    save_every_steps: int
-    save_every_minutes: float
-    keep_resume: int
-    resume_from: str
-    mini_epoch_samples: int
-    dump_samples: str
-    profile_steps: int
+    """Every train.py flag, declared once: the parser is generated from these fields.
+
+    Frozen and checked in __post_init__: a TrainConfig that exists can run (checks
+    that need the data file are in rwkvlm.data_checks). What the machine decides
+    (accelerator, strategy object, precision plugin) is rwkvlm.hardware's.
+    """
+    # --- what to load, where to write
+    load_model: str = flag("0", '"0": newest checkpoint in proj_dir (rwkv-init.pth if none); or a .pth path',
+                           group="run")
+    proj_dir: str = flag("out", "output directory for checkpoints and logs", group="run")
+    wandb: str = flag("", 'wandb project name; "" disables wandb', group="run")
+    my_testing: str = flag("x070", "model type (only x070 is implemented)", group="run")
+    random_seed: int = flag(-1, "-1: a random seed", group="run")
+    # --- data
+    data_file: str = flag("", "binidx data path without extension", group="data")
+    data_type: str = flag("binidx", "data format", group="data", choices=["binidx"])
+    vocab_size: int = flag(65536, "65536: the World vocabulary", group="data")
+    ctx_len: int = flag(4096, "tokens per sample (a multiple of 512; make_data uses the same)", group="data")
+    my_exit_tokens: int = flag(0, "tokens to train on (make_data prints it)", group="data")
+    magic_prime: int = flag(0, "make_data prints it for your ctx_len", group="data")
+    # --- schedule
+    train_stage: int = flag(3, "1: write rwkv-init.pth; 3: train", group="schedule", choices=[1, 3])
+    epoch_count: int = flag(999999, "not used: training stops at --my_exit_tokens", group="schedule")
+    epoch_begin: int = flag(0, "mini-epoch to start from when loading a given --load_model", group="schedule")
+    epoch_save: int = flag(1, "write rwkv-N.pth every this many mini-epochs", group="schedule")
+    micro_bsz: int = flag(16, "samples per GPU per step", group="schedule")
+    lr_init: float = flag(6e-4, "learning rate after warmup", group="schedule")
+    lr_final: float = flag(6e-5, "learning rate at --my_exit_tokens", group="schedule")
+    warmup_steps: int = flag(10, "steps of linear warmup from 1% of --lr_init", group="schedule")
+    beta1: float = flag(0.9, "Adam beta1", group="schedule")
+    beta2: float = flag(0.99, "Adam beta2", group="schedule")
+    adam_eps: float = flag(1e-18, "Adam epsilon", group="schedule")
+    weight_decay: float = flag(0.001, "decoupled weight decay of the matrices (0: plain Adam)", group="schedule")
+    grad_clip: float = flag(1.0, "clip the gradient norm at this (0: off)", group="schedule")
+    # --- model
+    n_layer: int = flag(12, "layers", group="model")
+    n_embd: int = flag(768, "embedding width (a multiple of 64)", group="model")
+    head_size: int = flag(64, "WKV head size", group="model")
+    grad_cp: int = flag(0, "1: gradient checkpointing (less memory)", group="model", choices=[0, 1])
+    wkv_impl: str = flag("auto", "WKV op: auto (the CUDA kernel on GPU), cuda, or torch (the PyTorch "
+                         "reference path)", group="model", choices=["auto", "cuda", "torch"])
+    compile: str = flag("auto", "torch.compile each block as one graph around the WKV kernel (much faster "
+                        "steps; the first step waits for the compiler, under a minute). auto: on GPU (not "
+                        "with deepspeed_stage_3); 0: off; 1: always, also on CPU",
+                        group="model", choices=["auto", "0", "1"])
+    # --- hardware
+    accelerator: str = flag("gpu", "gpu (CPU with a note when no GPU is visible), cpu or auto",
+                            group="hardware", choices=["gpu", "cuda", "cpu", "auto"])
+    devices: int = flag(1, "GPUs (or CPU processes) per node", group="hardware")
+    num_nodes: int = flag(1, "nodes", group="hardware")
+    precision: str = flag("bf16", "bf16, fp32, tf32 or fp16", group="hardware")
+    strategy: str = flag("deepspeed_stage_2", "deepspeed_stage_1/2/2_offload/3/3_offload, ddp, auto or "
+                         "single_device", group="hardware")
+    ds_bucket_mb: int = flag(200, "DeepSpeed bucket size in MB (2 for consumer GPUs)", group="hardware")
+    enable_progress_bar: bool = flag(True, "show the progress bar", group="hardware")
+    # --- saving and resume (ours; the tutorial's scripts need none of them)
+    save_every_steps: int = flag(0, "also write an exact-resume state every N steps (0: off)", group="saving")
+    save_every_minutes: float = flag(0.0, "also write an exact-resume state every N minutes (0: off)",
+                                     group="saving")
+    keep_resume: int = flag(2, "keep the last K exact-resume states", group="saving")
+    resume_from: str = flag("", "continue from this save in PROJ_DIR instead of the newest: step-N (an "
+                            "exact-resume state), rwkv-N.pth or rwkv-init.pth; the saves after it are "
+                            "moved to PROJ_DIR/set-aside/", group="saving")
+    mini_epoch_samples: int = flag(MINI_EPOCH_SAMPLES, "samples per mini-epoch; keep 40320 (the recipe): "
+                                   "smaller values are for quick tests", group="saving")
+    dump_samples: str = flag("", "diagnostics: append 'step,rank,start' of every sample to <this "
+                             "path>.rank<R>.csv", group="diagnostics")
+    profile_steps: int = flag(0, "diagnostics: profile this many steps after the run's first 10 (CPU and GPU "
+                              "time per op) into PROJ_DIR/profile.txt (0: off)", group="diagnostics")
+
+    def __post_init__(self):
+        if self.accelerator == "cuda":
+            object.__setattr__(self, "accelerator", "gpu")
+        self._check()
 
     # ---- derived values
     @property
@@ -197,7 +168,7 @@ class TrainConfig:
         )
 
     # ---- checks that need no data
-    def check_settings(self) -> None:
+    def _check(self) -> None:
         """Raise UserError for settings that cannot work (no file access)."""
         if self.my_testing != "x070":
             raise UserError(
@@ -248,24 +219,80 @@ class TrainConfig:
             )
         if self.epoch_save < 0 or self.keep_resume < 1:
             raise UserError("--epoch_save must be >= 0 and --keep_resume >= 1.")
+        if self.epoch_begin < 0:
+            raise UserError(f"--epoch_begin is {self.epoch_begin}; it counts mini-epochs from 0, so use 0 or more.")
+        for name in ("save_every_steps", "profile_steps"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name} is {getattr(self, name)}; use 0 (off) or a positive number.")
+        if not (self.save_every_minutes >= 0 and math.isfinite(self.save_every_minutes)):
+            raise UserError(f"--save_every_minutes is {self.save_every_minutes}; use 0 (off) or a positive number.")
+        if self.ds_bucket_mb < 1:
+            raise UserError(f"--ds_bucket_mb is {self.ds_bucket_mb}; use 200 (or 2 on consumer GPUs).")
         if self.train_stage == 3:
-            if not self.data_file:
-                raise UserError("--data_file is empty: set data_file to the make_data output path without extension.")
-            if self.lr_init <= 0 or self.lr_final <= 0:
-                raise UserError(f"LR_INIT and LR_FINAL must be > 0 (got {self.lr_init}, {self.lr_final}).")
-            if self.my_exit_tokens <= 0:
-                raise UserError(
-                    "--my_exit_tokens is not set: copy the '--my_exit_tokens ... --magic_prime ...' line "
-                    "that make_data.py printed into the run script."
-                )
+            self._check_schedule()
         if self.train_stage == 3 and self.accelerator == "cpu" and self.precision == "fp16":
             # (stage 1, demo-training-prepare.sh, runs on CPU and never trains: it takes any precision)
             raise UserError("--precision fp16 needs a GPU; use --precision fp32 or bf16 on CPU.")
 
+    def _check_schedule(self) -> None:
+        if not self.data_file:
+            raise UserError("--data_file is empty: set data_file to the make_data output path without extension.")
+        if not (self.lr_init > 0 and self.lr_final > 0 and math.isfinite(self.lr_init) and math.isfinite(self.lr_final)):
+            raise UserError(f"LR_INIT and LR_FINAL (--lr_init, --lr_final) must be finite and > 0 "
+                            f"(got {self.lr_init}, {self.lr_final}).")
+        if self.my_exit_tokens < 0:
+            raise UserError(f"--my_exit_tokens is {self.my_exit_tokens}, below 0: copy the '--my_exit_tokens ... "
+                            f"--magic_prime ...' line that make_data.py printed into the run script.")
+        if self.my_exit_tokens == 0:
+            raise UserError(
+                "--my_exit_tokens is not set: copy the '--my_exit_tokens ... --magic_prime ...' line "
+                "that make_data.py printed into the run script."
+            )
+        if self.warmup_steps < 0:
+            raise UserError(f"--warmup_steps is {self.warmup_steps}; use 0 (no warmup) or more (the recipe: 10).")
+        for name, value in (("beta1", self.beta1), ("beta2", self.beta2)):
+            if not 0 <= value < 1:
+                raise UserError(f"--{name} is {value}; Adam's betas lie in [0, 1) (the recipe: --beta1 0.9 "
+                                f"--beta2 0.99).")
+        if not (self.adam_eps >= 0 and math.isfinite(self.adam_eps)):
+            raise UserError(f"--adam_eps is {self.adam_eps}; use a small positive number (the recipe: 1e-18).")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise UserError(f"--weight_decay is {self.weight_decay}; use 0 (off) or a small positive number "
+                            f"(the recipe: 0.001).")
+        if not (self.grad_clip >= 0 and math.isfinite(self.grad_clip)):
+            raise UserError(f"--grad_clip is {self.grad_clip}; use 0 (off) or a positive norm (the recipe: 1.0).")
+
+    def warnings(self) -> list[str]:
+        """Settings that run but are likely mistakes, each naming the flag to change."""
+        out = []
+        if self.train_stage != 3:
+            return out
+        if self.warmup_steps >= self.total_steps:
+            out.append(f"--warmup_steps {self.warmup_steps} is not shorter than the whole run ({self.total_steps} "
+                       f"steps to --my_exit_tokens): the learning rate never reaches --lr_init. Lower "
+                       f"--warmup_steps.")
+        if self.lr_final > self.lr_init:
+            out.append(f"--lr_final {self.lr_final} is above --lr_init {self.lr_init}: the learning rate will rise "
+                       f"over the run. Swap them for the usual decay.")
+        return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """train.py's parser, one `--<name>` per TrainConfig field, grouped as declared."""
+    p = argparse.ArgumentParser(
+        prog="train.py",
+        description="RWKV-7 (x070) pre-training. train_stage 1 writes rwkv-init.pth; "
+        "train_stage 3 trains, resuming from the newest save in --proj_dir.",
+    )
+    groups = {}
+    for f in dataclasses.fields(TrainConfig):
+        meta = f.metadata
+        g = groups.get(meta["group"]) or groups.setdefault(meta["group"], p.add_argument_group(meta["group"]))
+        g.add_argument(f"--{f.name}", default=f.default, type=_PARSERS[f.type], choices=meta["choices"],
+                       help=f"{meta['help']} (default: {f.default!r})" if meta["help"] else None)
+    return p
+
 
 def parse_args(argv=None) -> TrainConfig:
-    ns = build_parser().parse_args(argv)
-    cfg = TrainConfig(**vars(ns))
-    if cfg.accelerator == "cuda":
-        cfg.accelerator = "gpu"
-    return cfg
+    """argv -> a checked TrainConfig (UserError for a setting that cannot work)."""
+    return TrainConfig(**vars(build_parser().parse_args(argv)))

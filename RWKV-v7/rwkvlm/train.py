@@ -16,8 +16,6 @@ import random
 import sys
 import warnings
 
-import torch
-
 from rwkvlm.config import TrainConfig, parse_args
 from rwkvlm.errors import UserError, run_cli
 
@@ -93,72 +91,6 @@ def _prepare(cfg: TrainConfig) -> int:
     return 0
 
 
-def _resolve_hardware(cfg: TrainConfig):
-    """Pick accelerator, strategy and precision plugin objects for pl.Trainer."""
-    if cfg.accelerator in ("gpu", "auto") and not torch.cuda.is_available():
-        if cfg.accelerator == "gpu":
-            raise UserError(
-                "--accelerator gpu, but no CUDA GPU is visible to PyTorch "
-                f"(torch {torch.__version__}, CUDA build: {torch.version.cuda}). Install a CUDA build of torch, "
-                "or train on CPU with: --accelerator cpu --strategy auto --precision fp32"
-            )
-        cfg.accelerator = "cpu"
-    on_gpu = cfg.accelerator in ("gpu", "auto")
-    precision = {"bf16": "bf16-mixed", "fp16": "16-mixed", "fp32": "32-true", "tf32": "32-true"}[cfg.precision]
-    if cfg.precision == "tf32" and on_gpu:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    if cfg.precision == "fp32" and on_gpu:
-        torch.backends.cuda.matmul.allow_tf32 = False
-
-    strategy = cfg.strategy
-    if cfg.is_deepspeed and not on_gpu:
-        fallback = "ddp" if cfg.world_size > 1 else "auto"
-        log(f"note: DeepSpeed needs GPUs; on CPU using --strategy {fallback} instead of {cfg.strategy}.")
-        strategy = fallback
-        cfg.strategy = fallback
-    if strategy.startswith("deepspeed"):
-        try:
-            import deepspeed  # noqa: F401
-        except ImportError:
-            raise UserError(
-                f"--strategy {cfg.strategy} needs DeepSpeed: pip install -e '.[gpu]' (or pip install deepspeed), "
-                f"or use --strategy ddp / auto."
-            ) from None
-        from pytorch_lightning.strategies import DeepSpeedStrategy
-
-        stage = int(strategy.split("_")[2])
-        offload = strategy.endswith("offload")
-        bucket = int(cfg.ds_bucket_mb * 1000 * 1000)
-        # overlap_comm reduces gradients on a side stream, behind a device-wide sync on every
-        # bucket; with one process there is nothing to reduce and the syncs leave the GPU idle
-        # while the host prepares the optimiser step. Off only where measured: ZeRO-2 on one
-        # process (ZeRO-1 without it moves its gradient copies after the backward pass; ZeRO-3
-        # also uses it to prefetch weights)
-        overlap = not (stage == 2 and cfg.world_size == 1)
-        strategy = DeepSpeedStrategy(
-            stage=stage, offload_optimizer=offload, offload_parameters=offload and stage == 3,
-            allgather_bucket_size=bucket, reduce_bucket_size=bucket, overlap_comm=overlap,
-            logging_level=logging.WARNING,
-        )
-        if stage in (1, 2) and not offload:  # offload takes the norm on the CPU side
-            from rwkvlm.optim import use_foreach_grad_norm
-
-            use_foreach_grad_norm()
-        if cfg.precision == "bf16":  # Lightning keeps a "bf16" section it finds in the config
-            from rwkvlm.optim import deepspeed_bf16_config
-
-            strategy.config["bf16"] = deepspeed_bf16_config()
-    elif strategy == "ddp":
-        from pytorch_lightning.strategies import DDPStrategy
-
-        strategy = DDPStrategy(process_group_backend="nccl" if on_gpu else "gloo",
-                               find_unused_parameters=True)  # layer 0 does not use v0/v1/v2
-    elif strategy == "single_device":
-        strategy = "auto"
-    return ("gpu" if on_gpu else "cpu"), strategy, precision
-
-
 def run(cfg: TrainConfig) -> int:
     """train_stage 3: load the newest save, train to --my_exit_tokens."""
     # The CUDA caching allocator grows its segments in place rather than caching many
@@ -168,13 +100,20 @@ def run(cfg: TrainConfig) -> int:
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     from rwkvlm.data_checks import open_training_data
 
+    from rwkvlm.hardware import lightning_strategy, resolve, set_matmul_precision
+
     data = open_training_data(cfg)
-    accelerator, strategy, precision = _resolve_hardware(cfg)
+    hw = resolve(cfg)
+    for note in hw.notes:
+        log(f"note: {note}")
+    set_matmul_precision(hw)
+    strategy = lightning_strategy(hw)
     with _locked(cfg):
-        return _train(cfg, data, accelerator, strategy, precision)
+        return _train(hw.config, data, hw.accelerator, strategy, hw.precision_plugin)
 
 
 def _train(cfg: TrainConfig, data, accelerator, strategy, precision) -> int:
+    """Train with `cfg` as it runs on this machine (rwkvlm.hardware's Hardware.config)."""
     import pytorch_lightning as pl
 
     from rwkvlm.checkpoint import check_weights_fit, find_start
@@ -232,7 +171,9 @@ def _build_kernel_early(cfg: TrainConfig) -> None:
 
 def main(argv=None) -> int:
     cfg = parse_args(argv)
-    cfg.check_settings()
+    if cfg.train_stage == 3:
+        for w in cfg.warnings():
+            log(f"WARNING: {w}")
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*`training_step` returned `None`.*")
     warnings.filterwarnings("ignore", ".*LeafSpec.*")  # a Lightning-internal deprecation, not the user's
