@@ -1,5 +1,6 @@
 #!/bin/sh
-# Fill .whl/ (git-ignored) with what the GPU machine lacks, for the device tool's `carry`:
+# Fill .whl/ (git-ignored) with the wheels a GPU machine without network access lacks (install
+# them there as benchmarks/README.md shows):
 # DeepSpeed (built here: pure Python, its ops JIT-compile there), its runtime needs,
 # pyrwkv-tokenizer and fla-core (for the WKV comparison), all for CPython 3.12 x86_64.
 # Usage (repository root, on the dev machine): sh benchmarks/fetch_device_wheels.sh

@@ -4,15 +4,18 @@
 # first STEPS steps on the arithmetic demo data (prepared by gpu_train_run.sh).
 # With 2 GPUs the two runs go side by side (card 0: bf16, card 1: fp32; BF_CARD / FP_CARD
 # choose others; the same card for both runs them one after the other).
-# Usage (device machine, repo root, after the data exists): bash benchmarks/gpu_loss_parity.sh OUTDIR [STEPS] [M_BSZ]
+# Usage (GPU machine, repo root, after the data exists): bash benchmarks/gpu_loss_parity.sh [OUTDIR] [STEPS] [M_BSZ]
+#   (OUTDIR: /tmp/parity)
 # Environment: EXTRA (more flags for the bf16 run, e.g. "--compile 1");
 #   PARALLEL=1 runs the two sides at the same time even on one card; FP_EXTRA: more flags for
 #   the fp32 run, by default "--grad_cp 0" (no recompute of the blocks in backward, which
 #   changes no result and saves the fp32 side a forward pass per step: 0.95 s per step on an
-#   H200 beside the bf16 side, against 1.5 s with the recompute; benchmarks/RESULTS.md).
+#   H200 beside the bf16 side, against 1.5 s with the recompute: benchmarks/RESULTS.md, the
+#   2026-11-28 "2x and 1x NVIDIA H200 (commit ec16aa5)" section).
 set -eu
 OUTDIR=${1:-/tmp/parity}; STEPS=${2:-200}; M_BSZ=${3:-2}
 mkdir -p "$OUTDIR"
+OUTDIR=$(cd "$OUTDIR" && pwd)  # absolute: the runs work in RWKV-v7/train_temp
 REPO=$(pwd)
 META="$REPO/RWKV-v5/demo.meta.json"
 PRIME=$(python3 -c "import json; print(json.load(open('$META'))['magic_prime'])")

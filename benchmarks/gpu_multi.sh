@@ -1,9 +1,9 @@
 #!/bin/bash
-# Several GPUs on one host (device kind nvidia-h100-x2): the same L12-D768 ctx 4096
+# Several GPUs on one host (two GPUs): the same L12-D768 ctx 4096
 # bf16 deepspeed_stage_2 run on 1 GPU and on 2 GPUs (target: >= 1.8x the tokens/s),
 # each rank's sample windows dumped and checked distinct; then 2 "nodes" on one host
 # (NODE_RANK 0/1, MASTER_ADDR=127.0.0.1, one GPU each).
-# Usage (device machine, repo root): bash benchmarks/gpu_multi.sh OUTDIR [STEPS] [M_BSZ]
+# Usage (GPU machine, repo root): bash benchmarks/gpu_multi.sh [OUTDIR] [STEPS] [M_BSZ]   (OUTDIR: /tmp/multi)
 # Environment: EXTRA (more train.py flags for every run, e.g. a CPU rehearsal:
 #   EXTRA="--accelerator cpu --strategy ddp --precision fp32 --n_layer 2 --n_embd 64 --ctx_len 512 ..."),
 #   CTX (4096; must match EXTRA's --ctx_len), ONE (the loss_log.csv of a 1-GPU run with the same
@@ -12,6 +12,7 @@ set -eu
 OUTDIR=${1:-/tmp/multi}; STEPS=${2:-40}; M_BSZ=${3:-16}; CTX=${CTX:-4096}
 read -r -a EXTRA <<< "${EXTRA:-}"
 mkdir -p "$OUTDIR"
+OUTDIR=$(cd "$OUTDIR" && pwd)  # absolute: the runs work in RWKV-v7/train_temp
 REPO=$(pwd)
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
 [ -f "$REPO/RWKV-v5/demo.meta.json" ] || bash "$REPO/benchmarks/gpu_data.sh" 20000 30 "$CTX"

@@ -1,6 +1,8 @@
 #!/bin/bash
-# One lease of the GPU machine in three calls (each under the 10-minute limit); work files in
-# /tmp/gpuwork (kept while the machine stays warm), packed into $OUT/work.tgz at the end.
+# The GPU benchmark stages, one per invocation (each fits in 10 minutes). Work files go to
+# /tmp/gpuwork, shared by the stages run on one machine (`real` reads what `speed` measured,
+# `confirm` and `pair` collect a loss parity left running), and are packed into
+# OUTDIR/work.tgz (weights and token files left out) when the stage ends.
 #
 #   check   card, matmul rate, data, GPU kernel tests, WKV op vs fla, one training step eager
 #           vs compiled (profiled), the trainer at M_BSZ 16 for STEPS steps, and with 2 GPUs
@@ -16,20 +18,23 @@
 #   strategies  short runs of the other DeepSpeed stages (offload too), fp16, tf32, fp32 and ddp
 #   pair    (2 GPUs) the M_BSZ 1 row alone, 2 GPUs and 2 nodes (gpu_multi.sh), then strategy_runs
 #
-# Usage (device machine, repo root, wheels installed):
-#   bash benchmarks/gpu_session.sh check OUT          [env COMPILE=auto|0|1, STEPS=30, STEP_MODES="eager compile",
-#                                                      KERNELS=1 (kernel tests + WKV vs fla), PARITY=0, T8=0]
-#   DOCS=120000 bash benchmarks/gpu_session.sh speed OUT
-#   KTS=400 bash benchmarks/gpu_session.sh real OUT   [env TRAIN_S=420, COMPILE=1, EVAL=400, REAL_CARDS=0,1,2, DOCS]
-#   bash benchmarks/gpu_session.sh parity OUT         [env COMPILE=1, PARALLEL=1]
+# Usage (GPU machine, repo root, wheels installed; OUTDIR defaults to benchmarks/runs/gpu-STAGE):
+#   bash benchmarks/gpu_session.sh check [OUTDIR]        [env COMPILE=auto|0|1, STEPS=30, STEP_MODES="eager compile",
+#                                                         KERNELS=1 (kernel tests + WKV vs fla), PARITY=0, T8=0]
+#   DOCS=120000 bash benchmarks/gpu_session.sh speed [OUTDIR]
+#   KTS=400 bash benchmarks/gpu_session.sh real [OUTDIR] [env TRAIN_S=420, COMPILE=1, EVAL=400, REAL_CARDS=0,1,2, DOCS]
+#   bash benchmarks/gpu_session.sh parity [OUTDIR]       [env COMPILE=1, PARALLEL=1]
+#   bash benchmarks/gpu_session.sh confirm|strategies|pair [OUTDIR]   (env: see each stage below)
 set -u
-STAGE=$1; OUT=$2
+STAGE=${1:?usage: bash benchmarks/gpu_session.sh STAGE [OUTDIR] (STAGE: check, speed, real, parity, confirm, strategies, pair)}
+OUTDIR=${2:-benchmarks/runs/gpu-$STAGE}
+mkdir -p "$OUTDIR" && OUTDIR=$(cd "$OUTDIR" && pwd) || exit 1
 W=/tmp/gpuwork; mkdir -p "$W"
 B=benchmarks
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
 NGPU=$(nvidia-smi -L | wc -l)
 LAST=$((NGPU - 1))  # the second card where there are two
-pack() { tar czf "$OUT/work.tgz" --exclude='*.pth' --exclude='*.bin' -C /tmp gpuwork 2>/dev/null; }
+pack() { tar czf "$OUTDIR/work.tgz" --exclude='*.pth' --exclude='*.bin' -C /tmp gpuwork 2>/dev/null; }
 trap pack EXIT
 say() { echo "=== $(date +%T) $*"; }
 chosen_compile() { cut -d' ' -f2 "$W/compile.txt" 2>/dev/null || echo 0; }  # what `check` chose
@@ -73,14 +78,14 @@ strategy_runs() {  # RUNS (strategy:precision) at M_BSZ 4 for STEPS steps, one p
   for r in $RUNS; do ST=${r%%:*}; PR=${r##*:}; N="s_${ST#deepspeed_}_$PR"; say "$N"; grep -E "rc |loss first|peak|steady" "$W/$N.summary.txt" 2>/dev/null || tail -5 "$W/$N.out"; done
 }
 
-start_parity() {  # the 200-step loss parity, both sides on card $1, in its own session (setsid) so
-                 # that it can outlast this call; collect_parity (this call or the next) reports it
+start_parity() {  # the 200-step loss parity, both sides on card $1, detached (setsid) so that it
+                 # keeps running after this stage ends; collect_parity (this stage or a later one) reports it
   say "background (setsid) on card $1: loss parity, bf16 DeepSpeed (compile 1) vs fp32 PyTorch path, 200 steps"
   BF_CARD=$1 FP_CARD=$1 PARALLEL=1 EXTRA="--compile 1 ${MORE:-}" setsid nohup bash $B/gpu_loss_parity.sh "$W/parity" 200 2 \
     > "$W/parity.txt" 2>&1 < /dev/null &
   echo $! > "$W/parity.pid"
 }
-collect_parity() {  # wait for the parity until $1 seconds into this call, then print what it has
+collect_parity() {  # wait for the parity until $1 seconds into this stage, then print what it has
   while alive "$(cat "$W/parity.pid")" && [ "$SECONDS" -lt "$1" ]; do sleep 2; done
   if alive "$(cat "$W/parity.pid")"; then
     say "loss parity still running: $(tail -n 1 RWKV-v7/train_temp/out/parity-fp32/loss_log.csv 2>/dev/null)"
@@ -154,8 +159,8 @@ real)
 speed)
   # Card 0: matmul rate, one compiled step (profiled), then the trainer under --strategy auto;
   # card 1: the trainer at M_BSZ 16, deepspeed_stage_2, profiled; card 2: deepspeed_stage_1, then
-  # M_BSZ 8 (M_BSZ 1 on an H100); card 3: the 200-step loss parity, left running in its own
-  # session (setsid) so that it outlasts this call: `real` collects it.
+  # M_BSZ 8 (M_BSZ 1 on an H100); card 3: the 200-step loss parity, left running detached
+  # (setsid) after this stage ends: `real` collects it.
   DOCS=${DOCS:-20000}
   card() { echo $(( $1 < NGPU ? $1 : LAST )); }
   setup FusedAdamBuilder
@@ -261,7 +266,7 @@ strategies)
   strategy_runs
   ;;
 pair)
-  # Two GPUs (nvidia-h100-x2): the M_BSZ 1 row alone on card 0 (the tutorial's H100 reference
+  # Two GPUs: the M_BSZ 1 row alone on card 0 (the tutorial's H100 reference
   # row), the 2-GPU and 2-node runs (gpu_multi.sh), then strategy_runs two at a time.
   # On a machine that `confirm` used (PARITY=1) it first waits for the loss parity left running;
   # STEPS1=0 skips the M_BSZ 1 row; with ONE_T16=1 the 2-GPU run is compared with confirm's t16

@@ -5,7 +5,8 @@
 # Steady-state tokens/s comes from loss_log.csv (median step time after the first 10 steps);
 # peak GPU memory from nvidia-smi (whole card, so every process on it) polled every 0.2 s.
 #
-# Usage (device machine, repo root): bash benchmarks/gpu_train_run.sh OUTDIR
+# Usage (GPU machine, repo root): bash benchmarks/gpu_train_run.sh OUTDIR   (the output folder, e.g.
+#   benchmarks/runs/train; made if missing)
 # Environment (all optional):
 #   NAME (run)         prefix of the files written to OUTDIR
 #   M_BSZ (16), GRAD_CP (1), DEVICES (1: GPUs used), CARDS (the cards, comma-separated: 0..DEVICES-1)
@@ -16,11 +17,12 @@
 #   TFLOPS             measured bf16 matmul rate, for MFU (default: read OUTDIR/matmul.txt)
 #   EXTRA              more train.py flags, e.g. "--compile 1" or "--strategy deepspeed_stage_1"
 set -eu
-OUTDIR=$1
+OUTDIR=${1:?usage: bash benchmarks/gpu_train_run.sh OUTDIR}
 NAME=${NAME:-run}; M_BSZ=${M_BSZ:-16}; GRAD_CP=${GRAD_CP:-1}; DEVICES=${DEVICES:-1}
 STEPS=${STEPS:-0}; LIMIT=${LIMIT:-540}; EVAL=${EVAL:-0}; EXTRA=${EXTRA:-}
 REPO=$(pwd)
 mkdir -p "$OUTDIR"
+OUTDIR=$(cd "$OUTDIR" && pwd)  # absolute: the run itself works in RWKV-v7/train_temp
 O="$OUTDIR/$NAME"
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
 META="$REPO/RWKV-v5/demo.meta.json"

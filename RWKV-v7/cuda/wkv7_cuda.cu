@@ -658,7 +658,8 @@ __global__ void __launch_bounds__((CB / CPT2) * RH)
 }  // namespace wkv7
 
 // ------------------------------------------------------------ host launchers
-// Configurations (measured on an H200, B16 T4096 H12, see benchmarks/RESULTS.md).
+// Configurations (timed on an H200, B16 T4096 H12: benchmarks/RESULTS.md, the 2026-11-28 01:19
+// "WKV7 CUDA vs fla chunk_rwkv7" section).
 // Row kernels (forward and backward rows pass share one id):
 //   id : RB  RPT CPT  threads  blocks/head
 //   0  : 32  1   16   128      2

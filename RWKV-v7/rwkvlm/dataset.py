@@ -2,7 +2,8 @@
 
 Each rank sees a stream of local sample numbers s = step * micro_bsz + j. The
 sample's mini-epoch is e = s // (epoch_steps * micro_bsz) and its index in the
-mini-epoch idx = s % (epoch_steps * micro_bsz); the spec's formula
+mini-epoch idx = s % (epoch_steps * micro_bsz); the formula of RWKV-v7/docs/rwkv7-x070.md
+("Data sampling")
 
     ii = 1 + e * 40320 + idx * W + rank
     start = ((floor(p * (sqrt(5) - 1) / 2) * ii^3) mod p) * ctx_len

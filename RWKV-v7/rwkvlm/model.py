@@ -1,7 +1,7 @@
 """The RWKV-7 "x070" model: configuration, modules, initialisation and loss.
 
-State-dict names and shapes are the checkpoint format of
-/work/shared/spec/rwkv7-x070.md (no wrapper prefixes); the forward pass
+State-dict names and shapes are the checkpoint format of the spec,
+RWKV-v7/docs/rwkv7-x070.md (no wrapper prefixes); the forward pass
 follows the `rwkv` package's x070 inference code, so a state dict saved from
 RWKV7 loads there unchanged.
 

@@ -6,7 +6,8 @@ Rust decoder (it panics on partial UTF-8 tokens and on unknown ids, with an
 exception that `except Exception` misses); it joins the token bytes from the
 vocabulary table instead and decodes them with errors="replace", so decode
 never raises. Ids without a vocabulary entry (0, 65530..65535, anything
-outside 0..65535) decode to U+FFFD, as in the reference.
+outside 0..65535) decode to U+FFFD, as in the reference. The measurements behind
+this: RWKV-v7/docs/tokenizer.md.
 """
 from __future__ import annotations
 
