@@ -100,6 +100,46 @@ def test_matches_reference(B, T, H):
 
 @gpu
 @needs_cuda
+@pytest.mark.parametrize("B,T,H,N", [(1, 1, 1, 64), (2, 15, 3, 64), (1, 17, 2, 64), (3, 100, 2, 64),
+                                     (2, 512, 4, 64), (2, 33, 3, 32)])
+def test_state_in_and_out_matches_reference(B, T, H, N):
+    """Inference from a given state: y and the final state against the fp64 reference, and two
+    calls carrying the state equal one call over both pieces (prefill, then generation)."""
+    from rwkvlm.wkv_cuda import wkv7_cuda_state
+
+    xs = make_inputs(B, T, H, N=N, seed=T * 7 + N)
+    s0 = 0.5 * torch.randn(B, H, N, N, generator=torch.Generator().manual_seed(T)).cuda()
+    with torch.no_grad():
+        poison_allocator()
+        y, s1 = wkv7_cuda_state(*xs, initial_state=s0, head_size=N)
+        torch.cuda.synchronize()
+        y_ref, s_ref = wkv7_reference(*(x.double() for x in xs), N, state=s0.double())
+    assert y.shape == (B, T, H * N) and y.dtype == torch.bfloat16 and s1.shape == (B, H, N, N)
+    assert torch.isfinite(y).all() and torch.isfinite(s1).all()
+    assert rel_rms(y, y_ref) <= TOL, rel_rms(y, y_ref)
+    assert rel_rms(s1, s_ref) <= TOL, rel_rms(s1, s_ref)
+    cut = T // 2
+    with torch.no_grad():
+        ya, sa = wkv7_cuda_state(*(x[:, :cut] for x in xs), initial_state=s0, head_size=N)
+        yb, sb = wkv7_cuda_state(*(x[:, cut:] for x in xs), initial_state=sa, head_size=N)
+    assert rel_rms(torch.cat([ya, yb], 1), y_ref) <= TOL and rel_rms(sb, s_ref) <= TOL
+    with torch.no_grad():
+        y0, _ = wkv7_cuda_state(*xs, head_size=N)
+    assert rel_rms(y0, wkv7_reference(*(x.double() for x in xs), N)[0]) <= TOL
+
+
+@gpu
+@needs_cuda
+def test_state_op_refuses_gradients():
+    from rwkvlm.wkv_cuda import wkv7_cuda_state
+
+    xs = [x.requires_grad_() for x in make_inputs(1, 16, 1)]
+    with pytest.raises(UserError, match="inference"):
+        wkv7_cuda_state(*xs)
+
+
+@gpu
+@needs_cuda
 def test_head_size_32():
     B, T, H = 2, 128, 3
     xs = make_inputs(B, T, H, N=32, seed=7)

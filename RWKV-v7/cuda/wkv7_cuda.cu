@@ -1,7 +1,7 @@
 // WKV7 ("x070") forward and backward kernels, bf16 inputs, fp32 state.
 //
 // Per (batch b, head h) the state S is N x N (row i = value channel, column j =
-// key channel), S_0 = 0, and for every step t
+// key channel), S_0 = 0 (or a given initial state, forward only), and for every step t
 //
 //   sa_t[i]  = sum_m S_{t-1}[i,m] a_t[m]
 //   S_t[i,j] = S_{t-1}[i,j] d_t[j] + sa_t[i] b_t[j] + v_t[i] k_t[j]
@@ -25,7 +25,9 @@
 //   next chunk loads while this one computes), then converts them once to fp32
 //   (decay computed here) so the inner loop is loads + FMAs only.
 // * Forward stores sa_t (fp32, (B,T,H,N)) and, at every chunk end, S in
-//   transposed layout (B, H, T/CHUNK, N[j], N[i]) fp32.
+//   transposed layout (B, H, T/CHUNK, N[j], N[i]) fp32.  For inference it can
+//   start from a given state and write the final one, both (B, H, N[i], N[j])
+//   fp32 (the training op passes neither: the backward assumes S_0 = 0).
 // * Backward is two kernels, both free of cross-row sums:
 //     rows pass (wkv7_bwd_rows): dS rows go back in time without needing S:
 //        dS_t = carry + dy_t[i] r_t ; dv_t[i] = dS_t.k_t ; dsa_t[i] = dS_t.b_t ;
@@ -171,7 +173,8 @@ template <int N, int RB, int RPT, int CPT>
 __global__ void __launch_bounds__((RB / RPT) * (N / CPT))
     wkv7_fwd(int T, int H, const bf16* __restrict__ r, const bf16* __restrict__ w, const bf16* __restrict__ k,
              const bf16* __restrict__ v, const bf16* __restrict__ a, const bf16* __restrict__ b,
-             bf16* __restrict__ y, float* __restrict__ sa_out, float* __restrict__ sT) {
+             bf16* __restrict__ y, float* __restrict__ sa_out, float* __restrict__ sT,
+             const float* __restrict__ s0, float* __restrict__ s_out) {
     constexpr int G = N / CPT;
     constexpr int NT = (RB / RPT) * G;
     constexpr int Q = CPT / 4;
@@ -190,11 +193,17 @@ __global__ void __launch_bounds__((RB / RPT) * (N / CPT))
     const int rloc = rg * RPT;           // first local row of this thread
     const int nc = T / CL;
 
+    // S starts from s0 ((B, H, N[i], N[j]) fp32) when given, else from zero
     float s[RPT][CPT];
 #pragma unroll
     for (int i = 0; i < RPT; i++)
 #pragma unroll
-        for (int j = 0; j < CPT; j++) s[i][j] = 0.f;
+        for (int q = 0; q < Q; q++) {
+            float4 v0 = make_float4(0.f, 0.f, 0.f, 0.f);
+            if (s0 != nullptr)
+                v0 = *reinterpret_cast<const float4*>(s0 + ((int64_t)bh * N + row0 + rloc + i) * N + (cg + G * q) * 4);
+            s[i][4 * q + 0] = v0.x; s[i][4 * q + 1] = v0.y; s[i][4 * q + 2] = v0.z; s[i][4 * q + 3] = v0.w;
+        }
 
     // raw order: 0 w, 1 k, 2 a, 3 b, 4 r ; f order identical with f[0] = decay
     row_stage<N, RB, NT>(sm, 0, w, k, a, b, r, v, base, C, 0, row0, tid);
@@ -299,6 +308,14 @@ __global__ void __launch_bounds__((RB / RPT) * (N / CPT))
             }
         }
         __syncthreads();   // buffers of this chunk are free for the next stage/prep
+    }
+    if (s_out != nullptr) {   // the final state, in s0's (B, H, N[i], N[j]) layout
+#pragma unroll
+        for (int i = 0; i < RPT; i++)
+#pragma unroll
+            for (int q = 0; q < Q; q++)
+                *reinterpret_cast<float4*>(s_out + ((int64_t)bh * N + row0 + rloc + i) * N + (cg + G * q) * 4) =
+                    make_float4(s[i][4 * q + 0], s[i][4 * q + 1], s[i][4 * q + 2], s[i][4 * q + 3]);
     }
 }
 
@@ -696,11 +713,11 @@ constexpr int N = WKV7_HEAD_SIZE;
 
 template <int RB, int RPT, int CPT>
 void launch_rows(bool fwd, int B, int T, int H, const bf16* r, const bf16* w, const bf16* k, const bf16* v,
-                 const bf16* a, const bf16* b, bf16* y, float* sa, float* sT, const bf16* dy, bf16* dv,
-                 float* dsa, cudaStream_t st) {
+                 const bf16* a, const bf16* b, bf16* y, float* sa, float* sT, const float* s0, float* s_out,
+                 const bf16* dy, bf16* dv, float* dsa, cudaStream_t st) {
     constexpr int NT = (RB / RPT) * (N / CPT);
     dim3 grid(B * H * (N / RB));
-    if (fwd) wkv7::wkv7_fwd<N, RB, RPT, CPT><<<grid, NT, 0, st>>>(T, H, r, w, k, v, a, b, y, sa, sT);
+    if (fwd) wkv7::wkv7_fwd<N, RB, RPT, CPT><<<grid, NT, 0, st>>>(T, H, r, w, k, v, a, b, y, sa, sT, s0, s_out);
     else wkv7::wkv7_bwd_rows<N, RB, RPT, CPT><<<grid, NT, 0, st>>>(T, H, r, w, k, a, b, dy, dv, dsa);
 }
 
@@ -720,11 +737,11 @@ cudaError_t launch_cols(int B, int T, int H, const bf16* r, const bf16* w, const
 }
 
 bool rows_dispatch(int cfg, bool fwd, int B, int T, int H, const bf16* r, const bf16* w, const bf16* k,
-                   const bf16* v, const bf16* a, const bf16* b, bf16* y, float* sa, float* sT, const bf16* dy,
-                   bf16* dv, float* dsa, cudaStream_t st) {
+                   const bf16* v, const bf16* a, const bf16* b, bf16* y, float* sa, float* sT, const float* s0,
+                   float* s_out, const bf16* dy, bf16* dv, float* dsa, cudaStream_t st) {
 #define WKV7_ROWS_CASE(ID, RB, RPT, CPT)                                                    \
     case ID:                                                                               \
-        launch_rows<RB, RPT, CPT>(fwd, B, T, H, r, w, k, v, a, b, y, sa, sT, dy, dv, dsa, st); \
+        launch_rows<RB, RPT, CPT>(fwd, B, T, H, r, w, k, v, a, b, y, sa, sT, s0, s_out, dy, dv, dsa, st); \
         return true;
     switch (cfg) {
 #if defined(WKV7_ALL_VARIANTS) || WKV7_ROW_DEFAULT == 0
@@ -802,10 +819,11 @@ int cols_dispatch(int cfg, int B, int T, int H, const bf16* r, const bf16* w, co
 // C entry points used by wkv7_op.cpp.  Return 0 on success, -1 for an unknown
 // configuration id, else a cudaError_t.
 int wkv7_launch_forward(int cfg, int B, int T, int H, const void* r, const void* w, const void* k, const void* v,
-                        const void* a, const void* b, void* y, float* sa, float* sT, cudaStream_t st) {
+                        const void* a, const void* b, void* y, float* sa, float* sT, const float* s0, float* s_out,
+                        cudaStream_t st) {
     if (!rows_dispatch(cfg < 0 ? WKV7_ROW_DEFAULT : cfg, true, B, T, H, (const bf16*)r, (const bf16*)w,
-                       (const bf16*)k, (const bf16*)v, (const bf16*)a, (const bf16*)b, (bf16*)y, sa, sT, nullptr,
-                       nullptr, nullptr, st))
+                       (const bf16*)k, (const bf16*)v, (const bf16*)a, (const bf16*)b, (bf16*)y, sa, sT, s0, s_out,
+                       nullptr, nullptr, nullptr, st))
         return -1;
     return (int)cudaGetLastError();
 }
@@ -816,7 +834,7 @@ int wkv7_launch_backward(int cfg_rows, int cfg_cols, int B, int T, int H, const 
                          cudaStream_t st) {
     if (!rows_dispatch(cfg_rows < 0 ? WKV7_ROW_DEFAULT : cfg_rows, false, B, T, H, (const bf16*)r,
                        (const bf16*)w, (const bf16*)k, nullptr, (const bf16*)a, (const bf16*)b, nullptr, nullptr,
-                       nullptr, (const bf16*)dy, (bf16*)dv, dsa, st))
+                       nullptr, nullptr, nullptr, (const bf16*)dy, (bf16*)dv, dsa, st))
         return -1;
     cudaError_t e = cudaGetLastError();
     if (e != cudaSuccess) return (int)e;

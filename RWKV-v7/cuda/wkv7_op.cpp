@@ -1,5 +1,6 @@
 // Torch binding of the WKV7 kernels (wkv7_cuda.cu): registers two operators,
 //   torch.ops.<WKV7_NS>.forward(r, w, k, v, a, b, need_state, cfg) -> (y, sT, sa)
+//   torch.ops.<WKV7_NS>.forward_state(r, w, k, v, a, b, s0, cfg) -> (y, s_final)   (inference)
 //   torch.ops.<WKV7_NS>.backward(r, w, k, v, a, b, dy, sT, sa, cfg_rows, cfg_cols)
 //       -> (dr, dw, dk, dv, da, db)
 // All tensors bf16 (B, T, C) contiguous on one CUDA device, C = H * head size,
@@ -21,7 +22,8 @@
 #endif
 
 int wkv7_launch_forward(int cfg, int B, int T, int H, const void* r, const void* w, const void* k, const void* v,
-                        const void* a, const void* b, void* y, float* sa, float* sT, cudaStream_t st);
+                        const void* a, const void* b, void* y, float* sa, float* sT, const float* s0, float* s_out,
+                        cudaStream_t st);
 int wkv7_launch_backward(int cfg_rows, int cfg_cols, int B, int T, int H, const void* r, const void* w,
                          const void* k, const void* v, const void* a, const void* b, const void* dy, const float* sT,
                          const float* sa, float* dsa, void* dr, void* dw, void* dk, void* dv, void* da, void* db,
@@ -81,9 +83,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> wkv7_forward(const at::Tensor& r,
     auto st = c10::cuda::getCurrentCUDAStream(r.device().index()).stream();
     int rc = wkv7_launch_forward((int)cfg, B, T, H, r.data_ptr(), w.data_ptr(), k.data_ptr(), v.data_ptr(),
                                  a.data_ptr(), b.data_ptr(), y.data_ptr(), sa.data_ptr<float>(),
-                                 need_state ? sT.data_ptr<float>() : nullptr, st);
+                                 need_state ? sT.data_ptr<float>() : nullptr, nullptr, nullptr, st);
     check_rc(rc, "forward");
     return {y, sT, sa};
+}
+
+// Inference: y and the final state from the initial state s0 ((B, H, N, N) fp32 contiguous,
+// row i = value channel, column j = key channel); no buffers for a backward pass.
+std::tuple<at::Tensor, at::Tensor> wkv7_forward_state(const at::Tensor& r, const at::Tensor& w,
+                                                      const at::Tensor& k, const at::Tensor& v,
+                                                      const at::Tensor& a, const at::Tensor& b,
+                                                      const at::Tensor& s0, int64_t cfg) {
+    int B, T, H;
+    dims(r, B, T, H);
+    check_input(r, "r", r); check_input(w, "w", r); check_input(k, "k", r);
+    check_input(v, "v", r); check_input(a, "a", r); check_input(b, "b", r);
+    const int N = wkv7_head_size();
+    TORCH_CHECK(s0.is_cuda() && s0.device() == r.device() && s0.scalar_type() == at::kFloat && s0.is_contiguous() &&
+                    s0.dim() == 4 && s0.size(0) == B && s0.size(1) == H && s0.size(2) == N && s0.size(3) == N,
+                "wkv7 forward_state: initial state must be (B, H, N, N) = (", B, ", ", H, ", ", N, ", ", N,
+                ") float32 contiguous on r's device, got ", s0.sizes(), " ", s0.scalar_type());
+    const c10::cuda::CUDAGuard guard(r.device());
+    auto y = at::empty_like(r);
+    auto sa = at::empty({B, T, H * N}, r.options().dtype(at::kFloat));  // the kernel always writes sa
+    auto s_out = at::empty_like(s0);
+    auto st = c10::cuda::getCurrentCUDAStream(r.device().index()).stream();
+    int rc = wkv7_launch_forward((int)cfg, B, T, H, r.data_ptr(), w.data_ptr(), k.data_ptr(), v.data_ptr(),
+                                 a.data_ptr(), b.data_ptr(), y.data_ptr(), sa.data_ptr<float>(), nullptr,
+                                 s0.data_ptr<float>(), s_out.data_ptr<float>(), st);
+    check_rc(rc, "forward_state");
+    return {y, s_out};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> wkv7_backward(
@@ -123,6 +152,7 @@ int64_t wkv7_info_head_size() { return wkv7_head_size(); }
 #define WKV7_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
 WKV7_LIBRARY(WKV7_NS, m) {
     m.def("forward", &wkv7_forward);
+    m.def("forward_state", &wkv7_forward_state);
     m.def("backward", &wkv7_backward);
     m.def("chunk_len", &wkv7_info_chunk);
     m.def("head_size", &wkv7_info_head_size);

@@ -43,12 +43,12 @@ import torch
 
 from rwkvlm.errors import UserError
 
-__all__ = ["wkv7_cuda", "wkv7_op", "is_available", "load_extension", "CHUNK_LEN", "HEAD_SIZES"]
+__all__ = ["wkv7_cuda", "wkv7_cuda_state", "wkv7_op", "is_available", "load_extension", "CHUNK_LEN", "HEAD_SIZES"]
 
 CHUNK_LEN = 16
 HEAD_SIZES = (32, 64)
 # Bump when the sources change in a way that must not reuse an old build.
-_VERSION = 2
+_VERSION = 3
 _CUDA_DIR = Path(__file__).resolve().parents[1] / "cuda"
 _SOURCES = ("wkv7_op.cpp", "wkv7_cuda.cu")
 _STALE_LOCK_S = 600.0
@@ -343,3 +343,39 @@ def wkv7_cuda(r, w, k, v, a, b, head_size: int = 64, *, _cfg=("default", -1, -1,
     if T == 0 or B == 0:
         return r.new_zeros(r.shape)
     return wkv7_op(r, w, k, v, a, b, head_size, "cuda", _cfg=tuple(_cfg))
+
+
+def wkv7_cuda_state(r, w, k, v, a, b, initial_state=None, head_size: int = 64):
+    """Inference WKV7 on the kernel from a given state: (y, final_state).
+
+    r..b: (B, T, C) CUDA tensors of any float dtype (used in bf16); initial_state:
+    (B, H, N, N) in the [value, key] layout, None for zero; final_state comes back in
+    fp32 with that layout and y in r's dtype. No autograd: a call that needs gradients
+    raises (the training op starts from a zero state; rwkvlm.wkv's chunked path
+    differentiates through a state). T is padded to a multiple of CHUNK_LEN with steps
+    that leave the state unchanged (decay 1: w = -inf; k = v = a = b = 0).
+    """
+    xs = (r, w, k, v, a, b)
+    if torch.is_grad_enabled() and any(x.requires_grad for x in xs + (initial_state,) if x is not None):
+        raise UserError("wkv7_cuda_state is for inference: call it under torch.no_grad(), or use "
+                        "rwkvlm.wkv.wkv7_chunked to differentiate through a state.")
+    B, T, C = r.shape
+    N = head_size
+    H = C // N
+    if initial_state is None:
+        s0 = r.new_zeros((B, H, N, N), dtype=_F32)
+    else:
+        if tuple(initial_state.shape) != (B, H, N, N):
+            raise UserError(f"wkv7_cuda_state: initial_state has shape {tuple(initial_state.shape)}, "
+                            f"expected (B, H, N, N) = {(B, H, N, N)}.")
+        s0 = initial_state.to(device=r.device, dtype=_F32).contiguous()
+    if T == 0:
+        return r.new_zeros(r.shape), s0.clone()
+    xs = [x.to(torch.bfloat16) for x in xs]
+    pad = (-T) % CHUNK_LEN
+    if pad:
+        fill = [0.0, float("-inf"), 0.0, 0.0, 0.0, 0.0]  # r w k v a b: decay 1, nothing added
+        xs = [torch.nn.functional.pad(x, (0, 0, 0, pad), value=f) for x, f in zip(xs, fill)]  # (B, T + pad, C)
+    ops = load_extension(head_size)
+    y, s1 = ops.forward_state(*_kernel_ready(xs), s0, -1)
+    return y[:, :T].to(r.dtype), s1  # (B, T, C), (B, H, N, N)
