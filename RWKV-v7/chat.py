@@ -2,6 +2,7 @@
 
     python chat.py train_temp/out/L12-D768-x070/rwkv-final.pth
     python chat.py train_temp/out/L12-D768-x070/rwkv-final.pth --prompt "12 + 7 = ?" --temperature 0
+    python chat.py train_temp/out/L12-D768-x070     # its newest weights (rwkv-final, -latest or -N.pth)
 
 The implementation is the installed `rwkvlm` package (RWKV-v7/rwkvlm/generate.py).
 """

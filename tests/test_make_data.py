@@ -154,11 +154,13 @@ def test_too_little_data_prints_no_magic_prime(tmp_path, capsys):
 def test_magic_prime_under_ninety_percent_is_flagged(tmp_path, capsys):
     # 129 slots -> p = 113, and 113/129 < 0.9: the trainer would refuse it, so say so
     doc = "hello " * 100
-    tokens = 200 * (len(get_tokenizer().encode(doc)) + 1)
-    ctx = tokens // 129
+    per_copy = len(get_tokenizer().encode(doc)) + 1
+    ctx = 512  # make_data takes multiples of 512 (test_user_mistakes.py): the copies give the 129 slots
+    copies = -(-129 * ctx // per_copy)
+    tokens = copies * per_copy
     assert tokens // ctx == 129 and magic_prime(tokens, ctx) == 113
     write_jsonl(tmp_path / "w.jsonl", [doc])
-    assert run(tmp_path, "w.jsonl", 200, ctx) == 0
+    assert run(tmp_path, "w.jsonl", copies, ctx) == 0
     out = capsys.readouterr().out
     assert f"--magic_prime 113 --ctx_len {ctx}" in out and "WARNING" in out and "refuse" in out
 

@@ -17,6 +17,8 @@ import torch
 
 from trainkit import REPO, TRAIN_TEMP, make_dataset, prepare_args, run_args, snapshot
 
+from rwkvlm.trainlog import epoch_lines, is_header
+
 pytestmark = pytest.mark.slow
 
 STEPS = 36  # 3 mini-epochs of 12 steps (48 samples at M_BSZ 4); a state every 4 steps
@@ -65,9 +67,15 @@ def _assert_same_run(a, b, what):
     assert names_a == names_b, f"{what}: weight files {names_b}, expected {names_a}"
     for n in names_a:
         assert _same_weights(a / n, b / n), f"{what}: {n} differs from the uninterrupted run's"
-    la = [ln.split()[:3] for ln in (a / "train_log.txt").read_text().splitlines()]
-    lb = [ln.split()[:3] for ln in (b / "train_log.txt").read_text().splitlines()]
+    # train_log.txt: the same mini-epoch lines (none repeated); each run that started left its header
+    # line ('#'), the first one b's first line
+    ta, tb = ((d / "train_log.txt").read_text().splitlines() for d in (a, b))
+    la, lb = ([ln.split()[:3] for ln in epoch_lines(t)] for t in (ta, tb))
     assert la == lb, f"{what}: train_log.txt differs"
+    assert len({ln[0] for ln in la}) == len(la), f"{what}: a mini-epoch line is repeated"
+    heads = [ln for ln in tb if is_header(ln)]
+    assert tb and is_header(tb[0]) and len(heads) >= len([ln for ln in ta if is_header(ln)]), \
+        f"{what}: train_log.txt headers {heads}"
     assert _loss_rows(a) == _loss_rows(b), f"{what}: loss_log.csv differs"
     left = [str(p.relative_to(b)) for p in b.rglob("*.tmp")]
     assert not left, f"{what}: temporary files left: {left}"
@@ -218,11 +226,13 @@ def test_state_of_a_changed_run_is_never_pruned_away(reference, tmp_path, cpu_en
     meta = reference["meta"]
     e = _fresh(reference, tmp_path, "e")
     assert _run(_args(meta, e, steps=12), cpu_env).returncode == 0  # states 8, 12 (M_BSZ 4)
-    args = _args(meta, e, steps=7, micro_bsz=8)  # run 2 ends at step 7 (56 samples)
+    # (_args counts steps of M_BSZ 4) run 2 goes on at step 6 of M_BSZ 8 (48 samples), ends at 7 (56)
+    args = _args(meta, e, steps=14, micro_bsz=8)
     r = _run(args, cpu_env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (e / "resume" / "step-000000007" / "state.json").is_file()
-    r = _run(_args(meta, e, steps=9, micro_bsz=8), cpu_env)
+    assert sorted(p.name for p in (e / "resume").iterdir()) == ["step-000000007", "step-000000012"]
+    r = _run(_args(meta, e, steps=18, micro_bsz=8), cpu_env)
     assert r.returncode == 0 and f"resumed exactly from {e / 'resume' / 'step-000000007'}" in r.stdout, r.stdout
 
 

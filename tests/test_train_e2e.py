@@ -63,8 +63,9 @@ def test_run_writes_checkpoints_and_logs(trained):
         assert all(isinstance(v, torch.Tensor) for v in sd.values())
         assert not any(k.startswith(("model.", "module.")) for k in sd)
     lines = (proj / "train_log.txt").read_text().splitlines()
-    assert len(lines) == 3
-    fields = [ln.split() for ln in lines]
+    assert len(lines) == 4  # the run's header line, then one line per mini-epoch
+    assert lines[0].startswith("# ") and " new run at step 0 (mini-epoch 0) from rwkv-init.pth" in lines[0]
+    fields = [ln.split() for ln in lines[1:]]
     assert [f[0] for f in fields] == ["0", "1", "2"]
     assert [f[-1] for f in fields] == ["0", "1", "2"]  # epoch_in_run
     losses = [float(f[1]) for f in fields]
@@ -98,7 +99,9 @@ def test_raising_exit_tokens_continues_exactly(trained, tmp_path):
     assert f"resumed exactly from {proj / 'resume' / 'step-000000120'}" in r.stdout, r.stdout[-2000:]
     assert "--my_exit_tokens changed" in r.stdout and "mini-epoch 3" in r.stdout
     assert (proj / "rwkv-3.pth").is_file()
-    last = (proj / "train_log.txt").read_text().splitlines()[-1].split()
+    lines = (proj / "train_log.txt").read_text().splitlines()
+    assert " resumed exactly at step 120 (mini-epoch 3) from resume/step-000000120," in lines[-2]
+    last = lines[-1].split()
     assert last[0] == "3" and last[-1] == "3"  # the same run, continued
     rows = {int(ln.split(",")[0]): float(ln.split(",")[3]) for ln in (proj / "loss_log.csv").read_text().splitlines()[1:]}
     cfg = parse_args(["--train_stage", "3", "--data_file", "x", *map(str, args)])

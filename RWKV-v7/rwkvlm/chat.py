@@ -1,7 +1,8 @@
 """Chat with a checkpoint: the `User: ...\n\nAssistant:` format, the state carried across turns.
 
 `python chat.py rwkv-final.pth` talks; `--prompt "12 + 7 = ?"` answers once and
-exits (for scripts). Generation itself lives in rwkvlm.generate.
+exits (for scripts). Given a PROJ_DIR it talks with the newest weights there
+(rwkv-final.pth, rwkv-latest.pth or rwkv-N.pth), saying which on stderr. Generation itself lives in rwkvlm.generate.
 """
 from __future__ import annotations
 
@@ -58,7 +59,9 @@ def _chat_parser():
         prog="chat.py",
         description="Chat with a pre-trained RWKV-7 checkpoint (User: ... / Assistant: ... format).",
     )
-    p.add_argument("model", help="checkpoint file, e.g. train_temp/out/L12-D768-x070/rwkv-final.pth")
+    p.add_argument("model", help="checkpoint file, e.g. train_temp/out/L12-D768-x070/rwkv-final.pth, or a "
+                                 "PROJ_DIR (its newest weights: rwkv-final.pth, rwkv-latest.pth or rwkv-N.pth, "
+                                 "by training progress) or an exact-resume state resume/step-N/")
     p.add_argument("--prompt", default=None, help="answer this one question, print the reply and exit")
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
     p.add_argument("--top_p", type=float, default=0.3, help="nucleus sampling (default 0.3)")
@@ -96,7 +99,7 @@ def chat_main(argv=None) -> int:
 
     cfg = model.cfg if hasattr(model, "cfg") else None
     shape = f" (L{cfg.n_layer} D{cfg.n_embd})" if cfg is not None and hasattr(cfg, "n_layer") else ""
-    print(f"loaded {args.model}{shape} on {device} {str(dtype).replace('torch.', '')}")
+    print(f"loaded {getattr(model, 'source_path', args.model)}{shape} on {device} {str(dtype).replace('torch.', '')}")
     print(_CHAT_HELP + "\n")
     while True:
         try:

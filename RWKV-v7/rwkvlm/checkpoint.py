@@ -23,9 +23,9 @@ fresh warmup. A damaged save is reported and the next older one is used.
 from __future__ import annotations
 
 import datetime
+import errno
 import json
 import math
-import pickle
 import re
 import shutil
 import warnings
@@ -35,10 +35,11 @@ from pathlib import Path
 
 import torch
 
-from rwkvlm.atomic import atomic_open, atomic_torch_save, link_or_copy
+from rwkvlm.atomic import (WriteError, atomic_open, atomic_torch_save, explain_write_errors, free_bytes, human_bytes,
+                           link_or_copy)
 from rwkvlm.errors import UserError
-from rwkvlm.rundir import (DS_DIR, DS_TAG, FINAL, STATE_FILE, STATE_WEIGHTS, TRAINER_FILE, RunDir, epoch_name,
-                           rng_file)
+from rwkvlm.rundir import (DS_DIR, DS_TAG, FINAL, LATEST, RESUME, STATE_FILE, STATE_WEIGHTS, TRAINER_FILE, RunDir,
+                           epoch_name, rng_file, state_folder_of)
 
 SAVE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "tf32": torch.float32}
 
@@ -49,11 +50,22 @@ EXACT_KEYS = ("n_layer", "n_embd", "vocab_size", "head_size", "ctx_len", "micro_
 RECENT_STEPS = 20  # a state records the mean loss of the steps before it, over this many
 
 
+# what to do when a save cannot be written in PROJ_DIR
+PROJ_HINT = "choose another --proj_dir (PROJ_DIR in the demo-training scripts) on a disk with room for the saves"
+
+
 def save_weights(sd: dict, path, precision: str) -> None:
-    """Write a weight file (rwkv-*.pth): a plain CPU state dict in the training precision, crash-safely."""
+    """Write a weight file (rwkv-*.pth): a plain CPU state dict in the training precision, crash-safely.
+
+    A full disk or an unwritable PROJ_DIR raises WriteError (a UserError); the file
+    under `path`, if any, is then unchanged."""
+    path = Path(path)
     dtype = SAVE_DTYPES[precision]
-    atomic_torch_save({k: v.detach().to("cpu", dtype=dtype if v.is_floating_point() else v.dtype).contiguous()
-                       for k, v in sd.items()}, path)
+    kept = (f"The file {path.name} was not changed" if path.exists() else f"The file {path.name} was not written") + \
+        "; the other saves there are untouched"
+    with explain_write_errors(path.parent, hint=PROJ_HINT, kept=kept):
+        atomic_torch_save({k: v.detach().to("cpu", dtype=dtype if v.is_floating_point() else v.dtype).contiguous()
+                           for k, v in sd.items()}, path)
 
 
 class CorruptCheckpoint(Exception):
@@ -64,40 +76,66 @@ def _first_line(e: Exception) -> str:
     return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
-def _torch_load(path):
-    """torch.load with weights_only=True; CorruptCheckpoint for a damaged or unsafe file."""
+def not_plain_weights(path, why: str) -> str:
+    """The one message for a file that fails the safe (weights-only) load, whatever the cause."""
+    return (f"{path} is not a plain weights file: the safe load, which reads tensors and nothing else, "
+            f"refused it ({why}). It may be damaged (cut short by a full disk or a stop while it was being "
+            f"saved) or not made by this trainer or RWKV-LM; loading it any other way could run code hidden "
+            f"in it. Use a checkpoint you trust, or download it again.")
+
+
+def _why_refused(e: Exception) -> str:
+    """What torch's weights-only load said, in words that never advise loading the file unsafely."""
+    msg = str(e)
+    m = re.search(r"GLOBAL ([\w.]+)", msg)
+    if m:
+        return f"it refers to the Python object {m.group(1)}, which a weights file never holds"
+    if "Unsupported operand" in msg or isinstance(e, UnicodeDecodeError):
+        return "its contents are not a torch.save archive of tensors"
+    if isinstance(e, EOFError) or not msg:
+        return "it is empty or cut short"
+    if "central directory" in msg or "PytorchStreamReader" in msg or "zip" in msg.lower():
+        return "it is cut short or not a torch.save archive"
+    lines = [ln.strip() for ln in msg.splitlines() if ln.strip() and "weights_only" not in ln
+             and "safe_globals" not in ln]
+    first = lines[0] if lines else ""
+    return f"{type(e).__name__}{': ' + first[:200] if first else ''}"
+
+
+def load_checkpoint_file(path):
+    """The only torch.load of the package: weights_only=True, on the CPU.
+
+    Raises CorruptCheckpoint (`not_plain_weights`' message) for any file the safe load
+    refuses, damaged or unsafe alike, and for a missing or unreadable one.
+    """
     path = Path(path)
     if not path.is_file():
-        raise CorruptCheckpoint(f"{path}: missing")
+        raise CorruptCheckpoint(f"{path}: missing" if not path.exists() else f"{path}: not a file")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for damaged files
-        raise CorruptCheckpoint(f"{path}: {_first_line(e)}") from None
+        with warnings.catch_warnings():  # torch's notes on pickle protocols: not the user's business
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as e:
+        raise CorruptCheckpoint(f"{path}: cannot be read ({e.strerror or _first_line(e)})") from None
+    except Exception as e:  # torch raises many types for damaged or unsafe files
+        raise CorruptCheckpoint(not_plain_weights(path, _why_refused(e))) from None
+
+
+_torch_load = load_checkpoint_file
 
 
 def load_weights(path) -> dict:
-    """Load a state dict with weights_only=True.
+    """Load a state dict of tensors (load_checkpoint_file).
 
-    Raises UserError for a file that needs arbitrary unpickling (refused: it
-    could run code) and CorruptCheckpoint for a damaged or truncated file.
+    Raises CorruptCheckpoint, with one message for a damaged, truncated or unsafe file
+    (one that would need arbitrary unpickling, which could run code) or one that holds
+    something other than a state dict of tensors. Tools turn it into a UserError as it is.
     """
     path = Path(path)
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        msg = str(e)
-        if "Unsupported global" in msg or "Unsupported class" in msg:
-            raise UserError(
-                f"{path} needs arbitrary unpickling to load (it stores Python objects, not just tensors), "
-                f"so it was refused: unpickling can run code. If you trust this file, convert it once to a "
-                f"plain state dict: python -c \"import torch; sd=torch.load('{path}', weights_only=False); "
-                f"torch.save({{k: v for k, v in sd.items()}}, '{path}')\""
-            ) from None
-        raise CorruptCheckpoint(f"{path}: {msg.splitlines()[0] if msg else type(e).__name__}") from None
-    except Exception as e:  # torch raises many types for damaged files
-        raise CorruptCheckpoint(f"{path}: {_first_line(e)}") from None
+    obj = load_checkpoint_file(path)
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CorruptCheckpoint(f"{path}: not a state dict of tensors")
+        what = f"a {type(obj).__name__}" if not isinstance(obj, dict) else "a dict with values other than tensors"
+        raise CorruptCheckpoint(not_plain_weights(path, f"it holds {what}, not a state dict of tensors"))
     return obj
 
 
@@ -454,8 +492,9 @@ def write_final_info(rd: RunDir, step: int, samples: int, fingerprint: dict, sou
     info = {"step": step, "samples": samples, "tokens": samples * fingerprint.get("ctx_len", 0),
             "weights": FINAL, "source": source, "fingerprint": fingerprint,
             "saved_at": str(datetime.datetime.now())}
-    with atomic_open(rd.final_info, "w") as f:
-        json.dump(info, f, indent=1)
+    with explain_write_errors(rd.path, hint=PROJ_HINT, kept=f"The file {rd.final_info.name} was not changed"):
+        with atomic_open(rd.final_info, "w") as f:
+            json.dump(info, f, indent=1)
 
 
 def _checked(save: Save):
@@ -583,7 +622,7 @@ def find_start(cfg, log=print) -> StartPoint:
         try:
             sd = load_weights(path)
         except CorruptCheckpoint as e:
-            raise UserError(f"--load_model: cannot read {e}. Use another checkpoint.") from None
+            raise UserError(f"--load_model: {e}") from None
         step = cfg.epoch_begin * cfg.epoch_steps
         return StartPoint(step=step, weights=sd, source=path, epoch_begin=cfg.epoch_begin, run_start_step=step)
 
@@ -654,19 +693,49 @@ def save_resume_state(rd: RunDir, step: int, state: dict, write_payload, keep: i
     removes the state just written.
     """
     d = rd.state_dir(step)
+    earlier = [p for _, p in rd.state_dirs() if p != d]
+    kept = (f"The resume state {rd.relative(d)} was not written (its partial files were removed); the saves "
+            f"already there are untouched" + (f" (newest state: {rd.relative(earlier[0])})" if earlier else "")
+            + ", and re-running the script continues from the newest of them")
+    try:
+        with explain_write_errors(rd.path, hint=PROJ_HINT, kept=kept):
+            if is_rank0:
+                if d.exists():
+                    shutil.rmtree(d)
+                d.mkdir(parents=True)
+            barrier()
+            write_payload(d)
+            barrier()
+            if is_rank0:
+                with atomic_open(d / STATE_FILE, "w") as f:
+                    json.dump(state, f, indent=1)
+    except BaseException as e:
+        if is_rank0 and d.is_dir() and not (d / STATE_FILE).is_file():
+            shutil.rmtree(d, ignore_errors=True)  # incomplete: never used, and it takes space
+        if _torch_write_failed(e):
+            raise _torch_write_error(e, rd.path, kept) from e
+        raise
     if is_rank0:
-        if d.exists():
-            shutil.rmtree(d)
-        d.mkdir(parents=True)
-    barrier()
-    write_payload(d)
-    barrier()
-    if is_rank0:
-        with atomic_open(d / STATE_FILE, "w") as f:
-            json.dump(state, f, indent=1)
         prune_states(rd, d, keep)
     barrier()
     return d
+
+
+def _torch_write_failed(e: BaseException) -> bool:
+    """Whether `e` is how torch.save (given a path, as DeepSpeed calls it) reports a failed
+    write: a RuntimeError of its zip writer, where Python would raise OSError(ENOSPC)."""
+    msg = str(e)
+    return isinstance(e, RuntimeError) and not isinstance(e, WriteError) and (
+        "inline_container" in msg or "PytorchStreamWriter" in msg or "file write failed" in msg)
+
+
+def _torch_write_error(e: RuntimeError, folder: Path, kept: str) -> WriteError:
+    free = free_bytes(folder)
+    space = f" ({human_bytes(free)} free)" if free is not None else ""
+    return WriteError(
+        f"cannot write in {Path(folder).absolute()}: torch reported a failed write ({_first_line(e)[:160]}), "
+        f"which most often means the disk is full{space}. {kept}. Free some space there, "
+        f"or {PROJ_HINT}.", code=errno.ENOSPC, folder=folder)
 
 
 def prune_states(rd: RunDir, newest: Path, keep: int) -> None:
@@ -687,9 +756,166 @@ def prune_states(rd: RunDir, newest: Path, keep: int) -> None:
 def make_weight_files(rd: RunDir, state_dir: Path, names) -> None:
     """rwkv-N.pth / rwkv-final.pth / rwkv-latest.pth from a state's weights.pth (hard links
     where the file system allows, so they take no extra space)."""
-    for name in names:
-        link_or_copy(state_dir / STATE_WEIGHTS, rd / name)
+    kept = (f"The resume state {rd.relative(state_dir)} is complete: the next start makes "
+            f"{', '.join(names)} from it")
+    with explain_write_errors(rd.path, hint=PROJ_HINT, kept=kept):
+        for name in names:
+            link_or_copy(state_dir / STATE_WEIGHTS, rd / name)
 
+
+
+# ============================================================================================
+# The weights that the tools (chat.py, evaluate.py) load
+# ============================================================================================
+
+def _tools_cfg(rd: RunDir):
+    """What list_saves needs to rank rwkv-N.pth: the mini-epoch size of the latest run
+    (train_config.json), else the recipe's."""
+    from types import SimpleNamespace
+
+    info = rd.read_json(rd.train_config) or {}
+    try:
+        samples = int(info["mini_epoch_samples"])
+        steps = int(info.get("epoch_steps", 0))
+    except (KeyError, TypeError, ValueError):
+        from rwkvlm.config import MINI_EPOCH_SAMPLES
+
+        samples, steps = MINI_EPOCH_SAMPLES, 0
+    return SimpleNamespace(mini_epoch_samples=samples, epoch_steps=steps)
+
+
+def _same_file(a: Path, b: Path, copies: bool = False) -> bool:
+    """`a` is the file `b` (a hard link of it); with copies=True, for a weight file made from a
+    state's weights.pth `b`, also a copy of the same size made no earlier than it (where the file
+    system copies instead of linking)."""
+    try:
+        if a.samefile(b):
+            return True
+        sa, sb = a.stat(), b.stat()
+    except OSError:
+        return False
+    return copies and sa.st_size == sb.st_size and sa.st_mtime_ns >= sb.st_mtime_ns
+
+
+def _weights_file(rd: RunDir, save: Save) -> Path:
+    """The file that holds a save's weights, by its best-known name: for a state, rwkv-final.pth,
+    rwkv-N.pth or rwkv-latest.pth when one of them is its weights.pth, else weights.pth itself
+    (or the state folder, for states of earlier versions that have no weights.pth)."""
+    if save.kind != "state":
+        return save.path
+    w = save.path / STATE_WEIGHTS
+    if not w.is_file():
+        return save.path
+    for alias in (rd.final, *(q for _, q in rd.epoch_checkpoints()), rd.latest):
+        if alias.is_file() and _same_file(alias, w, copies=True):
+            return alias
+    return w
+
+
+def _describe_for_tools(rd: RunDir, save: Save) -> str:
+    if save.kind == "state":
+        return f"the exact-resume state {rd.relative(save.path)}: step {save.step}, {save.samples} samples trained"
+    if save.kind == "final":
+        return f"the end of training: step {save.step}, {save.samples} samples trained"
+    return f"after mini-epoch {save.epoch}: {save.samples} samples trained"
+
+
+def _no_weights(rd: RunDir) -> UserError:
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in rd.path.iterdir() if not p.name.startswith("."))
+    names += [f"{rd.relative(d)}/ (incomplete: no {STATE_FILE})" for _, d in rd.state_dirs(complete=False)]
+    listing = ", ".join(names[:16]) + (f" and {len(names) - 16} more" if len(names) > 16 else "") or "nothing"
+    init = (f" {rd.init.name} there is the untrained initial model: pass that file by name to try it anyway."
+            if rd.init.is_file() else "")
+    return UserError(
+        f"{rd.path} holds no trained weights: no rwkv-N.pth, {rd.latest.name}, {FINAL} or complete exact-resume "
+        f"state (resume/step-N/). It holds: {listing}.{init} Training writes them into its PROJ_DIR (sh "
+        f"demo-training-run.sh): {rd.latest.name} at every exact-resume save (each mini-epoch's end, every "
+        f"--save_every_steps N steps or --save_every_minutes M minutes, and when you stop it with Ctrl-C), "
+        f"rwkv-N.pth every EPOCH_SAVE mini-epochs, {FINAL} at --my_exit_tokens. Pass the PROJ_DIR that "
+        f"training used, or one of those files.")
+
+
+def newest_weights(proj) -> tuple[Path, str]:
+    """The weight file in PROJ_DIR with the most training behind it (list_saves' ranking: the
+    exact-resume states, rwkv-final.pth and rwkv-N.pth), and a line saying what was picked.
+
+    An rwkv-final.pth without rwkv-final.json counts as the newest (its name says training
+    ended); an rwkv-latest.pth whose state is gone counts by its modification time. A PROJ_DIR
+    with nothing but rwkv-init.pth (untrained) raises UserError, as does one with nothing.
+    """
+    rd = RunDir(proj)
+    saves = [s for s in list_saves(rd, _tools_cfg(rd)) if s.kind != "init"]
+    ranked = [(_weights_file(rd, s), _describe_for_tools(rd, s)) for s in saves]
+    if rd.final.is_file() and not any(s.kind == "final" for s in saves) and \
+            not any(_same_file(rd.final, f) for f, _ in ranked):
+        ranked.insert(0, (rd.final, f"{FINAL} without {rd.final_info.name}: taken for the end of training"))
+    if rd.latest.is_file() and not any(_same_file(rd.latest, f) for f, _ in ranked):
+        newer = not ranked or rd.latest.stat().st_mtime_ns > ranked[0][0].stat().st_mtime_ns
+        if newer:
+            ranked.insert(0, (rd.latest, "its exact-resume state is gone; newer than the other weights by date"))
+    if not ranked:
+        raise _no_weights(rd)
+    path, why = ranked[0]
+    older = [rd.relative(f) for f, _ in ranked[1:4]]
+    note = (f"{rd.path}: using {rd.relative(path)}, the newest weights by training progress ({why})"
+            + (f"; older: {', '.join(older)}" if older else "") + ".")
+    info = rd.read_json(rd.diverged)
+    if info is not None and info.get("healthy"):
+        note += (f" Note: the last run diverged ({rd.diverged.name}); its last healthy save is {info['healthy']}: "
+                 f"pass that to test it instead.")
+    return path, note
+
+
+def find_weights(path) -> tuple[Path, str | None]:
+    """What chat.py and evaluate.py load for the path given: a weight file as it is; a PROJ_DIR:
+    its newest weights (newest_weights); an exact-resume state (resume/step-N/, or a file in it
+    such as trainer.pt): that state's weights. Returns the path to load (a weight file, or the
+    folder of a state of an earlier version without weights.pth) and a line saying what was
+    picked (None for a weight file given by name). A path that does not exist is returned as it is."""
+    p = Path(path)
+    d = state_folder_of(p)
+    if d is not None:
+        return _state_weights_for_tools(d, p)
+    if p.is_dir():
+        if p.name == RESUME and p.parent.is_dir():
+            raise UserError(f"{p} is the folder of the exact-resume states; pass its PROJ_DIR {p.parent} (the "
+                            f"newest weights there are used) or one state, e.g. {p}/step-N.")
+        return newest_weights(p)
+    return p, None
+
+
+def _state_weights_for_tools(d: Path, given: Path) -> tuple[Path, str | None]:
+    proj = d.parent.parent
+    if not d.is_dir():
+        return given, None  # the caller reports the missing path
+    step = int(d.name.removeprefix("step-"))
+    use = f"Use {proj / LATEST} (the weights of the newest state) or pass the PROJ_DIR {proj}."
+    if not (d / STATE_FILE).is_file():
+        raise UserError(f"{d} is an incomplete exact-resume state (no {STATE_FILE}: its save was interrupted), "
+                        f"so its weights may be partial. {use}")
+    try:
+        state = _read_state(d, step)
+    except CorruptCheckpoint as e:
+        raise UserError(f"cannot use the exact-resume state {d}: {e}. {use}") from None
+    w = d / STATE_WEIGHTS
+    if w.is_file():
+        if given.resolve() == w.resolve():
+            return w, None
+        return w, (f"{given} belongs to the exact-resume state {d.name} (step {state['step']}); using that state's "
+                   f"weights, {w}" + (f" (the same as {proj / LATEST})" if _same_file(proj / LATEST, w, copies=True) else "")
+                   + ".")
+    return d, f"{given}: using the model weights saved in the exact-resume state {d} (step {state['step']})."
+
+
+def load_tool_weights(path) -> dict:
+    """The state dict of what find_weights picked: a weight file, or a state folder of an earlier
+    version (its trainer.pt model or DeepSpeed module)."""
+    p = Path(path)
+    if not p.is_dir():
+        return load_weights(p)
+    payload = load_trainer_state(p / TRAINER_FILE) if (p / TRAINER_FILE).is_file() else None
+    return state_weights(Save("state", p, 0), payload)
 
 __all__ = ["CorruptCheckpoint", "StartPoint", "find_start", "load_weights", "save_weights", "check_weights_fit",
-           "run_fingerprint", "save_resume_state", "epoch_name", "write_final_info", "write_divergence"]
+           "run_fingerprint", "save_resume_state", "epoch_name", "write_final_info", "write_divergence",
+           "find_weights", "newest_weights", "load_tool_weights"]

@@ -21,8 +21,34 @@ def _right_line(n_tokens: int, ctx_len: int, p: int | None) -> str:
     return f"--my_exit_tokens {n_tokens} --magic_prime {p} --ctx_len {ctx_len}"
 
 
+def check_outputs(cfg) -> None:
+    """Raise UserError, before any training work, for an output path that cannot be written:
+    a --proj_dir that is a file (or lies under one), a --dump_samples whose folder is missing."""
+    from rwkvlm.rundir import check_proj_dir
+
+    check_proj_dir(cfg.proj_dir)
+    check_dump_samples(getattr(cfg, "dump_samples", ""))
+
+
+def check_dump_samples(prefix: str) -> None:
+    """--dump_samples P appends to P.rank<R>.csv: P's folder must exist and be a folder."""
+    if not prefix:
+        return
+    target = Path(f"{prefix}.rank0.csv")
+    folder = target.parent
+    if target.is_dir():
+        raise UserError(f"--dump_samples {prefix!r} would write {target}, which is a folder; give a file name "
+                        f"prefix, e.g. --dump_samples {Path(prefix) / 'samples'}.")
+    if not folder.is_dir():
+        what = "is a file, not a folder" if folder.exists() else "does not exist"
+        raise UserError(f"--dump_samples {prefix!r} writes {target.name} into {folder.absolute()}, which {what}. "
+                        f"Create the folder first (mkdir -p {folder}), or give a --dump_samples path in an "
+                        f"existing folder.")
+
+
 def open_training_data(cfg):
-    """Open cfg.data_file and check it against cfg. Returns the BinIdx.
+    """Open cfg.data_file and check it against cfg (and the run's output paths: check_outputs).
+    Returns the BinIdx.
 
     Raises UserError for: a missing data file, ctx_len / magic_prime that do not
     fit the data, data shorter than 3 x ctx_len, token ids that are not integers in
@@ -33,6 +59,7 @@ def open_training_data(cfg):
     from rwkvlm.magic_prime import is_prime, magic_prime
     from rwkvlm.make_data import read_meta
 
+    check_outputs(cfg)
     base = Path(cfg.data_file)
     if base.suffix in (".bin", ".idx"):
         raise UserError(

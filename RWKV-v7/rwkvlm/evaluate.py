@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -116,42 +115,48 @@ def model_answerer(gen, max_tokens: int, batch_size: int, prefix_end_of_doc: boo
 
 # ---------------------------------------------------------------- checkpoints
 
-_EPOCH_RE = re.compile(r"^rwkv-(\d+)\.pth$")
-
-
-def expand_checkpoints(paths, last: int = DEFAULT_LAST) -> list:
-    """Files as given; a directory gives its last `last` rwkv-N.pth (by N) and rwkv-final.pth."""
+def expand_checkpoints(paths, last: int = DEFAULT_LAST, log=print) -> list:
+    """Weight files as given; a PROJ_DIR gives its last `last` rwkv-N.pth (by N) and its newest
+    weights (rwkv-final.pth, rwkv-latest.pth or rwkv-N.pth, by training progress, said through
+    `log`); an exact-resume state (resume/step-N/ or a file in it) gives that state's weights."""
+    from .checkpoint import find_weights
     from .generate import _no_such_checkpoint
+    from .rundir import RunDir, state_folder_of
 
     out = []
-    for p in paths:
-        p = Path(p)
-        if p.is_dir():
-            numbered = sorted((int(m.group(1)), q) for q in p.glob("rwkv-*.pth") if (m := _EPOCH_RE.match(q.name)))
-            chosen = [q for _, q in numbered[-last:]] if last > 0 else []
-            final = p / "rwkv-final.pth"
-            if final.is_file():
-                chosen.append(final)
-            if not chosen:
-                raise UserError(f"{p} holds no rwkv-N.pth or rwkv-final.pth checkpoint; checkpoints are in "
-                                f"RWKV-v7/train_temp/out/<PROJ_DIR>/ once training has finished a mini-epoch.")
-            out.extend(chosen)
-        elif p.is_file():
-            out.append(p)
-        else:
+    for p in map(Path, paths):
+        if not p.exists():
             raise _no_such_checkpoint(p)
-    seen, unique = set(), []
+        chosen, note = find_weights(p)
+        if note:
+            log(note)
+        if not chosen.exists():
+            raise _no_such_checkpoint(chosen)
+        if p.is_dir() and state_folder_of(p) is None:
+            numbered = [q for _, q in RunDir(p).epoch_checkpoints()][:last] if last > 0 else []
+            out.extend(q for q in reversed(numbered) if not _same(q, chosen))
+        out.append(chosen)
+    unique = []
     for p in out:
-        key = p.resolve()
-        if key not in seen:
-            seen.add(key)
+        if not any(_same(p, q) for q in unique):
             unique.append(p)
     return unique
 
 
+def _same(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or a.samefile(b)
+    except OSError:
+        return False
+
+
 def labels_for(paths) -> list:
-    """Column names: the file stem, with the folder name when stems repeat."""
-    stems = [Path(p).stem for p in paths]
+    """Column names: the file stem (a state's step-N for its weights.pth), with the folder name when
+    stems repeat."""
+    from .rundir import STATE_WEIGHTS, state_folder_of
+
+    stems = [Path(p).parent.name if Path(p).name == STATE_WEIGHTS and state_folder_of(p) else Path(p).stem
+             for p in paths]
     out = []
     for p, s in zip(paths, stems):
         out.append(f"{Path(p).parent.name}/{s}" if stems.count(s) > 1 else s)
@@ -197,13 +202,14 @@ def format_errors(res: Result, limit: int) -> str:
 
 
 def write_json(path, results, n: int, seed: int, kinds) -> None:
-    from .atomic import atomic_open
+    from .atomic import atomic_open, explain_write_errors
 
     doc = {"n": n, "seed": seed, "kinds": list(kinds), "metric": "exact match of the greedy reply",
            "checkpoints": [r.as_dict() for r in results]}
-    with atomic_open(path, "w") as f:
-        json.dump(doc, f, ensure_ascii=False, indent=1)
-        f.write("\n")
+    with explain_write_errors(Path(path).parent, hint="give another --json FILE"):
+        with atomic_open(path, "w") as f:
+            json.dump(doc, f, ensure_ascii=False, indent=1)
+            f.write("\n")
 
 
 # ---------------------------------------------------------------- command line
@@ -214,7 +220,9 @@ def _parser():
         description="Held-out arithmetic accuracy (greedy, exact match) of RWKV-7 checkpoints, by kind.",
     )
     p.add_argument("checkpoints", nargs="+",
-                   help="rwkv-*.pth files, or a PROJ_DIR (its last --last rwkv-N.pth plus rwkv-final.pth)")
+                   help="rwkv-*.pth files, or a PROJ_DIR (its newest weights: rwkv-final.pth, rwkv-latest.pth "
+                        "or rwkv-N.pth by training progress, plus its last --last rwkv-N.pth), or an "
+                        "exact-resume state resume/step-N/")
     p.add_argument("--n", type=int, default=DEFAULT_N, help=f"number of held-out items (default {DEFAULT_N})")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED,
                    help=f"seed of the held-out set (default {DEFAULT_SEED}; the held-out problems never "
@@ -245,6 +253,10 @@ def main(argv=None) -> int:
         raise UserError(f"--batch-size must be at least 1, found {args.batch_size}")
     if args.max_tokens is not None and args.max_tokens < 1:
         raise UserError(f"--max-tokens must be at least 1, found {args.max_tokens}")
+    if args.json:  # before the evaluation, not after it
+        from .atomic import check_output_path
+
+        check_output_path(args.json, "--json", "eval.json")
     paths = expand_checkpoints(args.checkpoints, args.last)
 
     import torch
@@ -265,7 +277,7 @@ def main(argv=None) -> int:
     results = []
     for path, label in zip(paths, labels_for(paths)):
         t0 = time.perf_counter()
-        model = load_model(path, device, dtype)
+        model = load_model(path, device, dtype, log=lambda msg: None)  # said by expand_checkpoints
         gen = Generator(model, tok)
         res = evaluate_with(items, model_answerer(gen, max_tokens, batch_size, args.eod_prefix), label, KINDS)
         res.path = str(path)

@@ -76,7 +76,8 @@ def _no_such_checkpoint(path: Path) -> UserError:
             hint = f" {parent} holds: {shown}."
     return UserError(
         f"no such checkpoint {path}; checkpoints are in RWKV-v7/train_temp/out/<PROJ_DIR>/ "
-        f"(rwkv-final.pth when training finished, rwkv-N.pth after each mini-epoch).{hint}"
+        f"(rwkv-final.pth when training finished, rwkv-N.pth after each mini-epoch, rwkv-latest.pth at every "
+        f"exact-resume save); pass the PROJ_DIR itself to use its newest weights.{hint}"
     )
 
 
@@ -98,24 +99,33 @@ def config_from_state_dict(sd: dict, path=None):
     return ModelConfig(n_layer=n_layer, n_embd=n_embd, vocab_size=vocab_size, head_size=head_size)
 
 
-def load_model(path, device="auto", dtype="auto"):
+def _note(msg: str) -> None:
+    import sys
+
+    print(msg, file=sys.stderr, flush=True)  # stderr: `chat.py --prompt` prints only the reply on stdout
+
+
+def load_model(path, device="auto", dtype="auto", log=_note):
     """Build RWKV7 from a rwkv-*.pth state dict; fp32 on CPU, bf16 (or fp32) on CUDA.
 
-    Returns the model in eval mode with gradients off, on the device.
+    `path` may also be a PROJ_DIR (its newest weights) or an exact-resume state (resume/step-N/
+    or a file in it: that state's weights); `log` gets the line saying which file was picked
+    (checkpoint.find_weights). Returns the model in eval mode with gradients off, on the device.
     """
-    from .checkpoint import CorruptCheckpoint, check_weights_fit, load_weights
+    from .checkpoint import CorruptCheckpoint, check_weights_fit, find_weights, load_tool_weights
     from .model import RWKV7
 
-    path = Path(path)
-    if not path.is_file():
+    path, note = find_weights(path)
+    if note:
+        log(note)
+    if not path.exists():
         raise _no_such_checkpoint(path)
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     dt = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, dev)
     try:
-        sd = load_weights(path)
-    except CorruptCheckpoint as e:
-        raise UserError(f"cannot read the checkpoint {e}. It may be truncated (training killed while "
-                        f"saving?); use another rwkv-*.pth.") from None
+        sd = load_tool_weights(path)
+    except CorruptCheckpoint as e:  # its message says what is wrong and what to do (checkpoint.not_plain_weights)
+        raise UserError(str(e)) from None
     cfg = config_from_state_dict(sd, path)
     model = RWKV7(cfg)
     check_weights_fit(sd, model, path)

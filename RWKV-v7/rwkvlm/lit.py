@@ -25,9 +25,10 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from rwkvlm.atomic import atomic_open, atomic_torch_save
-from rwkvlm.checkpoint import (RECENT_STEPS, make_weight_files, run_fingerprint, save_resume_state, save_weights,
-                               write_divergence, write_final_info)
+from rwkvlm import trainlog
+from rwkvlm.atomic import atomic_open, atomic_torch_save, explain_write_errors
+from rwkvlm.checkpoint import (PROJ_HINT, RECENT_STEPS, load_checkpoint_file, make_weight_files, run_fingerprint,
+                               save_resume_state, save_weights, write_divergence, write_final_info)
 from rwkvlm.dataset import MagicPrimeDataset, StepSampler
 from rwkvlm.errors import UserError
 from rwkvlm.optim import lr_at, make_optimizer, param_groups
@@ -103,6 +104,8 @@ class RWKVTrainModule(pl.LightningModule):
             self._restore_resume_state()
         if self.global_rank == 0:
             self._trim_logs()
+            # after the trim: this run's header, then its mini-epochs
+            self._append(self.rd.train_log, trainlog.header_line(self.cfg, self.start, self.rd))
             self._write_run_config()
         if self.global_rank == 0 and self.cfg.wandb:
             self._start_wandb()
@@ -123,9 +126,10 @@ class RWKVTrainModule(pl.LightningModule):
             g["lr"] = self.lr_now * g.get("lr_scale", 1.0)
         if self.cfg.dump_samples:
             mb = self.cfg.micro_bsz
-            with open(f"{self.cfg.dump_samples}.rank{self.global_rank}.csv", "a") as f:
-                f.writelines(f"{step},{self.global_rank},{self.dataset.start(s)}\n"
-                             for s in range(step * mb, (step + 1) * mb))
+            self._append(f"{self.cfg.dump_samples}.rank{self.global_rank}.csv",
+                         "".join(f"{step},{self.global_rank},{self.dataset.start(s)}\n"
+                                 for s in range(step * mb, (step + 1) * mb)),
+                         hint="give --dump_samples a path on a disk with free space, or leave it empty")
 
     def on_before_backward(self, loss):
         self._mark("forward")
@@ -296,8 +300,7 @@ class RWKVTrainModule(pl.LightningModule):
             mean = self.epoch_loss_sum / max(1, self.epoch_loss_count)
             line = (f"{mini_epoch} {mean:.6f} {math.exp(min(mean, 50)):.4f} {self.lr_now:.8f} "
                     f"{datetime.datetime.now()} {epoch_in_run}\n")
-            with open(self.rd.train_log, "a") as f:
-                f.write(line)
+            self._append(self.rd.train_log, line)
         self.epoch_loss_sum, self.epoch_loss_count = 0.0, 0
         if cfg.epoch_save > 0 and epoch_in_run % cfg.epoch_save == 0:
             return epoch_name(mini_epoch)
@@ -444,7 +447,7 @@ class RWKVTrainModule(pl.LightningModule):
             group.update(own)
         if not start.exact:
             return
-        _set_rng_state(torch.load(d / rng_file(self.global_rank), weights_only=True))
+        _set_rng_state(load_checkpoint_file(d / rng_file(self.global_rank)))
         if self.global_rank == 0:
             self.print_fn(f"resumed exactly from {d} (step {start.step})")
 
@@ -472,17 +475,23 @@ class RWKVTrainModule(pl.LightningModule):
             return
         first_epoch = self.start.step // self.cfg.epoch_steps
         tokens = self.start.step * self.cfg.tokens_per_step
-        _filter_lines(self.rd.train_log, lambda ln: int(ln.split()[0]) < first_epoch)
+        _filter_lines(self.rd.train_log, lambda ln: trainlog.before_start(ln, first_epoch, self.start.step))
         _filter_lines(self.rd.loss_log, lambda ln: ln.startswith("step") or int(ln.split(",")[1]) <= tokens)
+
+    def _append(self, path, text: str, hint: str = PROJ_HINT) -> None:
+        """Append to a log; a full disk or unwritable folder stops the run with what to do."""
+        path = Path(path)
+        with explain_write_errors(path.parent, hint=hint,
+                                  kept="The saves in PROJ_DIR are untouched; re-running the script continues "
+                                       "from the newest"):
+            with open(path, "a") as f:
+                f.write(text)
 
     def _log_step(self, step: int, loss: float, kt_s: float):
         path = self.rd.loss_log
-        new = not path.exists()
-        with open(path, "a") as f:
-            if new:
-                f.write(LOSS_LOG_HEADER + "\n")
-            f.write(f"{step},{step * self.cfg.tokens_per_step},{loss:.6f},{self.lr_now:.8g},{kt_s:.3f},"
-                    f"{time.time():.3f}\n")
+        head = "" if path.exists() else LOSS_LOG_HEADER + "\n"
+        self._append(path, head + f"{step},{step * self.cfg.tokens_per_step},{loss:.6f},{self.lr_now:.8g},"
+                                  f"{kt_s:.3f},{time.time():.3f}\n")
         if self.wandb_run is not None:
             self.wandb_run.log({
                 "loss": loss, "lr": self.lr_now, "wd": self.cfg.weight_decay,

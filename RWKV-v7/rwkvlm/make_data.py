@@ -25,8 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import remove_stale_temps
-from .binidx import BinIdx, BinIdxWriter, finish_interrupted_write, split_path
+from .atomic import (check_output_dir, existing_parent, free_bytes, human_bytes, is_write_error, remove_stale_temps,
+                     write_error)
+from .binidx import HEADER, BinIdx, BinIdxWriter, finish_interrupted_write, split_path
+from .config import WKV_CHUNK_LEN
 from .errors import UserError
 from .magic_prime import check_magic_prime, magic_prime
 
@@ -321,6 +323,53 @@ def _positive_int(name: str, value: str) -> int:
     return n
 
 
+CTX_MULTIPLE = 512  # the tutorial's ctx_len values are multiples of 512
+
+
+def check_ctx_len(ctx_len: int) -> None:
+    """Refuse a ctx_len that train.py (or the tutorial's recipe) would refuse later.
+
+    Valid: a multiple of 512; below 512 also a multiple of 16 (the WKV kernel's chunk, all
+    train.py needs), for quick tests with tiny models.
+    """
+    if ctx_len % CTX_MULTIPLE == 0 or (ctx_len < CTX_MULTIPLE and ctx_len % WKV_CHUNK_LEN == 0):
+        return
+    step_below = CTX_MULTIPLE if ctx_len > CTX_MULTIPLE else WKV_CHUNK_LEN
+    step_above = CTX_MULTIPLE if ctx_len > CTX_MULTIPLE - WKV_CHUNK_LEN else WKV_CHUNK_LEN
+    near = [x for x in (ctx_len // step_below * step_below, (ctx_len // step_above + 1) * step_above) if x > 0]
+    raise UserError(
+        f"ctx_len (3rd argument) is {ctx_len}; it must be a multiple of {CTX_MULTIPLE}, as in the tutorial "
+        f"(train.py's --ctx_len needs a multiple of {WKV_CHUNK_LEN}, the WKV kernel's chunk; below {CTX_MULTIPLE} "
+        f"any multiple of {WKV_CHUNK_LEN} works, for quick tests with tiny models). Use "
+        f"{' or '.join(map(str, near))}, and the same CTX_LEN in the training scripts."
+    )
+
+
+def output_bytes(doc_tokens: int, n_docs: int, copies: int) -> tuple[int, int]:
+    """(.bin bytes, .idx bytes) of `copies` copies of documents holding doc_tokens tokens."""
+    items = n_docs * copies
+    return doc_tokens * copies * DTYPE.itemsize, HEADER.size + 12 * items + 8 * (items + 1)
+
+
+def check_free_space(out_dir: Path, name: str, doc_tokens: int, n_docs: int, copies: int) -> int:
+    """Raise UserError when the output would not fit the free space of out_dir; return the
+    bytes the write needs (the .bin, the .idx, and the index's parts while it is assembled)."""
+    bin_bytes, idx_bytes = output_bytes(doc_tokens, n_docs, copies)
+    need = bin_bytes + 2 * idx_bytes + (64 << 10)
+    free = free_bytes(out_dir)
+    if free is None or need <= free:
+        return need
+    per_copy = sum(output_bytes(doc_tokens, n_docs, 1)) + idx_bytes // max(1, copies)
+    fit = max(0, (free - (64 << 10)) // max(1, per_copy))
+    raise UserError(
+        f"the output needs about {human_bytes(need)} in {out_dir.absolute()} ({name}.bin {human_bytes(bin_bytes)}: "
+        f"{doc_tokens} tokens x {copies} copies x {DTYPE.itemsize} bytes, plus {name}.idx "
+        f"{human_bytes(idx_bytes)} and room to assemble it), but only {human_bytes(free)} is free there. "
+        + (f"Use fewer copies (the 2nd argument: {fit} fit), " if fit else "Not even one copy fits: ")
+        + "free some space, or write elsewhere with --out-dir. Nothing was written."
+    )
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(
         prog="make_data.py",
@@ -343,6 +392,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     copies = _positive_int("the number of copies (2nd argument)", args.copies)
     ctx_len = _positive_int("ctx_len (3rd argument)", args.ctx_len)
+    check_ctx_len(ctx_len)
     if not args.max_line_mb > 0:
         raise UserError(f"--max-line-mb must be positive, found {args.max_line_mb}")
     src = Path(args.input)
@@ -351,8 +401,7 @@ def main(argv=None) -> int:
     if not src.is_file():
         raise UserError(f"the input {src} is not a file; give the path of your .jsonl file")
     name = os.path.splitext(src.name)[0]
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = check_output_dir(args.out_dir, "--out-dir")
     prefix = out_dir / name
     bin_path, idx_path, meta_path = (Path(f"{prefix}{ext}") for ext in (".bin", ".idx", ".meta.json"))
     for p in (bin_path, idx_path, meta_path):
@@ -367,6 +416,27 @@ def main(argv=None) -> int:
 
     tokenizer = get_tokenizer()
     print(f"### Convert {src} to {name}.bin/idx...", flush=True)
+    had = [p.name for p in (bin_path, idx_path, meta_path) if p.exists()]
+    need = []
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        meta = _convert(args, src, name, out_dir, copies, ctx_len, seed, show, tokenizer, need)
+    except OSError as e:
+        if not is_write_error(e):
+            raise
+        kept = (f"The previous {', '.join(had)} there {'are' if len(had) > 1 else 'is'} untouched" if had else
+                f"No {name}.bin/.idx was written") + " (the partial files were removed)"
+        raise write_error(e, existing_parent(out_dir), hint="write elsewhere with --out-dir",
+                          kept=kept, need=need[0] if need else None) from e
+    return _report(tokenizer, prefix, name, meta)
+
+
+def _convert(args, src: Path, name: str, out_dir: Path, copies: int, ctx_len: int, seed: int, show: bool,
+             tokenizer, need: list) -> dict:
+    """Pass 1 and pass 2; returns the meta written beside the data. `need` gets the bytes the
+    output needs once they are known (for the message of a full disk)."""
+    prefix = out_dir / name
+    meta_path = Path(f"{prefix}.meta.json")
     with tempfile.TemporaryFile(dir=out_dir, prefix=f".{name}.tokens.") as tokens_file:
         size = src.stat().st_size
         p1 = Pass1(tokenizer, tokens_file, args.skip_bad)
@@ -385,6 +455,7 @@ def main(argv=None) -> int:
             )
         ends = np.frombuffer(p1.ends, dtype=np.int64)
         doc_tokens = int(ends[-1])
+        need.append(check_free_space(out_dir, name, doc_tokens, n_docs, copies))
         print(f"### Tokenized {n_docs} documents once ({doc_tokens} tokens); "
               f"writing {copies} shuffled copies (--seed {seed})...", flush=True)
         source = _TokenSource(tokens_file, doc_tokens)
@@ -400,7 +471,7 @@ def main(argv=None) -> int:
             }
             # the numbers go in place together with the data they describe
             writer.finish(extra={meta_path: (json.dumps(meta, indent=1) + "\n").encode()})
-    return _report(tokenizer, prefix, name, meta)
+    return meta
 
 
 def _report(tokenizer, prefix, name, meta) -> int:

@@ -4,7 +4,8 @@ Reads the trainer's logs in PROJ_DIR:
 - `loss_log.csv`: `step,tokens,loss,lr,kt_s,time`, one row per optimiser step
   (after a resume a step may appear twice: the last row wins);
 - `train_log.txt`: one line per mini-epoch, `epoch loss ppl lr datetime epoch_in_run`
-  (the datetime holds a space: `2026-11-28 01:02:03.123456`).
+  (the datetime holds a space: `2026-11-28 01:02:03.123456`), and a header line per run
+  starting with `#` (rwkvlm.trainlog), skipped here.
 
 The plot shows the raw per-step loss faintly, a smoothed line over it, the
 mini-epoch mean losses as points, and the learning rate on a second axis;
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +37,50 @@ class StepLog:
     tokens: np.ndarray
     loss: np.ndarray
     lr: np.ndarray
+    path: Path | None = None
+    skipped: list = field(default_factory=list)  # [(line number, why)] of the rows left out
+
+
+class BadRow(ValueError):
+    """A loss_log.csv row that is not `step,tokens,loss,...` numbers."""
+
+
+def _number(rec: dict, key: str, finite: bool = True, default: str | None = None) -> float:
+    raw = rec.get(key, default)
+    if raw is None:
+        raise BadRow(f"no {key}")
+    try:
+        x = float(raw)
+    except ValueError:
+        raise BadRow(f"{key} {raw!r} is not a number") from None
+    if finite and not math.isfinite(x):
+        raise BadRow(f"{key} {raw!r} is not a finite number")
+    return x
+
+
+def _row(rec: dict) -> tuple[int, tuple]:
+    """(step, (tokens, loss, lr)) of one row, or BadRow."""
+    step = _number(rec, "step")
+    if step < 0 or step != int(step):
+        raise BadRow(f"step {rec['step']!r} is not a whole number >= 0")
+    tokens = _number(rec, "tokens", finite=False, default="nan")
+    if math.isinf(tokens) or tokens < 0:
+        raise BadRow(f"tokens {rec['tokens']!r} is not a finite number >= 0")
+    loss = _number(rec, "loss")
+    lr = _number(rec, "lr", finite=False, default="nan")
+    if math.isinf(lr):
+        raise BadRow(f"lr {rec['lr']!r} is not a finite number")
+    return int(step), (tokens, loss, lr)
+
+
+def describe_skipped(log: StepLog, limit: int = 3) -> str:
+    """One line about the rows of log.path that were left out ('' if none)."""
+    if not log.skipped:
+        return ""
+    n = len(log.skipped)
+    shown = "; ".join(f"line {ln}: {why}" for ln, why in log.skipped[:limit]) + ("; ..." if n > limit else "")
+    return (f"note: skipped {n} row{'s' if n > 1 else ''} of {log.path} that {'are' if n > 1 else 'is'} not "
+            f"step,tokens,loss numbers ({shown}); a torn last line of a stopped run, or an edited file.")
 
 
 @dataclass
@@ -51,30 +97,33 @@ def read_loss_csv(path) -> StepLog | None:
     if not path.is_file():
         return None
     rows: dict[int, tuple] = {}
+    skipped = []
     with open(path, "r", encoding="utf-8", errors="replace") as f:
         header = None
-        for line in f:
-            parts = line.strip().split(",")
+        for line_no, line in enumerate(f, 1):
+            parts = [x.strip() for x in line.strip().split(",")]
             if not parts or parts == [""]:
                 continue
             if header is None and parts[0] == "step":
                 header = parts
                 continue
             cols = header or ["step", "tokens", "loss", "lr", "kt_s", "time"]
-            rec = dict(zip(cols, parts))
             try:
-                step = int(float(rec["step"]))
-                tokens = float(rec.get("tokens", "nan"))
-                loss = float(rec["loss"])
-                lr = float(rec.get("lr", "nan"))
-            except (KeyError, ValueError):
-                continue  # a torn last line of a killed run, or junk
-            rows[step] = (tokens, loss, lr)
+                step, vals = _row(dict(zip(cols, parts)))
+            except BadRow as e:  # a torn last line of a killed run, or junk
+                skipped.append((line_no, str(e)))
+                continue
+            rows[step] = vals
     if not rows:
+        if skipped:
+            ln, why = skipped[0]
+            raise UserError(f"{path} has no usable row: each row must be step,tokens,loss,lr,... numbers (line "
+                            f"{ln}: {why}). Fix or delete the bad rows, or delete {path.name} to plot the "
+                            f"mini-epoch losses of {TRAIN_LOG} alone.")
         return None
     steps = np.array(sorted(rows), dtype=np.int64)
     vals = np.array([rows[s] for s in steps], dtype=np.float64)
-    return StepLog(step=steps, tokens=vals[:, 0], loss=vals[:, 1], lr=vals[:, 2])
+    return StepLog(step=steps, tokens=vals[:, 0], loss=vals[:, 1], lr=vals[:, 2], path=path, skipped=skipped)
 
 
 def read_train_log(path) -> EpochLog | None:
@@ -92,6 +141,8 @@ def read_train_log(path) -> EpochLog | None:
                 epoch, loss, lr = int(parts[0]), float(parts[1]), float(parts[3])
             except ValueError:
                 continue
+            if epoch < 0 or not math.isfinite(loss) or math.isinf(lr):
+                continue  # not a line the trainer wrote
             when = " ".join(parts[4:6]) if len(parts) >= 6 else ""
             rows[epoch] = (loss, lr, when)
     if not rows:
@@ -134,13 +185,24 @@ def _token_scale(max_tokens: float):
     return 1e6, "M"
 
 
-def plot_run(proj_dir, out=None, title: str | None = None) -> Path:
-    """Write the loss plot of proj_dir (default <proj_dir>/loss.png); return its path."""
+def plot_run(proj_dir, out=None, title: str | None = None, log=print) -> Path:
+    """Write the loss plot of proj_dir (default <proj_dir>/loss.png); return its path.
+
+    Rows of loss_log.csv that are not numbers are left out, said through `log`."""
+    from .atomic import check_output_path
+
     proj = Path(proj_dir)
+    if proj.is_file():
+        raise UserError(f"{proj} is a file; give its PROJ_DIR, the folder that holds {LOSS_CSV} and {TRAIN_LOG} "
+                        f"(e.g. {proj.parent}).")
     if not proj.is_dir():
         raise UserError(f"no such PROJ_DIR {proj}; give the folder that holds {LOSS_CSV} and {TRAIN_LOG} "
                         f"(e.g. RWKV-v7/train_temp/out/L12-D768-x070).")
+    if out is not None:
+        check_output_path(out, "--out", OUTPUT)
     steps = read_loss_csv(proj / LOSS_CSV)
+    if steps is not None and steps.skipped:
+        log(describe_skipped(steps))
     epochs = read_train_log(proj / TRAIN_LOG)
     if steps is None and epochs is None:
         raise UserError(f"no training logs in {proj}: expected {LOSS_CSV} (one row per step) or {TRAIN_LOG} "
@@ -154,7 +216,7 @@ def plot_run(proj_dir, out=None, title: str | None = None) -> Path:
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    from .atomic import atomic_path
+    from .atomic import atomic_path, explain_write_errors
 
     out = Path(out) if out is not None else proj / OUTPUT
     fig, ax = plt.subplots(figsize=(11, 6), dpi=110)
@@ -200,9 +262,12 @@ def plot_run(proj_dir, out=None, title: str | None = None) -> Path:
     ax.legend(handles, labels, loc="upper right")
     ax.set_title((title or proj.resolve().name) + ("\n" + "; ".join(summary) if summary else ""), fontsize=10)
     fig.tight_layout()
-    with atomic_path(out, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    try:
+        with explain_write_errors(out.parent, hint="write the plot elsewhere with --out FILE.png"):
+            with atomic_path(out, suffix=".png") as tmp:
+                fig.savefig(tmp, format="png")
+    finally:
+        plt.close(fig)
     return out
 
 

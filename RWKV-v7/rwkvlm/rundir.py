@@ -5,7 +5,7 @@
     rwkv-final.pth         weights when --my_exit_tokens is reached
     rwkv-final.json        its step and the settings of the run that wrote it
     rwkv-latest.pth        the weights of the newest exact-resume state
-    train_log.txt          one line per mini-epoch
+    train_log.txt          a header line per run (rwkvlm.trainlog), one line per mini-epoch
     loss_log.csv           one row per step
     train_config.json      the settings of the latest run
     profile.txt            --profile_steps
@@ -31,7 +31,7 @@ import socket
 import sys
 from pathlib import Path
 
-from rwkvlm.atomic import remove_stale_temps
+from rwkvlm.atomic import existing_parent, is_write_error, remove_stale_temps, write_error
 from rwkvlm.errors import UserError
 
 INIT = "rwkv-init.pth"
@@ -61,6 +61,16 @@ def rng_file(rank: int) -> str:
 
 _EPOCH_RE = re.compile(r"^rwkv-(\d+)\.pth$")
 _STEP_RE = re.compile(r"^step-(\d+)$")
+
+
+def state_folder_of(path) -> Path | None:
+    """The exact-resume state folder (.../resume/step-N/) that `path` is or lies in (its
+    trainer.pt, weights.pth, ds/... files), else None."""
+    p = Path(path)
+    for q in (p, *list(p.parents)[:3]):
+        if _STEP_RE.match(q.name) and q.parent.name == RESUME:
+            return q
+    return None
 
 
 def state_name(step: int) -> str:
@@ -174,6 +184,40 @@ class RunDir:
         return RunLock(self.path / name, self.path)
 
 
+def check_proj_dir(path, flag: str = "--proj_dir") -> Path:
+    """Raise UserError when PROJ_DIR (or a folder above it) exists and is not a folder."""
+    proj = Path(path)
+    if proj.exists() and not proj.is_dir():
+        raise UserError(f"{flag} {proj} is a file, not a folder; PROJ_DIR must be a folder for the checkpoints "
+                        f"and logs. Set PROJ_DIR in the demo-training scripts (or {flag}) to a folder, or move "
+                        f"the file away.")
+    p = proj.absolute().parent
+    while p != p.parent and not p.exists():
+        p = p.parent
+    if not p.is_dir():
+        raise UserError(f"{flag} {proj}: {p} is a file, not a folder, so PROJ_DIR cannot be made under it. "
+                        f"Choose another {flag} (PROJ_DIR in the demo-training scripts).")
+    return proj
+
+
+def ensure_proj_dir(path, flag: str = "--proj_dir") -> Path:
+    """Make PROJ_DIR if it is missing; UserError (saying which flag to change) when it cannot be."""
+    proj = check_proj_dir(path, flag)
+    try:
+        proj.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        _refuse_unwritable(proj, e, flag)
+        raise
+    return proj
+
+
+def _refuse_unwritable(proj: Path, e: OSError, flag: str = "--proj_dir") -> None:
+    """Raise the WriteError for a PROJ_DIR that cannot be made or written (full, read-only, not ours)."""
+    if is_write_error(e):
+        raise write_error(e, existing_parent(proj), hint=f"choose another {flag} (PROJ_DIR in the "
+                                                          f"demo-training scripts)") from e
+
+
 class RunLock:
     """An exclusive lock on PROJ_DIR for one trainer (per node), held while it runs.
 
@@ -200,9 +244,13 @@ class RunLock:
                 f" ({h.get('command', '?')})")
 
     def acquire(self) -> "RunLock":
-        self.proj.mkdir(parents=True, exist_ok=True)
+        ensure_proj_dir(self.proj)
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                _refuse_unwritable(self.proj, e)
+                raise
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
