@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from losskit import L2Wrap, l2wrap_loss
 from rwkvlm.errors import UserError
-from rwkvlm.model import (L2Wrap, ModelConfig, RWKV7, count_params, head_l2wrap_loss,
-                          l2wrap_loss)
+from rwkvlm.model import ModelConfig, RWKV7, count_params, head_l2wrap_loss
 
 L_, C_, V_ = 2, 128, 1000  # the small model used throughout
 
@@ -223,14 +223,15 @@ def test_l2wrap_function_is_identity_forward():
     torch.testing.assert_close(extra, expect, atol=1e-7, rtol=0)
 
 
-def test_chunked_ce_matches_torch_and_keeps_input():
+@pytest.mark.parametrize("chunk_rows", [4, 1000])
+def test_fused_head_loss_matches_torch_and_keeps_inputs(chunk_rows):
     torch.manual_seed(2)
-    logits = torch.randn(3, 7, 50) * 4
-    keep = logits.clone()
+    h, W = torch.randn(3, 7, 16), torch.randn(50, 16)
+    keep = h.clone(), W.clone()
     tgt = torch.randint(0, 50, (3, 7))
-    got = l2wrap_loss(logits, tgt, chunk_rows=4)
-    torch.testing.assert_close(got, F.cross_entropy(logits.view(-1, 50), tgt.view(-1)))
-    assert torch.equal(logits, keep)
+    got = head_l2wrap_loss(h, W, tgt, chunk_rows=chunk_rows)
+    torch.testing.assert_close(got, F.cross_entropy((h @ W.T).view(-1, 50), tgt.view(-1)))
+    assert torch.equal(h, keep[0]) and torch.equal(W, keep[1])
 
 
 @pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["eager", "compiled"])
@@ -247,8 +248,7 @@ def test_fused_head_loss_matches_unfused(chunk_rows, compiled):
 
     fused = head_l2wrap_loss(h1, W1, tgt, chunk_rows=chunk_rows, compiled=compiled)
     (1.7 * fused).backward()
-    logits = h2 @ W2.T
-    ref = L2Wrap.apply(F.cross_entropy(logits.view(-1, V), tgt.view(-1)), logits)
+    ref = l2wrap_loss(h2 @ W2.T, tgt)
     (1.7 * ref).backward()
     torch.testing.assert_close(fused.double(), ref, atol=1e-6, rtol=0)
     torch.testing.assert_close(h1.grad, h2.grad, atol=1e-6, rtol=1e-5)
@@ -432,6 +432,69 @@ def test_fused_head_loss_exact_when_target_probability_underflows(compiled):
         got = head_l2wrap_loss(x, w, targets, chunk_rows=rows, compiled=compiled)
         assert torch.isfinite(got)
         torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------
+# one block implementation, run as modules (eager), on plain tensors (compiled) and with state
+# ------------------------------------------------------------------------------------------
+
+def test_block_on_plain_tensors_matches_the_modules(model):
+    """What compile_blocks compiles (_block_fused on Block.params()), run uncompiled, gives the
+    eager blocks' output and gradients."""
+    from rwkvlm.model import _block_fused
+
+    m = perturbed(model, seed=8)
+    idx = torch.randint(0, V_, (2, 21), generator=torch.Generator().manual_seed(8))
+    x0 = m.emb(idx).detach()
+    outs, grads = [], []
+    for plain in (False, True):
+        m.zero_grad(set_to_none=True)
+        x, v_first = x0, None
+        for blk in m.blocks:
+            if plain:
+                x, v_first = _block_fused(blk.params(), x, v_first, m.cfg.head_size, m.cfg.wkv_impl)
+            else:
+                x, v_first, _ = blk(x, v_first)
+        x.square().mean().backward()
+        outs.append(x.detach())
+        grads.append({n: p.grad for n, p in m.blocks.named_parameters() if p.grad is not None})
+    assert torch.equal(outs[0], outs[1])
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 20
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-7, rtol=1e-5, msg=n)
+        assert grads[1][n].shape == grads[0][n].shape
+
+
+def test_eager_model_reads_each_weight_inside_its_module(model):
+    """As DeepSpeed ZeRO-3 runs it: every weight is absent (empty) except while the module that
+    holds it runs its forward. The eager forward and forward_rnn still give the same logits."""
+    m = perturbed(model, seed=9)
+    idx = torch.randint(0, V_, (1, 13), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        ref, ref_rnn = m(idx), m.forward_rnn(idx)[0]
+    full = {p: p.data for p in m.parameters()}
+
+    def gather(mod, *_):
+        for p in mod.parameters(recurse=False):
+            p.data = full[p]
+
+    def release(mod, *_):
+        for p in mod.parameters(recurse=False):
+            p.data = torch.empty(0)
+
+    hooks = []
+    for mod in m.modules():
+        release(mod)
+        hooks += [mod.register_forward_pre_hook(gather), mod.register_forward_hook(release)]
+    try:
+        with torch.no_grad():
+            got, got_rnn = m(idx), m.forward_rnn(idx)[0]
+    finally:
+        for h in hooks:
+            h.remove()
+        for p, d in full.items():
+            p.data = d
+    assert torch.equal(got, ref) and torch.equal(got_rnn, ref_rnn)
 
 
 # ------------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from rwkvlm.wkv import wkv7, wkv7_chunked, wkv7_reference
+from rwkvlm.wkv import wkv7, wkv7_chunked, wkv7_reference, wkv7_step
 
 import wkvkit
 from wkvkit import rel_rms
@@ -130,7 +130,8 @@ def test_public_wkv7_cpu_any_T():
     B, T, H, N = 2, 29, 2, 64
     inputs = make_inputs(B, T, H, N, seed=17)
     y_ref, _ = wkv7_reference(*inputs, N)
-    y = wkv7(*inputs, N)
+    y, none = wkv7(*inputs, N)
+    assert none is None
     assert y.shape == (B, T, H * N)
     assert rel_rms(y, y_ref) < 1e-5
 
@@ -172,7 +173,7 @@ def test_wkv7_cuda_matches_reference(dtype):
     gy = torch.randn_like(y_ref)
     (y_ref * gy).sum().backward()
     cu_leaves = [t.to("cuda", dtype).requires_grad_() for t in inputs]
-    y = wkv7(*cu_leaves, N)
+    y, _ = wkv7(*cu_leaves, N)
     (y.float() * gy.cuda()).sum().backward()
     assert y.dtype == dtype
     tol = 3e-2  # the kernel computes in bf16 (fp32 inputs are cast), state in fp32
@@ -226,3 +227,44 @@ def test_wkv7_op_pytorch_path_matches_chunked(compiled):
         assert rel_rms(a.grad, b.grad) < 1e-6, name
     with torch.no_grad():  # no state kept without grad, same output
         assert rel_rms(wkv7_op(*inputs, N, "torch"), y_ref.detach()) < 1e-6
+
+
+def test_one_token_step_and_dispatcher_state_semantics():
+    """wkv7_step is the recurrence once; the dispatcher returns the final state exactly when
+    asked for (or given one), and feeding a sequence in pieces equals feeding it whole."""
+    B, T, H, N = 2, 21, 3, 64
+    inputs = make_inputs(B, T, H, N, seed=31)
+    s0 = 0.3 * torch.randn(B, H, N, N, generator=torch.Generator().manual_seed(4))
+    y_ref, s_ref = wkv7_reference(*inputs, N, state=s0)
+    y1, s1 = wkv7_step(*(t[:, :1] for t in inputs), N, state=s0)
+    y1_ref, s1_ref = wkv7_reference(*(t[:, :1] for t in inputs), N, state=s0)
+    assert rel_rms(y1, y1_ref) < 1e-6 and rel_rms(s1, s1_ref) < 1e-6
+    y2d, _ = wkv7_step(*(t[:, 0] for t in inputs), N, state=s0)  # (B, C) inputs
+    assert y2d.shape == (B, H * N) and torch.equal(y2d, y1[:, 0])
+    y, none = wkv7(*inputs, N)
+    assert none is None
+    ys, state = [], s0
+    for a, b in ((0, 1), (1, 17), (17, 18), (18, T)):
+        yp, state = wkv7(*(t[:, a:b] for t in inputs), N, initial_state=state)
+        ys.append(yp)
+    assert rel_rms(torch.cat(ys, 1), y_ref) < 1e-5 and rel_rms(state, s_ref) < 1e-5
+    _, s_zero = wkv7(*inputs, N, output_final_state=True)
+    assert rel_rms(s_zero, wkv7_reference(*inputs, N)[1]) < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_dispatcher_state_on_cuda_uses_the_kernel_and_matches(monkeypatch):
+    import rwkvlm.wkv_cuda as wc
+
+    calls = []
+    real = wc.wkv7_cuda_state
+    monkeypatch.setattr(wc, "wkv7_cuda_state", lambda *a, **k: calls.append(1) or real(*a, **k))
+    B, T, H, N = 2, 45, 2, 64
+    inputs = make_inputs(B, T, H, N, seed=37)
+    s0 = 0.3 * torch.randn(B, H, N, N, generator=torch.Generator().manual_seed(5))
+    y_ref, s_ref = wkv7_reference(*inputs, N, state=s0)
+    with torch.no_grad():
+        y, s = wkv7(*(t.cuda() for t in inputs), N, initial_state=s0.cuda())
+    assert calls == [1]
+    assert rel_rms(y.cpu(), y_ref) < 3e-2 and rel_rms(s.cpu(), s_ref) < 3e-2  # bf16 inputs, fp32 state

@@ -18,8 +18,10 @@ zero matrices (no random draws); call init_weights() for a fresh model.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -27,10 +29,10 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from rwkvlm.errors import UserError
-from rwkvlm.wkv import wkv7, wkv7_chunked
+from rwkvlm.wkv import wkv7
 from rwkvlm.wkv_cuda import wkv7_op
 
-__all__ = ["ModelConfig", "RWKV7", "count_params", "l2wrap_loss", "L2Wrap", "head_l2wrap_loss"]
+__all__ = ["ModelConfig", "RWKV7", "count_params", "head_l2wrap_loss"]
 
 L2WRAP_FACTOR = 1e-4
 
@@ -144,197 +146,177 @@ def _skip_init_linear(n_in: int, n_out: int) -> nn.Linear:
 
 
 # ============================================================================================
-# Modules
+# The block, as functions of its parameters
 # ============================================================================================
+# One implementation of a block, run three ways by Block.forward:
+#   * eager training: the parameter objects are the modules themselves (see below);
+#   * compiled training (RWKV7.compile_blocks): _block_fused, the whole block as one
+#     torch.compile graph around the WKV custom op, with plain tensors as parameters;
+#   * forward_rnn: one or more tokens with a carried state (eager, like training).
+# A parameter object holds a sub-module's parameters under their state-dict names. In eager
+# runs each one is the nn.Module itself, and every function below then calls the module,
+# whose forward calls the function back with its own parameters: DeepSpeed ZeRO-3 gathers a
+# module's partitioned weights in its forward hooks, so each weight is read inside the
+# forward of the module that holds it. A new parameter: its declaration and initial value in
+# its module, its field in the NamedTuple here, its use here (and count_params).
 
-class Head(nn.Linear):
-    """The output projection (state-dict name `head.weight`, no bias).
-
-    Called with targets it returns the fused cross-entropy + L2Wrap loss
-    instead of logits, so that full-vocabulary logits are never held whole.
-    Going through forward() (rather than reading head.weight from outside)
-    also lets DeepSpeed ZeRO-3 gather the partitioned weight first.
-    """
-
-    compiled = False  # set by RWKV7.compile_blocks: the per-chunk softmax work runs fused
-
-    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
-        if targets is None:
-            return super().forward(x)
-        return head_l2wrap_loss(x, self.weight, targets, compiled=self.compiled)
+class Norm(NamedTuple):
+    """A layer norm's (or ln_x's) parameters."""
+    weight: torch.Tensor  # (C,)
+    bias: torch.Tensor    # (C,)
+    eps: float
 
 
-def _shift(x: torch.Tensor, x_prev: torch.Tensor | None) -> torch.Tensor:
-    """shift(x)[t] = x[t-1]; shift(x)[0] = x_prev (zeros when None). x: (B, T, C)."""
+class TimeMixParams(NamedTuple):
+    """TimeMix's parameters; the vectors of C values as (C,) views."""
+    x_r: torch.Tensor  # (C,) token-shift mix of each input
+    x_w: torch.Tensor
+    x_k: torch.Tensor
+    x_v: torch.Tensor
+    x_a: torch.Tensor
+    x_g: torch.Tensor
+    w0: torch.Tensor   # (C,), (C, Dw), (Dw, C): decay LoRA
+    w1: torch.Tensor
+    w2: torch.Tensor
+    a0: torch.Tensor   # (C,), (C, Da), (Da, C): in-context learning rate LoRA
+    a1: torch.Tensor
+    a2: torch.Tensor
+    v0: torch.Tensor   # (C,), (C, Dv), (Dv, C): value residual LoRA (unused in layer 0)
+    v1: torch.Tensor
+    v2: torch.Tensor
+    g1: torch.Tensor   # (C, Dg), (Dg, C): gate LoRA
+    g2: torch.Tensor
+    k_k: torch.Tensor  # (C,)
+    k_a: torch.Tensor  # (C,)
+    r_k: torch.Tensor  # (C,), stored (H, N)
+    receptance: torch.Tensor | nn.Linear  # (C, C) weights
+    key: torch.Tensor | nn.Linear
+    value: torch.Tensor | nn.Linear
+    output: torch.Tensor | nn.Linear
+    ln_x: Norm | nn.Module
+
+
+class ChannelMixParams(NamedTuple):
+    x_k: torch.Tensor                # (C,)
+    key: torch.Tensor | nn.Linear    # (4C, C)
+    value: torch.Tensor | nn.Linear  # (C, 4C)
+
+
+class BlockParams(NamedTuple):
+    ln0: Norm | nn.LayerNorm | None  # layer 0 only
+    ln1: Norm | nn.LayerNorm
+    att: TimeMixParams | nn.Module
+    ln2: Norm | nn.LayerNorm
+    ffn: ChannelMixParams | nn.Module
+
+
+def shift(x: torch.Tensor, x_prev: torch.Tensor | None) -> torch.Tensor:
+    """shift(x)[t] = x[t-1]; shift(x)[0] = x_prev (zeros when None). x: (B, T, C), x_prev: (B, C)."""
     if x_prev is None:
         return F.pad(x, (0, 0, 1, -1))  # (B, T, C)
     return torch.cat((x_prev.unsqueeze(1).to(x.dtype), x[:, :-1]), dim=1)  # (B, T, C)
 
 
-class TimeMix(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_id: int):
-        super().__init__()
-        self.cfg = cfg
-        self.layer_id = layer_id
-        C, H, N = cfg.n_embd, cfg.n_head, cfg.head_size
-
-        def vec():
-            return nn.Parameter(torch.zeros(1, 1, C))
-
-        def mat(rows, cols):
-            return nn.Parameter(torch.zeros(rows, cols))
-
-        self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g = (vec() for _ in range(6))
-        self.w0, self.w1, self.w2 = vec(), mat(C, cfg.d_decay_lora), mat(cfg.d_decay_lora, C)
-        self.a0, self.a1, self.a2 = vec(), mat(C, cfg.d_aaa_lora), mat(cfg.d_aaa_lora, C)
-        self.v0, self.v1, self.v2 = vec(), mat(C, cfg.d_mv_lora), mat(cfg.d_mv_lora, C)
-        self.g1, self.g2 = mat(C, cfg.d_gate_lora), mat(cfg.d_gate_lora, C)
-        self.k_k, self.k_a = vec(), vec()
-        self.r_k = nn.Parameter(torch.zeros(H, N))
-        self.receptance = _skip_init_linear(C, C)
-        self.key = _skip_init_linear(C, C)
-        self.value = _skip_init_linear(C, C)
-        self.output = _skip_init_linear(C, C)
-        self.ln_x = nn.GroupNorm(H, C, eps=64e-5)
-        self.init_table()
-
-    @torch.no_grad()
-    def init_table(self, randomize: bool = False) -> None:
-        """The spec's per-parameter table values; random LoRA w2/a2/v2/g2 only when randomize."""
-        cfg, l = self.cfg, self.layer_id
-        C, L, N = cfg.n_embd, cfg.n_layer, cfg.head_size
-        dev = self.x_r.device
-        n = torch.arange(C, dtype=torch.float64, device=dev)
-        d = n / C                                   # (C,)
-        lin = n / (C - 1) - 0.5                     # (C,)
-        z = ((n % N) - (N - 1) / 2) / ((N - 1) / 2)
-        zig = z * z.abs()                           # (C,)
-        r0 = l / (L - 1) if L > 1 else 0.0          # 0 .. 1
-        r1 = 1.0 - l / L                            # 1 .. almost 0
-        www = -6 + 6 * (n / (C - 1)) ** (1 + r0 ** 0.3)
-
-        def put(p, values):
-            p.copy_(values.view(p.shape).to(p.dtype))  # (C,) -> (1, 1, C)
-
-        for p, e in ((self.x_r, 0.2), (self.x_w, 0.9), (self.x_k, 0.7),
-                     (self.x_v, 0.7), (self.x_a, 0.9), (self.x_g, 0.2)):
-            put(p, 1.0 - d ** (e * r1))
-        put(self.w0, www + 0.5 + 2.5 * zig)
-        put(self.a0, -0.19 + 0.3 * zig + 0.4 * lin)
-        put(self.v0, 0.73 - 0.4 * lin)
-        put(self.k_k, 0.71 - 0.1 * lin)
-        self.k_a.fill_(1.02)
-        self.r_k.fill_(-0.04)
-        for p in (self.w1, self.a1, self.v1, self.g1):
-            p.zero_()
-        for p in (self.w2, self.a2, self.v2, self.g2):
-            if randomize:
-                _orthogonal_spec_(p, 0.1)
-            else:
-                p.zero_()
-        self.ln_x.weight.fill_(((1 + l) / L) ** 0.7)
-        self.ln_x.bias.zero_()
-
-    def forward(self, x, v_first, x_prev=None, state=None, return_state=False):
-        """x: (B, T, C), the ln1 output. Returns (out, v_first) or, with return_state,
-        (out, v_first, new_wkv_state). (Compiled blocks run _block_fused instead.)"""
-        B, T, C = x.shape
-        N = self.cfg.head_size
-        mus = (self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g)
-        xr, xw, xk, xv, xa, xg = _time_shift_mix(x, _shift(x, x_prev), *mus)
-        r = self.receptance(xr)  # (B, T, C)
-        k = self.key(xk)         # (B, T, C)
-        v = self.value(xv)       # (B, T, C)
-        w, k, v, v_first, a, b, g = _time_mix_inner(
-            xw, xv, xa, xg, k, v, v_first, self.layer_id == 0, N,
-            self.w0, self.w1, self.w2, self.a0, self.a1, self.a2,
-            self.v0, self.v1, self.v2, self.g1, self.g2, self.k_k, self.k_a)
-        if return_state:
-            y, new_state = wkv7_chunked(r, w, k, v, a, b, N, state=state)
-        else:
-            y = wkv7(r, w, k, v, a, b, N, impl=self.cfg.wkv_impl)  # (B, T, C)
-        y = self.ln_x(y.reshape(B * T, C)).view(B, T, C)  # (B*T, C) -> (B, T, C)
-        out = self.output(_time_mix_out(y, r, k, v, g, self.r_k.view(C), N))  # (B, T, C)
-        if return_state:
-            return out, v_first, new_state
-        return out, v_first
+def linear(x: torch.Tensor, w) -> torch.Tensor:
+    """x @ w^T for a weight w (no bias), or w(x) for the nn.Linear itself."""
+    return w(x) if isinstance(w, nn.Module) else F.linear(x, w)
 
 
-# A block's work as plain functions of tensors: the eager modules call them, and so does
-# _block_fused, the whole block as one function for --compile.
-
-def _time_shift_mix(x, xs, *mus):
-    """x + (shift(x) - x) * mu for each of the six mixing vectors mu (1, 1, C). x, xs: (B, T, C)."""
-    xx = xs - x  # (B, T, C)
-    return tuple(x + xx * mu for mu in mus)
+def layer_norm(x: torch.Tensor, p) -> torch.Tensor:
+    """LayerNorm over the last dimension. x: (B, T, C)."""
+    if isinstance(p, nn.Module):
+        return p(x)
+    return F.layer_norm(x, (x.shape[-1],), p.weight, p.bias, p.eps)  # (B, T, C)
 
 
-def _time_mix_inner(xw, xv, xa, xg, k, v, v_first, is_first: bool, N: int,
-                    w0, w1, w2, a0, a1, a2, v0, v1, v2, g1, g2, k_k, k_a):
-    """The LoRAs and the WKV inputs: decay w (fp32), new k, v (and v_first), a = -kk,
-    b = kk * iclr, gate g."""
-    B, T, C = k.shape
-    w_raw = w0.float() + (torch.tanh(xw @ w1) @ w2).float()  # (B, T, C) fp32
-    if is_first:
-        v_first = v
-    else:
-        v = v + (v_first - v) * torch.sigmoid(v0 + (xv @ v1) @ v2)
-    iclr = torch.sigmoid(a0 + (xa @ a1) @ a2)  # (B, T, C) in-context learning rate
-    g = torch.sigmoid(xg @ g1) @ g2            # (B, T, C)
-    kk = F.normalize((k * k_k).view(B, T, C // N, N), dim=-1, p=2.0, eps=1e-12)  # (B, T, H, N)
-    kk = kk.view(B, T, C)  # (B, T, C)
-    k = k * (1 + (iclr - 1) * k_a)
-    w = -F.softplus(-w_raw) - 0.5  # (B, T, C) fp32; decay = exp(-exp(w))
-    return w, k, v, v_first, -kk, kk * iclr, g
-
-
-def _time_mix_out(y, r, k, v, g, r_k, N: int):
-    """(ln_x(wkv) + per-head bonus (r . (k * r_k)) v) * g, the input of the output projection."""
+def group_norm(y: torch.Tensor, p, head_size: int) -> torch.Tensor:
+    """ln_x: GroupNorm with one group per head over y (B, T, C), computed in fp32, returned
+    in y's dtype."""
+    if isinstance(p, nn.Module):
+        return p(y)
     B, T, C = y.shape
-    bonus = (r * k * r_k).view(B, T, C // N, N).sum(dim=-1, keepdim=True)  # (B, T, H, 1)
-    y = y + (bonus * v.view(B, T, C // N, N)).view(B, T, C)  # (B, T, H, N) -> (B, T, C)
-    return y * g
-
-
-def _group_norm_time_mix_out(y, gn_w, gn_b, eps: float, r, k, v, g, r_k, N: int):
-    """_time_mix_out after ln_x (GroupNorm with one group per head) applied to y (B, T, C)."""
-    B, T, C = y.shape
+    N = head_size
     yh = y.float().view(B, T, C // N, N)  # (B, T, H, N)
     var, mean = torch.var_mean(yh, dim=-1, unbiased=False, keepdim=True)  # (B, T, H, 1)
-    yn = ((yh - mean) * torch.rsqrt(var + eps)).view(B, T, C)  # (B, T, H, N) -> (B, T, C)
-    y = (yn * gn_w.float() + gn_b.float()).to(y.dtype)
-    return _time_mix_out(y, r, k, v, g, r_k, N)
+    yn = ((yh - mean) * torch.rsqrt(var + p.eps)).view(B, T, C)  # (B, T, H, N) -> (B, T, C)
+    return (yn * p.weight.float() + p.bias.float()).to(y.dtype)
 
 
-def _channel_mix_in(x, xs, mu):
-    return x + (xs - x) * mu  # (B, T, C)
+def wkv(r, w, k, v, a, b, state, head_size: int, impl: str, compiled: bool):
+    """WKV7 of the (B, T, C) inputs: (y (B, T, C), the state after the last token or None).
+
+    In the compiled graph: the custom op (rwkvlm.wkv_cuda.wkv7_op), which torch.compile keeps
+    as one opaque node. Otherwise rwkvlm.wkv.wkv7 (the CUDA kernel on GPU, also with a carried
+    state (B, H, N, N) for inference; the chunked PyTorch path elsewhere).
+    """
+    if compiled and state is None:
+        return wkv7_op(r, w, k, v, a, b, head_size, impl), None
+    return wkv7(r, w, k, v, a, b, head_size, impl=impl, initial_state=state, output_final_state=state is not None)
 
 
-def _layer_norm(x, ln: tuple):
-    w, b, eps = ln
-    return F.layer_norm(x, (x.shape[-1],), w, b, eps)  # (B, T, C)
+def time_mix(p, x, x_prev, v_first, state, head_size: int, wkv_impl: str, compiled: bool = False):
+    """TimeMix (the spec's "Forward"). x: (B, T, C), the ln1 output; x_prev: (B, C), the ln1
+    output of the token before x (None: zeros); v_first: layer 0's value (None in layer 0);
+    state: the WKV state (B, H, N, N) before x, or None (zeros, not returned).
+    Returns (out (B, T, C), v_first, WKV state after x or None)."""
+    if isinstance(p, nn.Module):
+        return p(x, x_prev, v_first, state, head_size, wkv_impl, compiled)
+    B, T, C = x.shape
+    N = head_size
+    xx = shift(x, x_prev) - x  # (B, T, C)
+    xr, xw, xk, xv, xa, xg = (x + xx * mu for mu in (p.x_r, p.x_w, p.x_k, p.x_v, p.x_a, p.x_g))
+    r = linear(xr, p.receptance)  # (B, T, C)
+    k = linear(xk, p.key)         # (B, T, C)
+    v = linear(xv, p.value)       # (B, T, C)
+    w_raw = p.w0.float() + (torch.tanh(xw @ p.w1) @ p.w2).float()  # (B, T, C) fp32
+    if v_first is None:  # layer 0: its value is every later layer's v_first
+        v_first = v
+    else:
+        v = v + (v_first - v) * torch.sigmoid(p.v0 + (xv @ p.v1) @ p.v2)
+    iclr = torch.sigmoid(p.a0 + (xa @ p.a1) @ p.a2)  # (B, T, C) in-context learning rate
+    g = torch.sigmoid(xg @ p.g1) @ p.g2              # (B, T, C)
+    kk = F.normalize((k * p.k_k).view(B, T, C // N, N), dim=-1, p=2.0, eps=1e-12)  # (B, T, H, N)
+    kk = kk.view(B, T, C)  # (B, T, C)
+    k = k * (1 + (iclr - 1) * p.k_a)
+    w = -F.softplus(-w_raw) - 0.5  # (B, T, C) fp32; decay = exp(-exp(w))
+    y, state = wkv(r, w, k, v, -kk, kk * iclr, state, N, wkv_impl, compiled)  # (B, T, C)
+    y = group_norm(y, p.ln_x, N)
+    bonus = (r * k * p.r_k).view(B, T, C // N, N).sum(dim=-1, keepdim=True)  # (B, T, H, 1)
+    y = y + (bonus * v.view(B, T, C // N, N)).view(B, T, C)  # (B, T, H, N) -> (B, T, C)
+    return linear(y * g, p.output), v_first, state
 
 
-def _block_fused(x, v_first, N: int, wkv_impl: str, ln1: tuple, att: tuple, ln_x: tuple, ln2: tuple, ffn: tuple):
-    """Block.forward (after ln0) as one function of tensors, for torch.compile: one graph per
-    block call, around the WKV custom op (rwkvlm.wkv_cuda.wkv7_op). ln1, ln_x, ln2 are
-    (weight, bias, eps); att and ffn are the parameters in Block.fused_params order (vectors
-    as (C,) views).
-    x: (B, T, C); v_first: (B, T, C) or None in the first layer."""
-    (x_r, x_w, x_k, x_v, x_a, x_g, w0, w1, w2, a0, a1, a2, v0, v1, v2, g1, g2, k_k, k_a, r_k,
-     W_r, W_k, W_v, W_o) = att
-    f_xk, W_fk, W_fv = ffn
-    h = _layer_norm(x, ln1)  # (B, T, C)
-    xr, xw, xk, xv, xa, xg = _time_shift_mix(h, _shift(h, None), x_r, x_w, x_k, x_v, x_a, x_g)
-    r, k, v = F.linear(xr, W_r), F.linear(xk, W_k), F.linear(xv, W_v)  # (B, T, C) each
-    w, k, v, v_first, a, b, g = _time_mix_inner(xw, xv, xa, xg, k, v, v_first, v_first is None, N,
-                                                w0, w1, w2, a0, a1, a2, v0, v1, v2, g1, g2, k_k, k_a)
-    y = wkv7_op(r, w, k, v, a, b, N, wkv_impl)  # (B, T, C)
-    out = _group_norm_time_mix_out(y, *ln_x, r, k, v, g, r_k, N)
-    x = x + F.linear(out, W_o)
-    h = _layer_norm(x, ln2)
-    h = torch.relu(F.linear(_channel_mix_in(h, _shift(h, None), f_xk), W_fk)) ** 2  # (B, T, 4C)
-    return x + F.linear(h, W_fv), v_first
+def channel_mix(p, x, x_prev):
+    """ChannelMix. x: (B, T, C), the ln2 output; x_prev: (B, C), that of the token before x
+    (None: zeros). Returns (B, T, C)."""
+    if isinstance(p, nn.Module):
+        return p(x, x_prev)
+    h = torch.relu(linear(x + (shift(x, x_prev) - x) * p.x_k, p.key)) ** 2  # (B, T, 4C)
+    return linear(h, p.value)  # (B, T, C)
+
+
+def block(p, x, v_first, state, head_size: int, wkv_impl: str, compiled: bool = False):
+    """One block (ln0 first in layer 0). x: (B, T, C); v_first: (B, T, C) or None in layer 0;
+    state: None, or this layer's (att shift x (B, C), WKV state (B, H, N, N) fp32, ffn shift
+    x (B, C)) before x. Returns (x, v_first, the state after x or None)."""
+    att_prev, wkv_state, ffn_prev = (None, None, None) if state is None else state
+    if p.ln0 is not None:
+        x = layer_norm(x, p.ln0)
+    h = layer_norm(x, p.ln1)  # (B, T, C)
+    dx, v_first, wkv_state = time_mix(p.att, h, att_prev, v_first, wkv_state, head_size, wkv_impl, compiled)
+    x = x + dx
+    h2 = layer_norm(x, p.ln2)  # (B, T, C)
+    x = x + channel_mix(p.ffn, h2, ffn_prev)
+    if state is None:
+        return x, v_first, None
+    return x, v_first, (h[:, -1], wkv_state.float(), h2[:, -1])
+
+
+def _block_fused(p: BlockParams, x, v_first, head_size: int, wkv_impl: str):
+    """block() in training as torch.compile traces it: one graph per block call, around the
+    WKV custom op (rwkvlm.wkv_cuda.wkv7_op). p holds plain tensors (Block.params())."""
+    x, v_first, _ = block(p, x, v_first, None, head_size, wkv_impl, compiled=True)
+    return x, v_first
 
 
 def _block_fused_cp(*args):
@@ -382,6 +364,136 @@ def _is_compiler_error(e: Exception) -> bool:
     return type(e).__module__.startswith(("torch._inductor", "triton"))
 
 
+# ============================================================================================
+# Modules: the parameters (state-dict names and shapes), their initial values, and which of
+# the block's functions runs them
+# ============================================================================================
+
+class Head(nn.Linear):
+    """The output projection (state-dict name `head.weight`, no bias).
+
+    Called with targets it returns the fused cross-entropy + L2Wrap loss
+    instead of logits, so that full-vocabulary logits are never held whole.
+    Going through forward() (rather than reading head.weight from outside)
+    also lets DeepSpeed ZeRO-3 gather the partitioned weight first.
+    """
+
+    compiled = False  # set by RWKV7.compile_blocks: the per-chunk softmax work runs fused
+
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        if targets is None:
+            return super().forward(x)
+        return head_l2wrap_loss(x, self.weight, targets, compiled=self.compiled)
+
+
+def _params(module: nn.Module, cls, as_modules: bool):
+    """A parameter object of type cls (a NamedTuple above), filled from module's attributes
+    of the same names: a parameter of C values as a (C,) view, a matrix as it is; a
+    sub-module as the module itself with as_modules (eager: see "The block"), otherwise
+    as its tensors (a linear layer's weight, a norm's Norm, TimeMix/ChannelMix's params())."""
+    def get(name):
+        obj = getattr(module, name, None)  # None: ln0 outside layer 0
+        if isinstance(obj, nn.Parameter):
+            # (1, 1, C) or (H, N) -> (C,): torch 2.11's compiled backward can return a vector
+            # parameter's gradient as (C,); the view's backward reshapes it
+            return obj.view(-1) if obj.numel() == module.cfg.n_embd else obj
+        if obj is None or as_modules:
+            return obj
+        if isinstance(obj, nn.Linear):
+            return obj.weight
+        if isinstance(obj, (nn.LayerNorm, HeadGroupNorm)):
+            return Norm(obj.weight, obj.bias, obj.eps)
+        return obj.params()
+
+    return cls(*(get(name) for name in cls._fields))
+
+
+class HeadGroupNorm(nn.Module):
+    """ln_x: the spec's GroupNorm(H, C) with one group per head, over (B, T, C) inputs
+    (state-dict names weight and bias, as nn.GroupNorm)."""
+
+    def __init__(self, n_embd: int, head_size: int, eps: float = 64e-5):
+        super().__init__()
+        self.head_size, self.eps = head_size, eps
+        self.weight = nn.Parameter(torch.ones(n_embd))
+        self.bias = nn.Parameter(torch.zeros(n_embd))
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return group_norm(y, Norm(self.weight, self.bias, self.eps), self.head_size)
+
+
+class TimeMix(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.cfg = cfg
+        self.layer_id = layer_id
+        C, H, N = cfg.n_embd, cfg.n_head, cfg.head_size
+
+        def vec():
+            return nn.Parameter(torch.zeros(1, 1, C))
+
+        def mat(rows, cols):
+            return nn.Parameter(torch.zeros(rows, cols))
+
+        self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g = (vec() for _ in range(6))
+        self.w0, self.w1, self.w2 = vec(), mat(C, cfg.d_decay_lora), mat(cfg.d_decay_lora, C)
+        self.a0, self.a1, self.a2 = vec(), mat(C, cfg.d_aaa_lora), mat(cfg.d_aaa_lora, C)
+        self.v0, self.v1, self.v2 = vec(), mat(C, cfg.d_mv_lora), mat(cfg.d_mv_lora, C)
+        self.g1, self.g2 = mat(C, cfg.d_gate_lora), mat(cfg.d_gate_lora, C)
+        self.k_k, self.k_a = vec(), vec()
+        self.r_k = nn.Parameter(torch.zeros(H, N))
+        self.receptance = _skip_init_linear(C, C)
+        self.key = _skip_init_linear(C, C)
+        self.value = _skip_init_linear(C, C)
+        self.output = _skip_init_linear(C, C)
+        self.ln_x = HeadGroupNorm(C, N)
+        self.init_table()
+    @torch.no_grad()
+    def init_table(self, randomize: bool = False) -> None:
+        """The spec's per-parameter table values; random LoRA w2/a2/v2/g2 only when randomize."""
+        cfg, l = self.cfg, self.layer_id
+        C, L, N = cfg.n_embd, cfg.n_layer, cfg.head_size
+        dev = self.x_r.device
+        n = torch.arange(C, dtype=torch.float64, device=dev)
+        d = n / C                                   # (C,)
+        lin = n / (C - 1) - 0.5                     # (C,)
+        z = ((n % N) - (N - 1) / 2) / ((N - 1) / 2)
+        zig = z * z.abs()                           # (C,)
+        r0 = l / (L - 1) if L > 1 else 0.0          # 0 .. 1
+        r1 = 1.0 - l / L                            # 1 .. almost 0
+        www = -6 + 6 * (n / (C - 1)) ** (1 + r0 ** 0.3)
+
+        def put(p, values):
+            p.copy_(values.view(p.shape).to(p.dtype))  # (C,) -> (1, 1, C)
+
+        for p, e in ((self.x_r, 0.2), (self.x_w, 0.9), (self.x_k, 0.7),
+                     (self.x_v, 0.7), (self.x_a, 0.9), (self.x_g, 0.2)):
+            put(p, 1.0 - d ** (e * r1))
+        put(self.w0, www + 0.5 + 2.5 * zig)
+        put(self.a0, -0.19 + 0.3 * zig + 0.4 * lin)
+        put(self.v0, 0.73 - 0.4 * lin)
+        put(self.k_k, 0.71 - 0.1 * lin)
+        self.k_a.fill_(1.02)
+        self.r_k.fill_(-0.04)
+        for p in (self.w1, self.a1, self.v1, self.g1):
+            p.zero_()
+        for p in (self.w2, self.a2, self.v2, self.g2):
+            if randomize:
+                _orthogonal_spec_(p, 0.1)
+            else:
+                p.zero_()
+        self.ln_x.weight.fill_(((1 + l) / L) ** 0.7)
+        self.ln_x.bias.zero_()
+
+    def params(self, as_modules: bool = False) -> TimeMixParams:
+        return _params(self, TimeMixParams, as_modules)
+
+    def forward(self, x, x_prev, v_first, state, head_size: int, wkv_impl: str, compiled: bool = False):
+        """time_mix() of this layer; the linear layers and ln_x called as modules."""
+        p = self.params(as_modules=True)
+        return time_mix(p, x, x_prev, v_first, state, head_size, wkv_impl, compiled)
+
+
 class ChannelMix(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int):
         super().__init__()
@@ -400,15 +512,18 @@ class ChannelMix(nn.Module):
         d = torch.arange(C, dtype=torch.float64, device=self.x_k.device) / C
         self.x_k.copy_((1.0 - d ** (r1 ** 4)).view(1, 1, C).to(self.x_k.dtype))  # (1, 1, C)
 
+    def params(self, as_modules: bool = False) -> ChannelMixParams:
+        return _params(self, ChannelMixParams, as_modules)
+
     def forward(self, x, x_prev=None):
-        """x: (B, T, C) (the ln2 output)."""
-        h = torch.relu(self.key(_channel_mix_in(x, _shift(x, x_prev), self.x_k))) ** 2  # (B, T, 4C)
-        return self.value(h)  # (B, T, C)
+        """channel_mix(self.params(...), x, x_prev); the linear layers called as modules."""
+        return channel_mix(self.params(as_modules=True), x, x_prev)
 
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int):
         super().__init__()
+        self.cfg = cfg
         self.layer_id = layer_id
         self.ln1 = nn.LayerNorm(cfg.n_embd)
         self.ln2 = nn.LayerNorm(cfg.n_embd)
@@ -418,37 +533,24 @@ class Block(nn.Module):
         self.ffn = ChannelMix(cfg, layer_id)
         self.compiled = False  # set by RWKV7.compile_blocks
 
-    def forward(self, x, v_first, grad_cp: bool = False):
-        """grad_cp: a compiled block checkpoints inside its graph (RWKV7.forward_hidden wraps
-        eager blocks in checkpoint() instead)."""
-        if self.layer_id == 0:
-            x = self.ln0(x)
-        if not self.compiled:
-            # module by module: DeepSpeed ZeRO-3 gathers each module's weights in its forward
-            dx, v_first = self.att(self.ln1(x), v_first)
-            x = x + dx
-            return x + self.ffn(self.ln2(x)), v_first
-        # compiled (never under ZeRO-3, which partitions the weights read here directly); with
-        # grad_cp the backward graph recomputes the block within the same compiled call
-        cfg = self.att.cfg
-        fn = _block_fused_cp if grad_cp else _block_fused
-        return _compiled(fn)(x, v_first, cfg.head_size, cfg.wkv_impl, *self.fused_params())
+    def params(self, as_modules: bool = False) -> BlockParams:
+        return _params(self, BlockParams, as_modules)
 
-    def fused_params(self) -> tuple:
-        """_block_fused's parameter arguments: ln1, att, ln_x, ln2, ffn."""
-        a, f = self.att, self.ffn
+    def forward(self, x, v_first, state=None, grad_cp: bool = False):
+        """block(): x (B, T, C) -> (x, v_first, the state after x, None without `state`).
 
-        def ln(m):
-            return (m.weight, m.bias, m.eps)
-
-        def vec(p):  # (1, 1, C) or (H, N) -> (C,): torch 2.11's compiled backward can return a
-            return p.view(-1)  # vector parameter's gradient as (C,); the view's backward reshapes it
-
-        att = (vec(a.x_r), vec(a.x_w), vec(a.x_k), vec(a.x_v), vec(a.x_a), vec(a.x_g),
-               vec(a.w0), a.w1, a.w2, vec(a.a0), a.a1, a.a2, vec(a.v0), a.v1, a.v2, a.g1, a.g2,
-               vec(a.k_k), vec(a.k_a), vec(a.r_k),
-               a.receptance.weight, a.key.weight, a.value.weight, a.output.weight)
-        return ln(self.ln1), att, ln(a.ln_x), ln(self.ln2), (vec(f.x_k), f.key.weight, f.value.weight)
+        Eager: module by module (DeepSpeed ZeRO-3 gathers each module's weights in its
+        forward). Compiled (training, no state): one graph reading the weights directly, never
+        under ZeRO-3; with grad_cp it checkpoints inside the graph, so that the backward graph
+        recomputes the block within the same compiled call (RWKV7.forward_hidden wraps eager
+        blocks in checkpoint() instead).
+        """
+        N, impl = self.cfg.head_size, self.cfg.wkv_impl
+        if self.compiled and state is None:
+            fused = _compiled(_block_fused_cp if grad_cp else _block_fused)
+            x, v_first = fused(self.params(), x, v_first, N, impl)
+            return x, v_first, None
+        return block(self.params(as_modules=True), x, v_first, state, N, impl)
 
 
 class RWKV7(nn.Module):
@@ -467,8 +569,8 @@ class RWKV7(nn.Module):
     count_params = staticmethod(count_params)
 
     def compile_blocks(self) -> None:
-        """Run each block as one torch.compile'd function (_block_fused) and the head loss's
-        per-chunk softmax work compiled too.
+        """Run each block as one torch.compile'd function (_block_fused: block() on plain
+        tensors) and the head loss's per-chunk softmax work compiled too.
 
         Inside a block the compiler fuses the layer norms, token shift and mixing, LoRAs,
         normalisation, ln_x, bonus, gating, squared ReLU and the residual adds around the
@@ -529,11 +631,11 @@ class RWKV7(nn.Module):
         x = self.emb(idx)  # (B, T, C)
         v_first = None
         use_cp = self.cfg.grad_cp and torch.is_grad_enabled()
-        for block in self.blocks:
-            if use_cp and not block.compiled:
-                x, v_first = checkpoint(block, x, v_first, use_reentrant=False)
+        for blk in self.blocks:
+            if use_cp and not blk.compiled:
+                x, v_first, _ = checkpoint(blk, x, v_first, use_reentrant=False)
             else:  # a compiled block checkpoints inside its graph
-                x, v_first = block(x, v_first, grad_cp=use_cp)
+                x, v_first, _ = blk(x, v_first, grad_cp=use_cp)
         return self.ln_out(x)  # (B, T, C)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
@@ -582,15 +684,9 @@ class RWKV7(nn.Module):
         x = self.emb(idx)  # (B, T, C)
         v_first = None
         new_state = []
-        for block, (att_prev, wkv_state, ffn_prev) in zip(self.blocks, state):
-            if block.layer_id == 0:
-                x = block.ln0(x)
-            h = block.ln1(x)  # (B, T, C)
-            dx, v_first, wkv_new = block.att(h, v_first, x_prev=att_prev, state=wkv_state, return_state=True)
-            x = x + dx
-            h2 = block.ln2(x)  # (B, T, C)
-            x = x + block.ffn(h2, x_prev=ffn_prev)
-            new_state.append((h[:, -1], wkv_new.float(), h2[:, -1]))
+        for blk, layer_state in zip(self.blocks, state):
+            x, v_first, layer_state = blk(x, v_first, state=layer_state)
+            new_state.append(layer_state)
         if last_only:
             x = x[:, -1:]  # (B, 1, C): the head is most of the work of a prefill
         logits = self.head(self.ln_out(x))  # (B, T, V)
@@ -609,103 +705,9 @@ def _default_chunk_rows(vocab: int, device_type: str = "cpu") -> int:
     return max(1, budget // max(1, vocab))
 
 
-class L2Wrap(torch.autograd.Function):
-    """loss' = L2Wrap.apply(loss, logits): forward returns loss unchanged; backward adds
-    1e-4 / (B*T) * max_logit to the arg-max logit's gradient at every position (scaled
-    by the incoming gradient). logits: (..., V); B*T = number of positions."""
-
-    @staticmethod
-    def forward(ctx, loss, logits):
-        maxx, ids = logits.detach().max(dim=-1, keepdim=True)  # (..., 1)
-        ctx.save_for_backward(maxx, ids)
-        ctx.logits_shape = logits.shape
-        ctx.logits_dtype = logits.dtype
-        ctx.n_pos = max(1, logits.numel() // logits.shape[-1])
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        maxx, ids = ctx.saved_tensors
-        gy = torch.zeros(ctx.logits_shape, dtype=ctx.logits_dtype, device=maxx.device)
-        gy.scatter_(-1, ids, (maxx.to(_acc_dtype(maxx.dtype)) * (L2WRAP_FACTOR / ctx.n_pos) * grad_output).to(gy.dtype))
-        return grad_output, gy
-
-
-def _ce_chunk_stats(chunk32: torch.Tensor, tgt: torch.Tensor):
-    """In place on an fp32 (n, V) logits chunk: returns (max, argmax, target logit, sum exp(l - max));
-    chunk32 holds exp(l - max) afterwards."""
-    m, am = chunk32.max(dim=1)                             # (n,)
-    tl = chunk32.gather(1, tgt.unsqueeze(1)).squeeze(1)    # (n,)
-    chunk32.sub_(m.unsqueeze(1)).exp_()
-    s = chunk32.sum(dim=1)                                 # (n,)
-    return m, am, tl, s
-
-
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp32 for fp32/bf16/fp16, fp64 for fp64: the dtype of softmax statistics."""
     return torch.promote_types(dtype, torch.float32)
-
-
-def _fp32_copy(t: torch.Tensor) -> torch.Tensor:
-    """A fresh copy in the accumulation dtype (never a view of the caller's tensor)."""
-    acc = _acc_dtype(t.dtype)
-    return t.clone() if t.dtype == acc else t.to(acc)
-
-
-class _ChunkedCE(torch.autograd.Function):
-    """Mean CE over logits (M, V) + L2Wrap, holding no fp32 copy of the whole logits."""
-
-    @staticmethod
-    def forward(ctx, logits, targets, chunk_rows):
-        M, V = logits.shape
-        acc = _acc_dtype(logits.dtype)
-        lse = torch.empty(M, dtype=acc, device=logits.device)
-        mx = torch.empty(M, dtype=acc, device=logits.device)
-        amx = torch.empty(M, dtype=torch.long, device=logits.device)
-        total = torch.zeros((), dtype=torch.float64, device=logits.device)
-        with torch.no_grad():
-            for i in range(0, M, chunk_rows):
-                c32 = _fp32_copy(logits[i:i + chunk_rows])
-                m, am, tl, s = _ce_chunk_stats(c32, targets[i:i + chunk_rows])
-                lse[i:i + chunk_rows] = m + s.log()
-                mx[i:i + chunk_rows] = m
-                amx[i:i + chunk_rows] = am
-                total += (lse[i:i + chunk_rows] - tl).sum(dtype=torch.float64)
-        ctx.save_for_backward(logits, targets, lse, mx, amx)
-        ctx.chunk_rows = chunk_rows
-        return (total / M).float()
-
-    @staticmethod
-    def backward(ctx, g):
-        logits, targets, lse, mx, amx = ctx.saved_tensors
-        M, V = logits.shape
-        R = ctx.chunk_rows
-        grad = torch.empty_like(logits)
-        scale = g.to(lse.dtype) / M
-        rows_all = torch.arange(min(R, M), device=logits.device)
-        for i in range(0, M, R):
-            c32 = _fp32_copy(logits[i:i + R])
-            n = c32.shape[0]
-            rows = rows_all[:n]
-            c32.sub_(lse[i:i + R].unsqueeze(1)).exp_()   # softmax
-            c32.mul_(scale)
-            c32[rows, targets[i:i + R]] -= scale
-            c32[rows, amx[i:i + R]] += (L2WRAP_FACTOR * scale) * mx[i:i + R]
-            grad[i:i + R] = c32
-        return grad, None, None
-
-
-def l2wrap_loss(logits: torch.Tensor, targets: torch.Tensor, chunk_rows: int | None = None) -> torch.Tensor:
-    """Mean CE of logits (B, T, V) against targets (B, T), plus the L2Wrap gradient.
-
-    Chunked over rows: besides the logits themselves (and their gradient in backward)
-    it holds only one fp32 chunk of about 128 MiB.
-    """
-    V = logits.shape[-1]
-    if targets.shape != logits.shape[:-1]:
-        raise ValueError(f"targets shape {tuple(targets.shape)} does not match logits {tuple(logits.shape)}")
-    R = chunk_rows or _default_chunk_rows(V)
-    return _ChunkedCE.apply(logits.reshape(-1, V), targets.reshape(-1).long(), R)  # (B*T, V), (B*T,)
 
 
 _SCRATCH: dict = {}
@@ -848,14 +850,8 @@ def head_l2wrap_loss(hidden: torch.Tensor, head_weight: torch.Tensor, targets: t
     if dev_type in ("cuda", "cpu") and torch.is_autocast_enabled(dev_type):
         hidden = hidden.to(torch.get_autocast_dtype(dev_type))
     R = chunk_rows or _default_chunk_rows(V, dev_type)
-    with torch.autocast(device_type=dev_type, enabled=False) if dev_type in ("cuda", "cpu") else _null():
+    no_autocast = dev_type in ("cuda", "cpu")
+    with torch.autocast(device_type=dev_type, enabled=False) if no_autocast else contextlib.nullcontext():
         # (B*T, C), (V, C), (B*T,)
         return _HeadCE.apply(hidden.reshape(B * T, C), head_weight, targets.reshape(-1).long(), R, compiled)
 
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False

@@ -47,7 +47,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-__all__ = ["wkv7", "wkv7_chunked", "wkv7_reference"]
+__all__ = ["wkv7", "wkv7_chunked", "wkv7_reference", "wkv7_step"]
 
 # Largest total log-decay inside one chunk for which the factored form is used.
 _FACTORED_MAX_LOGDECAY = 15.0
@@ -269,26 +269,63 @@ def wkv7_chunked(r, w, k, v, a, b, head_size: int, state=None, chunk_len: int = 
 # Public entry point
 # --------------------------------------------------------------------------------------------
 
-def wkv7(r, w, k, v, a, b, head_size: int, impl: str = "auto"):
-    """WKV7 output y (B, T, C) in r's dtype, from a zero state.
+def wkv7_step(r, w, k, v, a, b, head_size: int, state=None):
+    """One token with a state: r..b (B, 1, C) or (B, C); returns (y like r, state (B, H, N, N)).
 
-    impl "auto": CUDA tensors go to rwkvlm.wkv_cuda.wkv7_cuda when that module
-    imports (it takes any T and any float dtype); everything else, and CUDA when
-    the module is missing, takes the chunked PyTorch path. "torch" always takes
-    the PyTorch path (the fp32 reference for parity runs); "cuda" requires the kernel.
+    The recurrence once, as a handful of batched ops (the cheap step of token-by-token
+    generation; the sequence paths' chunking and padding would only add work at T = 1).
+    """
+    squeeze = r.dim() == 2
+    if squeeze:
+        r, w, k, v, a, b = (t.unsqueeze(1) for t in (r, w, k, v, a, b))  # (B, 1, C)
+    _check_inputs(r, w, k, v, a, b, head_size)
+    B, T, C = r.shape
+    if T != 1:
+        raise ValueError(f"wkv7_step takes one token, got T = {T}")
+    N = head_size
+    H = C // N
+    _check_state(state, B, H, N)
+    cd = _compute_dtype(r)
+    with _no_autocast(r.device):
+        rr, ww, kk, vv, aa, bb = (t.to(cd).view(B, H, N) for t in (r, w, k, v, a, b))  # (B, H, N)
+        S = r.new_zeros((B, H, N, N), dtype=cd) if state is None else state.to(cd)  # (B, H, Nv, Nk)
+        sa = S @ aa.unsqueeze(-1)  # (B, H, Nv, 1)
+        S = S * torch.exp(-torch.exp(ww)).unsqueeze(-2) + sa @ bb.unsqueeze(-2) + vv.unsqueeze(-1) @ kk.unsqueeze(-2)
+        y = (S @ rr.unsqueeze(-1)).view(B, 1, C).to(r.dtype)  # (B, H, Nv, 1) -> (B, 1, C)
+    return (y.squeeze(1) if squeeze else y), S
+
+
+def wkv7(r, w, k, v, a, b, head_size: int, impl: str = "auto", initial_state=None,
+         output_final_state: bool = False):
+    """The WKV7 dispatcher: (y (B, T, C) in r's dtype, final state (B, H, N, N) fp32 or None).
+
+    initial_state: (B, H, N, N) in the [value, key] layout, None for zero; the final state
+    is returned when output_final_state is set or an initial state is given.
+    impl "auto": CUDA tensors take the kernel (rwkvlm.wkv_cuda) when its module imports:
+    the training op from a zero state, the inference op (no autograd) with a state; a state
+    that needs gradients, CPU tensors and a missing kernel module take the chunked PyTorch
+    path, which differentiates through everything. One token with a state takes wkv7_step.
+    "torch" always takes the PyTorch paths (the fp32 reference of parity runs); "cuda"
+    requires the kernel.
     """
     if impl == "cuda" and not r.is_cuda:
         raise ValueError("wkv7(impl='cuda') needs CUDA tensors")
-    if impl == "cuda":
-        from rwkvlm.wkv_cuda import wkv7_cuda
-
-        return wkv7_cuda(r, w, k, v, a, b, head_size=head_size)
-    if r.is_cuda and impl == "auto":
+    stateful = initial_state is not None or output_final_state
+    if stateful and r.shape[1] == 1 and impl != "cuda":
+        return wkv7_step(r, w, k, v, a, b, head_size, state=initial_state)
+    kernel = None
+    if r.is_cuda and impl in ("auto", "cuda"):
         try:
-            from rwkvlm.wkv_cuda import wkv7_cuda
+            import rwkvlm.wkv_cuda as kernel
         except ImportError:
-            wkv7_cuda = None
-        if wkv7_cuda is not None:
-            return wkv7_cuda(r, w, k, v, a, b, head_size=head_size)
-    y, _ = wkv7_chunked(r, w, k, v, a, b, head_size)
-    return y
+            if impl == "cuda":
+                raise
+    if kernel is not None:
+        if not stateful:
+            return kernel.wkv7_cuda(r, w, k, v, a, b, head_size=head_size), None
+        needs_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (r, w, k, v, a, b, initial_state))
+        if not needs_grad:
+            return kernel.wkv7_cuda_state(r, w, k, v, a, b, initial_state, head_size=head_size)
+    y, state = wkv7_chunked(r, w, k, v, a, b, head_size, state=initial_state)
+    return y, (state if stateful else None)
