@@ -4,7 +4,7 @@ torch.compile'd blocks, and where the step's time goes.
 The model is cast to bf16 as DeepSpeed's bf16 mode does, with gradient checkpointing
 (GRAD_CP 1), the CUDA WKV kernel and the fused head loss; tokens are random. The
 optimiser is left out (DeepSpeed's fused Adam is a few ms per step): the trainer's
-own figures come from gpu_train_run.sh. The profile groups CUDA kernel time by kind.
+own figures come from the train scenarios of benchmarks/run.py. The profile groups CUDA kernel time by kind.
 
     python benchmarks/bench_step.py --bsz 16 --modes eager compile --profile
 """
