@@ -17,6 +17,7 @@ One module per concern:
   optim        optimiser groups and the learning-rate schedule
   checkpoint   rwkv-*.pth files and exact-resume states
   lit          the LightningModule: steps, logs, saves, resume
+  progress     the progress bar: the run's global step of its total
   trainlog     train_log.txt's lines: a header per run, one line per mini-epoch
   train        train.py (RWKV-v7/train_temp/train.py)
   generate     loading a checkpoint, sampling with a carried state

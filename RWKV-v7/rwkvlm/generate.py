@@ -75,9 +75,10 @@ def _no_such_checkpoint(path: Path) -> UserError:
             shown = ", ".join(found[-6:])
             hint = f" {parent} holds: {shown}."
     return UserError(
-        f"no such checkpoint {path}; checkpoints are in RWKV-v7/train_temp/out/<PROJ_DIR>/ "
-        f"(rwkv-final.pth when training finished, rwkv-N.pth after each mini-epoch, rwkv-latest.pth at every "
-        f"exact-resume save); pass the PROJ_DIR itself to use its newest weights.{hint}"
+        f"no such checkpoint {path}; checkpoints are in the run's PROJ_DIR, which the scripts give relative to "
+        f"RWKV-v7/train_temp (PROJ_DIR=out/L12-D768-x070 is RWKV-v7/train_temp/out/L12-D768-x070/): "
+        f"rwkv-final.pth when training finished, rwkv-N.pth after each mini-epoch, rwkv-latest.pth at every "
+        f"exact-resume save; pass the PROJ_DIR itself to use its newest weights.{hint}"
     )
 
 

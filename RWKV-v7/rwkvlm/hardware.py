@@ -70,7 +70,10 @@ def resolve(cfg: TrainConfig, cuda_available: bool | None = None) -> Hardware:
 
 
 def set_matmul_precision(hw: Hardware) -> None:
-    """tf32 matmuls for --precision tf32 on GPU, exact fp32 for fp32 (torch's own default)."""
+    """tf32 matmuls for --precision tf32 on GPU, exact fp32 for fp32 (torch's own default).
+
+    bf16 and fp16 leave torch's default as it is. Lightning's hint to lower the float32 matmul
+    precision is kept out of the output (train.LIBRARY_NOISE): --precision decides it."""
     if not hw.on_gpu:
         return
     import torch

@@ -40,13 +40,15 @@ PROFILE_AFTER_STEPS = 10  # --profile_steps skips the run's first steps (compila
 
 
 class RWKVTrainModule(pl.LightningModule):
-    def __init__(self, cfg, model, data, start, log=print):
+    def __init__(self, cfg, model, data, start, log=print, seed=None):
         super().__init__()
         self.cfg = cfg
         self.model = model
         self.data = data  # BinIdx
         self.start = start  # checkpoint.StartPoint
         self.print_fn = log
+        self.seed = seed  # recorded in the states: an exact resume reuses it (train._seed)
+        self.end_message = None  # why the run ended, printed once the progress bar is closed
         st = start.state if start.exact else {}  # a run that continues exactly keeps its running sums
         self.run_start_step = start.run_start_step
         self.epoch_loss_sum = float(st.get("epoch_loss_sum", 0.0))
@@ -195,11 +197,11 @@ class RWKVTrainModule(pl.LightningModule):
             pending = ([epoch_file] if epoch_file else []) + ([FINAL] if final else [])
             self._save(step, pending=pending, final=final)
         if final:
-            self.print_fn(f"\nreached --my_exit_tokens ({cfg.my_exit_tokens}): wrote {self.rd.final}")
+            self.end_message = f"reached --my_exit_tokens ({cfg.my_exit_tokens}): wrote {self.rd.final}"
             return
         if stop:
-            self.print_fn(f"\nstopped at step {step} on request; saved an exact-resume state. "
-                          f"Re-run the script to continue.")
+            self.end_message = (f"stopped at step {step} on request; saved an exact-resume state. "
+                                f"Re-run the script to continue.")
             self.trainer.should_stop = True
 
     def on_train_end(self):
@@ -208,6 +210,8 @@ class RWKVTrainModule(pl.LightningModule):
         self._restore_signal_handlers()
         if self.wandb_run is not None:
             self.wandb_run.finish()
+        if self.end_message:  # after the progress bar's last line (its on_train_end runs first)
+            self.print_fn(self.end_message)
 
     def on_exception(self, exception):
         self._restore_signal_handlers()
@@ -395,6 +399,7 @@ class RWKVTrainModule(pl.LightningModule):
             # the logs as far as this state: a resume from it cuts what a killed run wrote later
             "log_lines": [_count_lines(self.rd.train_log), _count_lines(self.rd.loss_log)],
             "wandb_id": self.wandb_id, "kind": "deepspeed" if engine is not None else "torch",
+            "seed": self.seed,
             "fingerprint": run_fingerprint(self.cfg), "saved_at": str(datetime.datetime.now()),
         }
 
@@ -502,8 +507,8 @@ class RWKVTrainModule(pl.LightningModule):
         try:
             import wandb
         except ImportError:
-            self.print_fn("note: --wandb is set but the wandb package is not installed (pip install wandb); "
-                          "training continues without it.")
+            self.print_fn('note: --wandb is set but the wandb package is not installed (pip install -e ".[wandb]", '
+                          'or WANDB="" in demo-training-run.sh to turn wandb off); training continues without it.')
             return
         settings = {}
         if not os.environ.get("WANDB_MODE") and not _wandb_logged_in():

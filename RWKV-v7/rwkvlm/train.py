@@ -21,16 +21,32 @@ from rwkvlm.errors import UserError, run_cli
 
 
 def log(msg: str) -> None:
+    """Print on rank 0 only; above the progress bar while one is shown (rwkvlm.progress)."""
     if int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0:
-        print(msg, flush=True)
+        from tqdm import tqdm
+
+        if getattr(tqdm, "_instances", None):  # a bar is shown: clear it, print, draw it again
+            tqdm.write(msg, file=sys.stdout)
+            sys.stdout.flush()
+        else:
+            print(msg, flush=True)
 
 
-def _seed(cfg: TrainConfig) -> int:
-    seed = cfg.random_seed if cfg.random_seed >= 0 else random.SystemRandom().randrange(2**31)
+def _seed(cfg: TrainConfig, start=None) -> tuple[int, str]:
+    """Seed every RNG; returns (seed, how the run's first line names it).
+
+    An exact resume reuses the seed its state recorded (the RNG states it restores were drawn
+    from it); otherwise --random_seed, or a fresh one for -1."""
+    recorded = start.state.get("seed") if start is not None and start.exact else None
+    if isinstance(recorded, int):
+        seed, said = recorded, f"seed {recorded} (from the state)"
+    else:
+        seed = cfg.random_seed if cfg.random_seed >= 0 else random.SystemRandom().randrange(2**31)
+        said = f"seed {seed}"
     import pytorch_lightning as pl
 
     pl.seed_everything(seed, workers=True, verbose=False)
-    return seed
+    return seed, said
 
 
 def _ranks() -> tuple[int, int]:
@@ -64,7 +80,7 @@ def _prepare(cfg: TrainConfig) -> int:
     from rwkvlm.model import RWKV7, count_params
     from rwkvlm.rundir import RunDir
 
-    seed = _seed(cfg)
+    seed, _ = _seed(cfg)
     proj = cfg.proj_path
     proj.mkdir(parents=True, exist_ok=True)
     mcfg = cfg.model_config()
@@ -133,7 +149,7 @@ def _train(cfg: TrainConfig, data, accelerator, strategy, precision) -> int:
             f"ends at step {cfg.total_steps} ({rd.final}). Raise --my_exit_tokens to train on (the run then "
             f"continues exactly from there), or use a new PROJ_DIR.")
         return 0
-    seed = _seed(cfg)
+    seed, said = _seed(cfg, start)
     model = RWKV7(cfg.model_config())
     if start.weights is not None:
         check_weights_fit(start.weights, model, start.source)
@@ -147,16 +163,21 @@ def _train(cfg: TrainConfig, data, accelerator, strategy, precision) -> int:
 
     log(f"RWKV-7 L{cfg.n_layer}-D{cfg.n_embd} ctx {cfg.ctx_len}, {cfg.world_size} x {cfg.micro_bsz} samples/step, "
         f"epoch_steps {cfg.epoch_steps}, {cfg.tokens_per_step} tokens/step, steps {start.step} -> "
-        f"{cfg.total_steps}, mini-epoch {start.step // cfg.epoch_steps}, from {start.source}, seed {seed}, "
+        f"{cfg.total_steps}, mini-epoch {start.step // cfg.epoch_steps}, from {start.source}, {said}, "
         f"{accelerator} {cfg.strategy} {cfg.precision}{' compiled' if compiled else ''}")
-    module = RWKVTrainModule(cfg, model, data, start, log=log)
+    module = RWKVTrainModule(cfg, model, data, start, log=log, seed=seed)
+    callbacks = []
+    if cfg.enable_progress_bar:
+        from rwkvlm.progress import StepProgressBar
+
+        callbacks.append(StepProgressBar(start.step, cfg.total_steps))
     trainer = pl.Trainer(
         accelerator=accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes, strategy=strategy,
         precision=precision, max_epochs=1, logger=False, enable_checkpointing=False,
         enable_progress_bar=cfg.enable_progress_bar, enable_model_summary=False,
         gradient_clip_val=cfg.grad_clip if cfg.grad_clip > 0 else None, use_distributed_sampler=False,
         num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=cfg.proj_dir,
-        log_every_n_steps=1000000,
+        log_every_n_steps=1000000, callbacks=callbacks,
     )
     trainer.fit(module)
     return 0
@@ -174,15 +195,45 @@ def main(argv=None) -> int:
     if cfg.train_stage == 3:
         for w in cfg.warnings():
             log(f"WARNING: {w}")
-    warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    warnings.filterwarnings("ignore", ".*`training_step` returned `None`.*")
-    warnings.filterwarnings("ignore", ".*LeafSpec.*")  # a Lightning-internal deprecation, not the user's
-    logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(
-        lambda record: "litlogger" not in record.getMessage())  # an advert, not information
-    warnings.showwarning = _show_warning
+    quiet_libraries()
     if cfg.train_stage == 1:
         return prepare(cfg)
     return run(cfg)
+
+
+# What Lightning and torch print that tells a user of the scripts nothing: the device banner (the
+# run's first line names the accelerator), the note at every end of fit (the trainer says why it
+# stopped), the float32 matmul hint (--precision decides the matmul precision:
+# hardware.set_matmul_precision), per-rank process-group banners, an advert.
+LIBRARY_NOISE = (
+    "GPU available: ", "TPU available: ", "HPU available: ", "IPU available: ", "`Trainer.fit` stopped",
+    "that has Tensor Cores", "set_float32_matmul_precision", "CUDA_VISIBLE_DEVICES: [",
+    "Initializing distributed: ", "All distributed processes registered", "litlogger",
+)
+NOISY_LOGGERS = ("pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.rank_zero",
+                 "pytorch_lightning.accelerators.cuda", "lightning_fabric.utilities.distributed")
+NOISY_WARNINGS = (
+    ".*does not have many workers.*",
+    ".*`training_step` returned `None`.*",
+    ".*LeafSpec.*",  # a Lightning-internal deprecation, not the user's
+    r"barrier\(\): using the device under current context",  # torch.distributed, every DDP save
+    ".*GPU available but not used.*",  # --accelerator cpu on a GPU machine: what was asked for
+)
+
+
+def _not_noise(record: logging.LogRecord) -> bool:
+    msg = record.getMessage()
+    return not any(s in msg for s in LIBRARY_NOISE)
+
+
+def quiet_libraries() -> None:
+    """Keep Lightning's and torch's notes that say nothing to the user out of the output
+    (idempotent: called by every main())."""
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).addFilter(_not_noise)  # the same function object is added once
+    for pattern in NOISY_WARNINGS:
+        warnings.filterwarnings("ignore", pattern)
+    warnings.showwarning = _show_warning
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
