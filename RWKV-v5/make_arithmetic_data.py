@@ -1,11 +1,11 @@
 """Generate the arithmetic demo corpus: python make_arithmetic_data.py demo.jsonl --docs 20000 --seed 0
 
-Thin wrapper around rwkvlm.arithmetic (see `python make_arithmetic_data.py --help`).
+Thin wrapper around rwkvlm.data.arithmetic (see `python make_arithmetic_data.py --help`).
 """
 import sys
 
 try:
-    from rwkvlm.arithmetic import main
+    from rwkvlm.data.arithmetic import main
     from rwkvlm.errors import run_cli
 except ImportError:
     print("rwkvlm is not installed: run `pip install -e .` in the repository root", file=sys.stderr)

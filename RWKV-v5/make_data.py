@@ -1,12 +1,12 @@
 """Convert a jsonl file to RWKV binidx data: python make_data.py demo.jsonl 30 4096
 
-Thin wrapper around rwkvlm.make_data (see `python make_data.py --help`).
+Thin wrapper around rwkvlm.data.make_data (see `python make_data.py --help`).
 """
 import sys
 
 try:
     from rwkvlm.errors import run_cli
-    from rwkvlm.make_data import main
+    from rwkvlm.data.make_data import main
 except ImportError:
     print("rwkvlm is not installed: run `pip install -e .` in the repository root", file=sys.stderr)
     sys.exit(1)

@@ -3,13 +3,13 @@
     python evaluate.py train_temp/out/L12-D768-x070/rwkv-final.pth
     python evaluate.py train_temp/out/L12-D768-x070 --last 3 --show-errors --json eval.json
 
-The implementation is the installed `rwkvlm` package (RWKV-v7/rwkvlm/evaluate.py).
+The implementation is the installed `rwkvlm` package (RWKV-v7/rwkvlm/infer/evaluate.py).
 """
 import sys
 
 try:
     from rwkvlm.errors import run_cli
-    from rwkvlm.evaluate import main
+    from rwkvlm.infer.evaluate import main
 except ImportError as e:  # the package (or one of its dependencies) is not installed
     raise SystemExit(f"cannot import rwkvlm ({e}): run `pip install -e .` in the repository root.")
 

@@ -37,8 +37,8 @@ def baseline(jsonl: str, copies: int, ctx_len: int, seed: int) -> None:
     import rwkv
     from rwkv.rwkv_tokenizer import TRIE_TOKENIZER
 
-    from rwkvlm.magic_prime import magic_prime
-    from rwkvlm.make_data import copy_orders  # only for the same document order as ours
+    from rwkvlm.data.magic_prime import magic_prime
+    from rwkvlm.data.make_data import copy_orders  # only for the same document order as ours
 
     tokenizer = TRIE_TOKENIZER(str(Path(rwkv.__file__).parent / "rwkv_vocab_v20230424.txt"))
     name = os.path.splitext(os.path.basename(jsonl))[0]
@@ -133,7 +133,7 @@ def main() -> None:
         jsonl, n, ctx, seed = args.baseline_worker
         return baseline(jsonl, int(n), int(ctx), int(seed))
 
-    from rwkvlm.arithmetic import write_jsonl
+    from rwkvlm.data.arithmetic import write_jsonl
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_make_data."))
     work.mkdir(parents=True, exist_ok=True)

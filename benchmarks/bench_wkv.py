@@ -31,7 +31,7 @@ try:
 except ImportError:
     sys.path.insert(0, str(ROOT / "RWKV-v7"))
 
-from rwkvlm.wkv_cuda import load_extension, wkv7_cuda  # noqa: E402
+from rwkvlm.ops.wkv7.cuda import load_extension, wkv7_cuda  # noqa: E402
 
 ROW_CFGS = {0: "RB32 RPT1 CPT16 (128 thr, 2 blk/head)", 1: "RB64 RPT1 CPT16 (256 thr, 1 blk/head)",
             2: "RB32 RPT2 CPT16 (64 thr, 2 blk/head)", 3: "RB32 RPT2 CPT8 (128 thr, 2 blk/head)",
@@ -73,7 +73,7 @@ def bench(fn, warmup=25, rep=200):
 
 
 def ref_fp64(xs, dy, N=64):
-    from rwkvlm.wkv import wkv7_reference
+    from rwkvlm.ops.wkv7 import wkv7_reference
 
     leaves = [x.detach().double().requires_grad_() for x in xs]
     y = wkv7_reference(*leaves, head_size=N)[0]

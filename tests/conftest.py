@@ -1,5 +1,6 @@
 """Shared pytest fixtures and markers: GPU tests skip cleanly without CUDA."""
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -34,5 +35,6 @@ def cpu_env():
     """Environment for subprocesses: CPU only, quiet, no wandb network."""
     env = dict(os.environ)
     env.update({"CUDA_VISIBLE_DEVICES": "", "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1",
+                "PYTHON": sys.executable,  # the scripts' interpreter: this one, which has the test deps
                 "PYTHONWARNINGS": "ignore::DeprecationWarning"})
     return env

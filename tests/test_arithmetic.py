@@ -6,7 +6,7 @@ from decimal import Decimal
 
 import pytest
 
-from rwkvlm.arithmetic import KINDS, EvalItem, ascii_num, en_int, format_prompt, generate_documents, main, \
+from rwkvlm.data.arithmetic import KINDS, EvalItem, ascii_num, en_int, format_prompt, generate_documents, main, \
     make_eval_set, say, zh_int
 from rwkvlm.errors import run_cli
 

@@ -1,11 +1,11 @@
-"""rwkvlm.binidx: MMIDIDX layout, reading any dtype, writing crash-safely."""
+"""rwkvlm.data.binidx: MMIDIDX layout, reading any dtype, writing crash-safely."""
 import os
 import struct
 
 import numpy as np
 import pytest
 
-from rwkvlm.binidx import BinIdx, BinIdxWriter, write_binidx
+from rwkvlm.data.binidx import BinIdx, BinIdxWriter, write_binidx
 from rwkvlm.errors import UserError
 
 # dtype codes from the spec, built by hand here (independent of the module's table)

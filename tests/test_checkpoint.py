@@ -6,12 +6,12 @@ import warnings
 import pytest
 import torch
 
-from rwkvlm.checkpoint import (CorruptCheckpoint, find_start, load_weights, run_fingerprint, save_resume_state,
+from rwkvlm.train.checkpoint import (CorruptCheckpoint, find_start, load_weights, run_fingerprint, save_resume_state,
                                write_final_info)
-from rwkvlm.config import parse_args
+from rwkvlm.train.config import parse_args
 from rwkvlm.errors import UserError
-from rwkvlm.lit import _rng_state
-from rwkvlm.rundir import RunDir
+from rwkvlm.train.lit import _rng_state
+from rwkvlm.train.rundir import RunDir
 
 
 class Evil:  # anything that needs arbitrary unpickling
@@ -300,7 +300,7 @@ def _diverged_dir(tmp_path):
     _state(cfg, 12, loss=2.0)
     _state(cfg, 14, loss=4.0e4)
     _state(cfg, 15, loss=2.5e13)
-    from rwkvlm.checkpoint import write_divergence
+    from rwkvlm.train.checkpoint import write_divergence
 
     good, bad = write_divergence(RunDir(tmp_path), cfg, 16, "the training loss is nan at step 16")
     assert good.path.name == "step-000000012" and [s.path.name for s in bad] == ["step-000000015",

@@ -4,9 +4,9 @@ import dataclasses
 
 import pytest
 
-from rwkvlm.config import TrainConfig, build_parser, parse_args
+from rwkvlm.train.config import TrainConfig, build_parser, parse_args
 from rwkvlm.errors import UserError
-from rwkvlm.hardware import resolve
+from rwkvlm.train.hardware import resolve
 
 RUN = ["--data_file", "x", "--my_exit_tokens", "409600", "--magic_prime", "97", "--ctx_len", "512",
        "--micro_bsz", "4"]

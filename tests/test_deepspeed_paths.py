@@ -15,9 +15,9 @@ import json
 import pytest
 import torch
 
-from rwkvlm.checkpoint import find_start
-from rwkvlm.config import parse_args
-from rwkvlm.lit import RWKVTrainModule
+from rwkvlm.train.checkpoint import find_start
+from rwkvlm.train.config import parse_args
+from rwkvlm.train.lit import RWKVTrainModule
 from trainkit import perturbed_model
 
 
@@ -121,7 +121,7 @@ def test_weights_saved_in_bf16_without_prefixes(tmp_path):
 
 def test_optimizer_device_comes_from_the_strategy(tmp_path, monkeypatch):
     """DeepSpeed builds the optimizer before moving the model: the device must come from the strategy."""
-    import rwkvlm.lit as lit
+    import rwkvlm.train.lit as lit
 
     seen = {}
     monkeypatch.setattr(lit, "make_optimizer", lambda groups, cfg, lr, device_type: seen.setdefault("d", device_type))

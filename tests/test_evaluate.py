@@ -4,9 +4,9 @@ import json
 import pytest
 import torch
 
-from rwkvlm.arithmetic import KINDS, make_eval_set
+from rwkvlm.data.arithmetic import KINDS, make_eval_set
 from rwkvlm.errors import UserError
-from rwkvlm.evaluate import (
+from rwkvlm.infer.evaluate import (
     evaluate_with, expand_checkpoints, format_table, labels_for, main, reply_of, score,
 )
 

@@ -17,7 +17,7 @@ import torch
 from trainkit import make_dataset, perturbed_model, prepare_args, run_args
 
 from rwkvlm.errors import UserError, run_cli
-from rwkvlm.trainlog import before_start, epoch_lines, header_step, is_header
+from rwkvlm.train.trainlog import before_start, epoch_lines, header_step, is_header
 
 EPOCH_STEPS = 12  # --mini_epoch_samples 48 at M_BSZ 4
 STOP_AT = 6
@@ -35,8 +35,8 @@ class _Crash(Exception):
 def _train(args, stop_at=None, crash_at=None):
     """train.py's main in this process; stop_at: stop there as on Ctrl-C (an exact-resume state
     is saved); crash_at: die at that step's save, after its train_log.txt line, before its state."""
-    from rwkvlm.lit import RWKVTrainModule
-    from rwkvlm.train import main
+    from rwkvlm.train.lit import RWKVTrainModule
+    from rwkvlm.train.run import main
 
     batch_end, save = RWKVTrainModule.on_train_batch_end, RWKVTrainModule._save
 
@@ -63,7 +63,7 @@ def stopped(tmp_path_factory):
     root = tmp_path_factory.mktemp("first_run")
     meta = make_dataset(root / "data", n_docs=200, copies=1)
     proj = root / "proj"
-    from rwkvlm.train import main
+    from rwkvlm.train.run import main
 
     assert main(prepare_args(proj)) == 0
     assert _train(_args(meta, proj, 2 * EPOCH_STEPS), stop_at=STOP_AT) == 0
@@ -88,7 +88,7 @@ def test_stopped_run_has_a_train_log_header(stopped):
         assert setting in head.split(), (setting, head)
     assert header_step(head) == 0
     # readers of mini-epoch lines skip it
-    from rwkvlm.plot import read_train_log
+    from rwkvlm.infer.plot import read_train_log
 
     assert read_train_log(proj / "train_log.txt") is None
 
@@ -119,7 +119,7 @@ def test_resume_after_a_kill_appends_its_header_and_repeats_no_mini_epoch(stoppe
     assert lines.index(heads[2]) < lines.index(epochs[0])  # mini-epoch 0 was redone by run 3
     steps = [int(r.split(",")[0]) for r in (proj / "loss_log.csv").read_text().splitlines()[1:]]
     assert steps == list(range(1, 2 * EPOCH_STEPS + 1))
-    from rwkvlm.plot import read_train_log
+    from rwkvlm.infer.plot import read_train_log
 
     assert list(read_train_log(proj / "train_log.txt").epoch) == [0, 1]
 
@@ -164,7 +164,7 @@ def _proj(tmp_path, name="p"):
 
 
 def test_newest_weights_by_training_progress(tmp_path):
-    from rwkvlm.checkpoint import find_weights
+    from rwkvlm.train.checkpoint import find_weights
 
     proj = _proj(tmp_path)
     (proj / "rwkv-0.pth").write_bytes(b"0")  # 48 samples
@@ -193,7 +193,7 @@ def test_newest_weights_by_training_progress(tmp_path):
 
 
 def test_a_file_of_a_resume_state_gives_that_states_weights(tmp_path):
-    from rwkvlm.checkpoint import find_weights
+    from rwkvlm.train.checkpoint import find_weights
 
     proj = _proj(tmp_path)
     d = _state(proj, 8, 32)
@@ -213,7 +213,7 @@ def test_a_file_of_a_resume_state_gives_that_states_weights(tmp_path):
 
 
 def test_old_state_without_weights_pth_loads_its_trainer_model(tmp_path):
-    from rwkvlm.generate import load_model
+    from rwkvlm.infer.generate import load_model
 
     model = perturbed_model(n_layer=1)
     proj = _proj(tmp_path)
@@ -227,8 +227,8 @@ def test_old_state_without_weights_pth_loads_its_trainer_model(tmp_path):
 
 
 def test_chat_and_evaluate_given_the_stopped_proj_dir_use_rwkv_latest(stopped, capsys):
-    from rwkvlm.chat import chat_main
-    from rwkvlm.evaluate import main as evaluate_main
+    from rwkvlm.infer.chat import chat_main
+    from rwkvlm.infer.evaluate import main as evaluate_main
 
     proj = stopped["proj"]
     assert (proj / "rwkv-latest.pth").samefile(proj / "resume" / "step-000000006" / "weights.pth")
@@ -252,7 +252,7 @@ def test_chat_and_evaluate_given_the_stopped_proj_dir_use_rwkv_latest(stopped, c
 
 def test_rwkv_package_loads_rwkv_latest_of_the_stopped_run(stopped):
     """rwkv-latest.pth of a partial run runs in the rwkv pip package, with our model's logits."""
-    from rwkvlm.generate import load_model
+    from rwkvlm.infer.generate import load_model
 
     latest = stopped["proj"] / "rwkv-latest.pth"
     tokens = [11, 22, 33, 4400, 0, 17]
@@ -277,9 +277,9 @@ print(json.dumps(out.float().tolist()))
 # ---------------------------------------------------------------- (c) nothing to test
 
 def test_proj_dir_without_weights_says_what_it_found_and_what_to_do(tmp_path, capsys):
-    from rwkvlm.chat import chat_main
-    from rwkvlm.checkpoint import find_weights
-    from rwkvlm.evaluate import expand_checkpoints
+    from rwkvlm.infer.chat import chat_main
+    from rwkvlm.train.checkpoint import find_weights
+    from rwkvlm.infer.evaluate import expand_checkpoints
 
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -7,11 +7,11 @@ import torch
 from trainkit import perturbed_model
 
 from rwkvlm.errors import UserError
-from rwkvlm.chat import ChatSession, user_turn
-from rwkvlm.generate import (
+from rwkvlm.infer.chat import ChatSession, user_turn
+from rwkvlm.infer.generate import (
     Generator, Penalty, SamplingOptions, StateBatch, TextStream, load_model, sample_logits,
 )
-from rwkvlm.tokenizer import get_tokenizer
+from rwkvlm.data.tokenizer import get_tokenizer
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 GREEDY = SamplingOptions(temperature=0.0, max_tokens=10)

@@ -1,11 +1,11 @@
-"""rwkvlm.magic_prime: the spec's definition, validity check and exact sample positions."""
+"""rwkvlm.data.magic_prime: the spec's definition, validity check and exact sample positions."""
 import math
 from decimal import Decimal, getcontext
 
 import pytest
 
 from rwkvlm.errors import UserError
-from rwkvlm.magic_prime import check_magic_prime, golden_factor, is_prime, magic_prime, sample_start
+from rwkvlm.data.magic_prime import check_magic_prime, golden_factor, is_prime, magic_prime, sample_start
 
 
 def _sieve(n):

@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import rwkvlm.make_data as md
-from rwkvlm.binidx import BinIdx
+import rwkvlm.data.make_data as md
+from rwkvlm.data.binidx import BinIdx
 from rwkvlm.errors import run_cli
-from rwkvlm.magic_prime import magic_prime
-from rwkvlm.make_data import read_meta
-from rwkvlm.tokenizer import get_tokenizer
+from rwkvlm.data.magic_prime import magic_prime
+from rwkvlm.data.make_data import read_meta
+from rwkvlm.data.tokenizer import get_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 WRAPPER = ROOT / "RWKV-v5" / "make_data.py"
@@ -300,7 +300,7 @@ def test_wrapper_without_package_says_what_to_do(tmp_path):
 def test_memory_does_not_grow_with_copies(tmp_path):
     """Peak RSS at N=200 stays within a few MiB of N=1 (the output is ~65 MB at N=200)."""
     write_jsonl(tmp_path / "m.jsonl", [f"doc {i} " + "lorem ipsum " * (i % 80) for i in range(2000)])
-    code = ("import resource, sys, rwkvlm.make_data as m; from rwkvlm.errors import run_cli;"
+    code = ("import resource, sys, rwkvlm.data.make_data as m; from rwkvlm.errors import run_cli;"
             "rc = run_cli(m.main, sys.argv[1:]);"
             "print('RSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)")
     rss = {}

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from losskit import L2Wrap, l2wrap_loss
 from rwkvlm.errors import UserError
-from rwkvlm.model import ModelConfig, RWKV7, count_params, head_l2wrap_loss
+from rwkvlm.model.rwkv7 import ModelConfig, RWKV7, count_params, head_l2wrap_loss
 
 L_, C_, V_ = 2, 128, 1000  # the small model used throughout
 
@@ -370,8 +370,8 @@ def test_cuda_kernel_path_matches_chunked_path(model, monkeypatch):
     g = torch.Generator().manual_seed(4)
     idx = torch.randint(0, V_, (2, 100), generator=g).cuda()   # T not a multiple of 16
     tgt = torch.randint(0, V_, (2, 100), generator=g).cuda()
-    loss_k, grads_k = _loss_and_grads(m, idx, tgt)             # rwkvlm.wkv_cuda (bf16 kernel)
-    monkeypatch.setitem(sys.modules, "rwkvlm.wkv_cuda", None)  # import fails -> chunked path
+    loss_k, grads_k = _loss_and_grads(m, idx, tgt)             # rwkvlm.ops.wkv7.cuda (bf16 kernel)
+    monkeypatch.setitem(sys.modules, "rwkvlm.ops.wkv7.cuda", None)  # import fails -> chunked path
     loss_c, grads_c = _loss_and_grads(m, idx, tgt)
     assert abs(loss_k.item() - loss_c.item()) < 2e-2
     for k in grads_c:
@@ -441,7 +441,7 @@ def test_fused_head_loss_exact_when_target_probability_underflows(compiled):
 def test_block_on_plain_tensors_matches_the_modules(model):
     """What compile_blocks compiles (_block_fused on Block.params()), run uncompiled, gives the
     eager blocks' output and gradients."""
-    from rwkvlm.model import _block_fused
+    from rwkvlm.model.rwkv7 import _block_fused
 
     m = perturbed(model, seed=8)
     idx = torch.randint(0, V_, (2, 21), generator=torch.Generator().manual_seed(8))
@@ -578,8 +578,7 @@ def test_compiler_failure_names_the_flag(monkeypatch, model):
     other errors pass through unchanged."""
     import torch._dynamo.exc
 
-    from rwkvlm import model as model_mod
-
+    from rwkvlm.model import rwkv7 as model_mod
     def broken_compile(fn, **kw):
         def run(*args):
             raise torch._dynamo.exc.BackendCompilerFailed(lambda: None, RuntimeError("no working C compiler"), None)

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from rwkvlm.dataset import MagicPrimeDataset
+from rwkvlm.train.dataset import MagicPrimeDataset
 from trainkit import TRAIN_TEMP, make_dataset, prepare_args, run_args
 
 pytestmark = pytest.mark.slow  # end-to-end trainings

@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from rwkvlm.config import parse_args
-from rwkvlm.optim import lr_at, param_groups
+from rwkvlm.train.config import parse_args
+from rwkvlm.train.optim import lr_at, param_groups
 
 
 def _cfg(**kw):
@@ -75,7 +75,7 @@ def test_deepspeed_arch_list_drops_suffixes(monkeypatch):
     """DeepSpeed's op builder cannot parse '9.0a': the build sees '9.0'; the variable comes back."""
     import os
 
-    from rwkvlm.optim import clean_arch_list, deepspeed_arch_list
+    from rwkvlm.train.optim import clean_arch_list, deepspeed_arch_list
 
     assert clean_arch_list("9.0a") == "9.0"
     assert clean_arch_list("8.0;9.0a+PTX") == "8.0;9.0+PTX"
@@ -93,8 +93,8 @@ def test_deepspeed_arch_list_drops_suffixes(monkeypatch):
 def test_mixed_precision_optimizer_allows_clipping():
     """bf16 / fp16 without DeepSpeed: Lightning clips gradients only for a non-fused optimiser
     (a bf16 CPU run with --grad_clip 1 failed before); fp32 keeps the fused kernels."""
-    from rwkvlm.model import RWKV7, ModelConfig
-    from rwkvlm.optim import make_optimizer, param_groups
+    from rwkvlm.model.rwkv7 import RWKV7, ModelConfig
+    from rwkvlm.train.optim import make_optimizer, param_groups
 
     model = RWKV7(ModelConfig(n_layer=1, n_embd=64, vocab_size=100))
     for precision, fused in (("bf16", False), ("fp32", True)):
@@ -130,7 +130,7 @@ def test_deepspeed_bf16_section_drops_the_overflow_check(monkeypatch):
     import sys
     import types
 
-    from rwkvlm.optim import deepspeed_bf16_config
+    from rwkvlm.train.optim import deepspeed_bf16_config
 
     def fake_deepspeed(fields):
         cls = type("DeepSpeedBF16Config", (), {"model_fields": dict.fromkeys(fields)})
@@ -150,7 +150,7 @@ def test_deepspeed_bf16_section_is_valid_for_the_installed_deepspeed():
     ds = pytest.importorskip("deepspeed")
     from deepspeed.runtime.precision_config import get_bfloat16_config
 
-    from rwkvlm.optim import deepspeed_bf16_config
+    from rwkvlm.train.optim import deepspeed_bf16_config
 
     got = get_bfloat16_config({"bf16": deepspeed_bf16_config()})
     assert got.enabled and getattr(got, "check_grad_overflow", False) is False, ds.__version__
@@ -185,7 +185,7 @@ class _FakeZeroOptimizer:
 def _grad_norm_fixture():
     import types
 
-    from rwkvlm.optim import foreach_grad_norm
+    from rwkvlm.train.optim import foreach_grad_norm
 
     masked = []
 
@@ -240,7 +240,7 @@ def test_foreach_grad_norm_leaves_other_cases_to_deepspeed():
 
 def test_use_foreach_grad_norm_installs_once_when_deepspeed_is_there():
     ds = pytest.importorskip("deepspeed.runtime.zero.stage_1_and_2")
-    from rwkvlm.optim import use_foreach_grad_norm
+    from rwkvlm.train.optim import use_foreach_grad_norm
 
     assert use_foreach_grad_norm() and use_foreach_grad_norm()
     method = ds.DeepSpeedZeroOptimizer.get_grad_norm_direct

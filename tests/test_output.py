@@ -66,8 +66,8 @@ def _gpu_notes():
 def _train(args, stop_at=None, at_step_2=None):
     """train.py's main in this process; stop_at: stop there as on Ctrl-C (an exact-resume state);
     at_step_2: called at the end of step 2."""
-    from rwkvlm.lit import RWKVTrainModule
-    from rwkvlm.train import main
+    from rwkvlm.train.lit import RWKVTrainModule
+    from rwkvlm.train.run import main
 
     batch_end = RWKVTrainModule.on_train_batch_end
 
@@ -89,7 +89,7 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("output")
     meta = make_dataset(root / "data", n_docs=200, copies=1)
     proj = root / "proj"
-    from rwkvlm.train import main
+    from rwkvlm.train.run import main
 
     with _captured():
         assert main(prepare_args(proj)) == 0
@@ -166,7 +166,7 @@ def test_gpu_notes_are_left_out(runs):
 
 def test_missing_checkpoint_message_names_the_path_once():
     from rwkvlm.errors import UserError
-    from rwkvlm.generate import load_model
+    from rwkvlm.infer.generate import load_model
 
     with pytest.raises(UserError) as e:
         load_model("out/L12-D768-x070/rwkv-final.pth", "cpu")

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from rwkvlm.errors import UserError
-from rwkvlm.plot import main, plot_run, read_loss_csv, read_train_log, smooth, tokens_per_mini_epoch
+from rwkvlm.infer.plot import main, plot_run, read_loss_csv, read_train_log, smooth, tokens_per_mini_epoch
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 EPOCH_STEPS = 20

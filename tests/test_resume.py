@@ -17,7 +17,7 @@ import torch
 
 from trainkit import REPO, TRAIN_TEMP, make_dataset, prepare_args, run_args, snapshot
 
-from rwkvlm.trainlog import epoch_lines, is_header
+from rwkvlm.train.trainlog import epoch_lines, is_header
 
 pytestmark = pytest.mark.slow
 

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from rwkvlm.atomic import _host
-from rwkvlm.binidx import write_binidx
+from rwkvlm.data.binidx import write_binidx
 from rwkvlm.errors import UserError
-from rwkvlm.magic_prime import magic_prime
-from rwkvlm.rundir import RunDir
-from rwkvlm.train import main
+from rwkvlm.data.magic_prime import magic_prime
+from rwkvlm.train.rundir import RunDir
+from rwkvlm.train.run import main
 
 from trainkit import TRAIN_TEMP, make_dataset, prepare_args, run_args, snapshot
 
@@ -76,7 +76,7 @@ def test_lock_of_a_dead_run_is_taken_over(data, tmp_path):
     (proj / ".train.lock").write_text(json.dumps({"pid": _dead_pid(), "host": "h", "started": "then",
                                                   "command": "train.py"}))
     said = []
-    import rwkvlm.train as train
+    import rwkvlm.train.run as train
 
     real_log = train.log
     train.log = lambda m: (said.append(m), real_log(m))

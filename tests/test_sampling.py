@@ -1,9 +1,9 @@
 """magic_prime sampling: a bijection over one pass, disjoint across ranks."""
 import numpy as np
 
-from rwkvlm.config import MINI_EPOCH_SAMPLES
-from rwkvlm.dataset import MagicPrimeDataset, StepSampler
-from rwkvlm.magic_prime import magic_prime
+from rwkvlm.train.config import MINI_EPOCH_SAMPLES
+from rwkvlm.train.dataset import MagicPrimeDataset, StepSampler
+from rwkvlm.data.magic_prime import magic_prime
 
 
 def _datasets(n_tokens, ctx, micro_bsz, world):

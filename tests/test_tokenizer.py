@@ -1,11 +1,11 @@
-"""rwkvlm.tokenizer: token-exact with the reference TRIE_TOKENIZER; decode never raises."""
+"""rwkvlm.data.tokenizer: token-exact with the reference TRIE_TOKENIZER; decode never raises."""
 import random
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from rwkvlm.tokenizer import VOCAB_SIZE, get_tokenizer
+from rwkvlm.data.tokenizer import VOCAB_SIZE, get_tokenizer
 
 rwkv = pytest.importorskip("rwkv")
 from rwkv.rwkv_tokenizer import TRIE_TOKENIZER  # noqa: E402
@@ -62,7 +62,7 @@ def corpus():
     for _ in range(2000):
         texts.append(_random_unicode(rng, rng.randint(1, 80)))
     texts.append(_random_unicode(rng, 50000))
-    from rwkvlm.arithmetic import generate_documents
+    from rwkvlm.data.arithmetic import generate_documents
 
     texts.extend(generate_documents(300, seed=5))  # the demo corpus itself
     return texts

@@ -89,8 +89,8 @@ def test_rerun_after_final_does_nothing(trained):
 def test_raising_exit_tokens_continues_exactly(trained, tmp_path):
     """A longer --my_exit_tokens continues exactly from the finished run's last state (optimizer state,
     data position, mini-epoch count, no new warmup), the schedule stretched to the new end."""
-    from rwkvlm.config import parse_args
-    from rwkvlm.optim import lr_at
+    from rwkvlm.train.config import parse_args
+    from rwkvlm.train.optim import lr_at
 
     proj = trained["proj"]
     more = trained["exit_tokens"] + 160 * 64
@@ -114,7 +114,7 @@ def test_checkpoints_run_in_rwkv_package(trained):
     import json
     import sys
 
-    from rwkvlm.model import ModelConfig, RWKV7
+    from rwkvlm.model.rwkv7 import ModelConfig, RWKV7
 
     names = ["rwkv-init.pth", "rwkv-0.pth", "rwkv-final.pth"]
     paths = [str((trained["proj"] / n).with_suffix("")) for n in names]
@@ -155,7 +155,7 @@ def test_profile_steps_writes_a_profile(tmp_path):
     """--profile_steps 3 profiles steps 11-13 into PROJ_DIR/profile.txt; training goes on to the end."""
     from trainkit import prepare_args, run_args
 
-    from rwkvlm.train import main
+    from rwkvlm.train.run import main
 
     meta = make_dataset(tmp_path / "data", n_docs=200, copies=1)
     proj = tmp_path / "proj"

@@ -7,7 +7,7 @@ import warnings
 import pytest
 
 from rwkvlm.errors import UserError
-from rwkvlm.train import main
+from rwkvlm.train.run import main
 
 from trainkit import make_dataset, prepare_args, run_args, snapshot
 
@@ -59,14 +59,14 @@ def test_ctx_len_mismatch(data, proj):
     # the data was prepared for ctx 64; the run says 128 with the prime for 64
     msg = _fails(run_args(data, proj, ctx_len=128), "CTX_LEN is 128", "ctx_len 64", "--magic_prime",
                  proj_dir=proj)
-    from rwkvlm.magic_prime import magic_prime
+    from rwkvlm.data.magic_prime import magic_prime
 
     assert f"--magic_prime {magic_prime(data['tokens'], 128)} --ctx_len 128" in msg
 
 
 @pytest.mark.parametrize("kind", ["not_prime", "not_3n2", "wrong"])
 def test_magic_prime_wrong(data, proj, kind):
-    from rwkvlm.magic_prime import is_prime
+    from rwkvlm.data.magic_prime import is_prime
 
     p = data["magic_prime"]
     bad = {"not_prime": p + 1 if not is_prime(p + 1) else p + 3,
@@ -79,8 +79,8 @@ def test_magic_prime_wrong(data, proj, kind):
 
 
 def test_exit_tokens_differs_is_a_warning(data, proj, monkeypatch):
-    from rwkvlm.config import parse_args
-    from rwkvlm.data_checks import open_training_data
+    from rwkvlm.train.config import parse_args
+    from rwkvlm.train.data_checks import open_training_data
 
     cfg = parse_args(run_args(dict(data, tokens=data["tokens"] * 2), proj))
     with warnings.catch_warnings(record=True) as w:
@@ -149,7 +149,7 @@ def test_loss_turning_nan_stops_before_saving(data, tmp_path, monkeypatch):
     change; the rwkv-N.pth of earlier mini-epochs stay, nothing of the bad step is written."""
     import math
 
-    from rwkvlm.model import RWKV7
+    from rwkvlm.model.rwkv7 import RWKV7
 
     proj = tmp_path / "nan"
     assert main(prepare_args(proj)) == 0

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from rwkvlm.wkv import wkv7, wkv7_chunked, wkv7_reference, wkv7_step
+from rwkvlm.ops.wkv7 import wkv7, wkv7_chunked, wkv7_reference, wkv7_step
 
 import wkvkit
 from wkvkit import rel_rms
@@ -137,7 +137,7 @@ def test_public_wkv7_cpu_any_T():
 
 
 def test_forward_rnn_pieces_equal_whole_forward():
-    from rwkvlm.model import ModelConfig, RWKV7
+    from rwkvlm.model.rwkv7 import ModelConfig, RWKV7
 
     torch.manual_seed(0)
     model = RWKV7(ModelConfig(n_layer=2, n_embd=128, vocab_size=500))
@@ -204,7 +204,7 @@ def test_wkv7_op_pytorch_path_matches_chunked(compiled):
     """The custom op (what compiled blocks call) on its PyTorch path: same output and same six
     gradients as autograd through wkv7_chunked, eagerly and inside one torch.compile graph
     (fullgraph: no break around the op); T = 40 is not a multiple of the chunk length."""
-    from rwkvlm.wkv_cuda import wkv7_op
+    from rwkvlm.ops.wkv7.cuda import wkv7_op
 
     B, T, H, N = 2, 40, 2, 32
     inputs = make_inputs(B, T, H, N, seed=29)
@@ -255,7 +255,7 @@ def test_one_token_step_and_dispatcher_state_semantics():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_dispatcher_state_on_cuda_uses_the_kernel_and_matches(monkeypatch):
-    import rwkvlm.wkv_cuda as wc
+    import rwkvlm.ops.wkv7.cuda as wc
 
     calls = []
     real = wc.wkv7_cuda_state

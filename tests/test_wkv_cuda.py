@@ -1,11 +1,11 @@
-"""WKV7 CUDA op (rwkvlm.wkv_cuda) against the per-step reference.
+"""WKV7 CUDA op (rwkvlm.ops.wkv7.cuda) against the per-step reference.
 
 GPU tests (marked `gpu`) skip cleanly without CUDA; the loader / validation
 tests at the bottom run anywhere.
 
 Inputs follow the model's distributions: w = -softplus(-randn) - 0.5,
 kk = L2-normalised per head, a = -kk, b = kk * sigmoid(randn), r/k/v ~ randn.
-The reference runs in fp64 on the bf16-rounded inputs (rwkvlm.wkv.wkv7_reference
+The reference runs in fp64 on the bf16-rounded inputs (rwkvlm.ops.wkv7.wkv7_reference
 with fp64 tensors), and the check is rms(out - ref) / rms(ref) <= 5e-3 for y and
 for all six input gradients. Before each call the CUDA caching allocator is
 filled with NaN-poisoned blocks, so an element the kernels fail to write shows
@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from rwkvlm.errors import UserError
-from rwkvlm.wkv import wkv7_reference
+from rwkvlm.ops.wkv7 import wkv7_reference
 
 import wkvkit
 from wkvkit import rel_rms
@@ -52,7 +52,7 @@ def poison_allocator():
 
 
 def run_cuda(xs, dy, head_size=64, cfg=None):
-    from rwkvlm.wkv_cuda import wkv7_cuda
+    from rwkvlm.ops.wkv7.cuda import wkv7_cuda
 
     leaves = [x.detach().clone().requires_grad_() for x in xs]
     poison_allocator()
@@ -105,7 +105,7 @@ def test_matches_reference(B, T, H):
 def test_state_in_and_out_matches_reference(B, T, H, N):
     """Inference from a given state: y and the final state against the fp64 reference, and two
     calls carrying the state equal one call over both pieces (prefill, then generation)."""
-    from rwkvlm.wkv_cuda import wkv7_cuda_state
+    from rwkvlm.ops.wkv7.cuda import wkv7_cuda_state
 
     xs = make_inputs(B, T, H, N=N, seed=T * 7 + N)
     s0 = 0.5 * torch.randn(B, H, N, N, generator=torch.Generator().manual_seed(T)).cuda()
@@ -131,7 +131,7 @@ def test_state_in_and_out_matches_reference(B, T, H, N):
 @gpu
 @needs_cuda
 def test_state_op_refuses_gradients():
-    from rwkvlm.wkv_cuda import wkv7_cuda_state
+    from rwkvlm.ops.wkv7.cuda import wkv7_cuda_state
 
     xs = [x.requires_grad_() for x in make_inputs(1, 16, 1)]
     with pytest.raises(UserError, match="inference"):
@@ -167,7 +167,7 @@ def test_unaligned_T_and_fp32_inputs():
 @gpu
 @needs_cuda
 def test_no_grad_forward_equals_grad_forward():
-    from rwkvlm.wkv_cuda import wkv7_cuda
+    from rwkvlm.ops.wkv7.cuda import wkv7_cuda
 
     xs = make_inputs(2, 512, 3, seed=11)
     with torch.no_grad():
@@ -181,7 +181,7 @@ def test_no_grad_forward_equals_grad_forward():
 def test_compiled_op_matches_eager_call():
     """wkv7_op inside one torch.compile graph (as the compiled blocks call it, with the bf16
     casts and the padding of T = 100 traced) gives the eager call's output and gradients."""
-    from rwkvlm.wkv_cuda import wkv7_op
+    from rwkvlm.ops.wkv7.cuda import wkv7_op
 
     xs = [x.float() for x in make_inputs(2, 100, 3, seed=13)]
     dy = torch.randn(2, 100, 3 * 64, device="cuda")
@@ -225,12 +225,12 @@ def test_import_builds_nothing(tmp_path):
         "import torch, torch.utils.cpp_extension as ce\n"
         "def refuse(*a, **k): raise SystemExit('the extension builder was called')\n"
         "ce.load = refuse\n"
-        "import rwkvlm.train, rwkvlm.wkv_cuda, rwkvlm.generate\n"
-        "from rwkvlm.model import ModelConfig, RWKV7\n"
+        "import rwkvlm.train.run, rwkvlm.ops.wkv7.cuda, rwkvlm.infer.generate\n"
+        "from rwkvlm.model.rwkv7 import ModelConfig, RWKV7\n"
         "m = RWKV7(ModelConfig(n_layer=1, n_embd=64, vocab_size=256)); m.init_weights()\n"
         "m(torch.zeros(1, 16, dtype=torch.long))\n"
         "m.forward_rnn(torch.zeros(1, 1, dtype=torch.long))\n"
-        "assert rwkvlm.wkv_cuda._ops == {}\n"
+        "assert rwkvlm.ops.wkv7.cuda._ops == {}\n"
     )
     env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"), CUDA_VISIBLE_DEVICES="")
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
@@ -239,7 +239,7 @@ def test_import_builds_nothing(tmp_path):
 
 
 def test_rejects_cpu_and_bad_shapes():
-    from rwkvlm.wkv_cuda import wkv7_cuda
+    from rwkvlm.ops.wkv7.cuda import wkv7_cuda
 
     x = torch.zeros(1, 16, 64)
     with pytest.raises(UserError, match="CUDA"):
@@ -251,7 +251,7 @@ def test_rejects_cpu_and_bad_shapes():
 
 
 def test_stale_lock_detected(tmp_path):
-    from rwkvlm.wkv_cuda import _check_stale_lock
+    from rwkvlm.ops.wkv7.cuda import _check_stale_lock
 
     (tmp_path / "build.ninja").write_text("")
     lock = tmp_path / "lock"

@@ -14,7 +14,7 @@ TINY = ["--n_layer", "2", "--n_embd", "64", "--head_size", "64", "--vocab_size",
 
 def make_dataset(workdir: Path, n_docs: int = 300, copies: int = 2, ctx_len: int = 64, seed: int = 0) -> dict:
     """Generate arithmetic dialogues, run make_data.py on them; return the meta dict (+ 'base')."""
-    from rwkvlm.arithmetic import generate_documents
+    from rwkvlm.data.arithmetic import generate_documents
 
     workdir.mkdir(parents=True, exist_ok=True)
     src = workdir / "arith.jsonl"
@@ -56,7 +56,7 @@ def perturbed_model(n_layer: int = 2, n_embd: int = 64, vocab_size: int = 65536,
     """A spec-initialised RWKV7 moved off its zero matrices, so every path changes the output."""
     import torch
 
-    from rwkvlm.model import ModelConfig, RWKV7
+    from rwkvlm.model.rwkv7 import ModelConfig, RWKV7
 
     torch.manual_seed(seed)
     model = RWKV7(ModelConfig(n_layer=n_layer, n_embd=n_embd, vocab_size=vocab_size))

@@ -11,7 +11,7 @@
 // w = -softplus(-w_raw) - 0.5 <= -0.5, so d >= exp(-exp(-0.5)) ~ 0.545).
 // All six inputs are (B, T, H, N) = (B, T, C) contiguous bf16; T % CHUNK == 0.
 //
-// Design (see docs in rwkvlm/wkv_cuda.py for the user-facing contract):
+// Design (see docs in rwkvlm/ops/wkv7/cuda.py for the user-facing contract):
 //
 // * Every row of S evolves independently of the other rows once the per-step
 //   vectors d, k, a, b, r are known, so a head's N rows can be split across

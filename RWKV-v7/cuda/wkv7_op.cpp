@@ -6,7 +6,7 @@
 // All tensors bf16 (B, T, C) contiguous on one CUDA device, C = H * head size,
 // T % chunk == 0; sT / sa are the fp32 buffers the forward returns.  cfg < 0
 // picks the build's default kernel configuration.  WKV7_NS is set per build
-// (head size, chunk length, variant set) by rwkvlm/wkv_cuda.py.
+// (head size, chunk length, variant set) by rwkvlm/ops/wkv7/cuda.py.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>

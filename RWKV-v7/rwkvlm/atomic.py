@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .errors import UserError
+from rwkvlm.errors import UserError
 
 # `.{name}.{host}-{pid}-{random}.tmp`; the random part (mkstemp's) never holds '-'
 _TEMP_RE = re.compile(r"^\.(?P<name>.+)\.(?P<host>[A-Za-z0-9-]+)-(?P<pid>\d+)-(?P<rand>[a-z0-9_]+)(?:\.\w+)?\.tmp$")

@@ -4,7 +4,7 @@
 # Extra flags are passed on to train.py (later flags win), e.g. --random_seed 42
 set -eu
 cd "$(dirname "$0")"
-PYTHON=$(command -v python || command -v python3)   # the Python that has torch (your venv/conda env)
+PYTHON=${PYTHON:-$(command -v python || command -v python3)}   # the Python that has torch (your venv/conda env; PYTHON=... picks one)
 
 MODEL_TYPE="x070"      # RWKV-7 (the only type this trainer implements)
 N_LAYER="12"           # layers   } 12 x 768 is the 0.1B model; see the tutorial's

@@ -5,7 +5,7 @@
 # Extra flags are passed on to train.py (later flags win), e.g. --save_every_minutes 30
 set -eu
 cd "$(dirname "$0")"
-PYTHON=$(command -v python || command -v python3)   # the Python that has torch (your venv/conda env)
+PYTHON=${PYTHON:-$(command -v python || command -v python3)}   # the Python that has torch (your venv/conda env; PYTHON=... picks one)
 
 MODEL_TYPE="x070"      # the same as in demo-training-prepare.sh
 N_LAYER="12"

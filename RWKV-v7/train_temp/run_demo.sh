@@ -11,7 +11,7 @@
 # its last line the time it took here.
 set -eu
 cd "$(dirname "$0")/../.."   # the repository root
-PYTHON=$(command -v python || command -v python3)   # the Python that has torch (your venv/conda env)
+PYTHON=${PYTHON:-$(command -v python || command -v python3)}   # the Python that has torch (your venv/conda env; PYTHON=... picks one)
 
 DOCS="1630"        # dialogues in the generated corpus: x COPIES = 408,444 tokens, one pass = 100 steps
 COPIES="3"         # make_data.py's N (duplications)

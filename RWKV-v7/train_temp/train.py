@@ -3,7 +3,7 @@
 The implementation is the installed `rwkvlm` package (RWKV-v7/rwkvlm/).
 """
 try:
-    from rwkvlm.train import cli
+    from rwkvlm.train.run import cli
 except ImportError as e:  # the package is not installed
     raise SystemExit(f"cannot import rwkvlm ({e}): run `pip install -e .` in the repository root first.")
 

@@ -5,7 +5,7 @@
     rwkv-final.pth         weights when --my_exit_tokens is reached
     rwkv-final.json        its step and the settings of the run that wrote it
     rwkv-latest.pth        the weights of the newest exact-resume state
-    train_log.txt          a header line per run (rwkvlm.trainlog), one line per mini-epoch
+    train_log.txt          a header line per run (rwkvlm.train.trainlog), one line per mini-epoch
     loss_log.csv           one row per step
     train_config.json      the settings of the latest run
     profile.txt            --profile_steps

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import commit_files, finish_commit, remove_stale_temps, temp_path
-from .errors import UserError
+from rwkvlm.atomic import commit_files, finish_commit, remove_stale_temps, temp_path
+from rwkvlm.errors import UserError
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1

@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from rwkvlm.errors import UserError
-from rwkvlm.wkv import wkv7
-from rwkvlm.wkv_cuda import wkv7_op
+from rwkvlm.ops.wkv7 import wkv7
+from rwkvlm.ops.wkv7.cuda import wkv7_op
 
 __all__ = ["ModelConfig", "RWKV7", "count_params", "head_l2wrap_loss"]
 
@@ -245,8 +245,8 @@ def group_norm(y: torch.Tensor, p, head_size: int) -> torch.Tensor:
 def wkv(r, w, k, v, a, b, state, head_size: int, impl: str, compiled: bool):
     """WKV7 of the (B, T, C) inputs: (y (B, T, C), the state after the last token or None).
 
-    In the compiled graph: the custom op (rwkvlm.wkv_cuda.wkv7_op), which torch.compile keeps
-    as one opaque node. Otherwise rwkvlm.wkv.wkv7 (the CUDA kernel on GPU, also with a carried
+    In the compiled graph: the custom op (rwkvlm.ops.wkv7.cuda.wkv7_op), which torch.compile keeps
+    as one opaque node. Otherwise rwkvlm.ops.wkv7.wkv7 (the CUDA kernel on GPU, also with a carried
     state (B, H, N, N) for inference; the chunked PyTorch path elsewhere).
     """
     if compiled and state is None:
@@ -314,7 +314,7 @@ def block(p, x, v_first, state, head_size: int, wkv_impl: str, compiled: bool = 
 
 def _block_fused(p: BlockParams, x, v_first, head_size: int, wkv_impl: str):
     """block() in training as torch.compile traces it: one graph per block call, around the
-    WKV custom op (rwkvlm.wkv_cuda.wkv7_op). p holds plain tensors (Block.params())."""
+    WKV custom op (rwkvlm.ops.wkv7.cuda.wkv7_op). p holds plain tensors (Block.params())."""
     x, v_first, _ = block(p, x, v_first, None, head_size, wkv_impl, compiled=True)
     return x, v_first
 

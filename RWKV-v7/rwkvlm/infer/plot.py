@@ -5,7 +5,7 @@ Reads the trainer's logs in PROJ_DIR:
   (after a resume a step may appear twice: the last row wins);
 - `train_log.txt`: one line per mini-epoch, `epoch loss ppl lr datetime epoch_in_run`
   (the datetime holds a space: `2026-11-28 01:02:03.123456`), and a header line per run
-  starting with `#` (rwkvlm.trainlog), skipped here.
+  starting with `#` (rwkvlm.train.trainlog), skipped here.
 
 The plot shows the raw per-step loss faintly, a smoothed line over it, the
 mini-epoch mean losses as points, and the learning rate on a second axis;
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError
+from rwkvlm.errors import UserError
 
 LOSS_CSV = "loss_log.csv"
 TRAIN_LOG = "train_log.txt"
@@ -189,7 +189,7 @@ def plot_run(proj_dir, out=None, title: str | None = None, log=print) -> Path:
     """Write the loss plot of proj_dir (default <proj_dir>/loss.png); return its path.
 
     Rows of loss_log.csv that are not numbers are left out, said through `log`."""
-    from .atomic import check_output_path
+    from rwkvlm.atomic import check_output_path
 
     proj = Path(proj_dir)
     if proj.is_file():
@@ -216,7 +216,7 @@ def plot_run(proj_dir, out=None, title: str | None = None, log=print) -> Path:
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    from .atomic import atomic_path, explain_write_errors
+    from rwkvlm.atomic import atomic_path, explain_write_errors
 
     out = Path(out) if out is not None else proj / OUTPUT
     fig, ax = plt.subplots(figsize=(11, 6), dpi=110)
@@ -286,6 +286,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from .errors import run_cli
+    from rwkvlm.errors import run_cli
 
     sys.exit(run_cli(main))

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from rwkvlm.config import MINI_EPOCH_SAMPLES
-from rwkvlm.magic_prime import sample_start
+from rwkvlm.data.magic_prime import MINI_EPOCH_SAMPLES
+from rwkvlm.data.magic_prime import sample_start
 
 
 class MagicPrimeDataset(Dataset):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-from rwkvlm.config import TrainConfig
+from rwkvlm.train.config import TrainConfig
 from rwkvlm.errors import UserError
 
 PRECISION_PLUGINS = {"bf16": "bf16-mixed", "fp16": "16-mixed", "fp32": "32-true", "tf32": "32-true"}
@@ -123,11 +123,11 @@ def _deepspeed_strategy(cfg: TrainConfig):
         logging_level=logging.WARNING,
     )
     if stage in (1, 2) and not offload:  # offload takes the norm on the CPU side
-        from rwkvlm.optim import use_foreach_grad_norm
+        from rwkvlm.train.optim import use_foreach_grad_norm
 
         use_foreach_grad_norm()
     if cfg.precision == "bf16":  # Lightning keeps a "bf16" section it finds in the config
-        from rwkvlm.optim import deepspeed_bf16_config
+        from rwkvlm.train.optim import deepspeed_bf16_config
 
         strategy.config["bf16"] = deepspeed_bf16_config()
     return strategy

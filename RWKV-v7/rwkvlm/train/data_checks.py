@@ -24,7 +24,7 @@ def _right_line(n_tokens: int, ctx_len: int, p: int | None) -> str:
 def check_outputs(cfg) -> None:
     """Raise UserError, before any training work, for an output path that cannot be written:
     a --proj_dir that is a file (or lies under one), a --dump_samples whose folder is missing."""
-    from rwkvlm.rundir import check_proj_dir
+    from rwkvlm.train.rundir import check_proj_dir
 
     check_proj_dir(cfg.proj_dir)
     check_dump_samples(getattr(cfg, "dump_samples", ""))
@@ -55,9 +55,9 @@ def open_training_data(cfg):
     [0, vocab_size).
     Warns when --my_exit_tokens differs from the tokens in the file.
     """
-    from rwkvlm.binidx import BinIdx
-    from rwkvlm.magic_prime import is_prime, magic_prime
-    from rwkvlm.make_data import read_meta
+    from rwkvlm.data.binidx import BinIdx
+    from rwkvlm.data.magic_prime import is_prime, magic_prime
+    from rwkvlm.data.make_data import read_meta
 
     check_outputs(cfg)
     base = Path(cfg.data_file)

@@ -5,8 +5,8 @@ with its default and help; `build_parser` generates train.py's parser from
 them. A TrainConfig is frozen and checks itself when made: every setting that
 cannot work is refused, before any training work, with a message naming the
 flag to change (`warnings()` lists the ones that run but look like mistakes).
-Checks that need the data file live in `rwkvlm.data_checks`; what the machine
-decides (accelerator, strategy, precision plugin) in `rwkvlm.hardware`.
+Checks that need the data file live in `rwkvlm.train.data_checks`; what the machine
+decides (accelerator, strategy, precision plugin) in `rwkvlm.train.hardware`.
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from pathlib import Path
 
 from rwkvlm.errors import UserError
 
-MINI_EPOCH_SAMPLES = 40320  # samples per mini-epoch, fixed by the recipe
-WKV_CHUNK_LEN = 16  # the CUDA kernel processes T in chunks of 16
+from rwkvlm.data.magic_prime import MINI_EPOCH_SAMPLES
+from rwkvlm.data.magic_prime import WKV_CHUNK_LEN
 
 PRECISIONS = {"bf16", "fp32", "tf32", "fp16"}
 STRATEGIES = {
@@ -49,8 +49,8 @@ class TrainConfig:
     """Every train.py flag, declared once: the parser is generated from these fields.
 
     Frozen and checked in __post_init__: a TrainConfig that exists can run (checks
-    that need the data file are in rwkvlm.data_checks). What the machine decides
-    (accelerator, strategy object, precision plugin) is rwkvlm.hardware's.
+    that need the data file are in rwkvlm.train.data_checks). What the machine decides
+    (accelerator, strategy object, precision plugin) is rwkvlm.train.hardware's.
     """
     # --- what to load, where to write
     load_model: str = flag("0", '"0": newest checkpoint in proj_dir (rwkv-init.pth if none); or a .pth path',
@@ -160,7 +160,7 @@ class TrainConfig:
         return Path(self.proj_dir)
 
     def model_config(self):
-        from rwkvlm.model import ModelConfig
+        from rwkvlm.model.rwkv7 import ModelConfig
 
         return ModelConfig(
             n_layer=self.n_layer, n_embd=self.n_embd, vocab_size=self.vocab_size,

@@ -25,12 +25,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import (check_output_dir, existing_parent, free_bytes, human_bytes, is_write_error, remove_stale_temps,
+from rwkvlm.atomic import (check_output_dir, existing_parent, free_bytes, human_bytes, is_write_error, remove_stale_temps,
                      write_error)
-from .binidx import HEADER, BinIdx, BinIdxWriter, finish_interrupted_write, split_path
-from .config import WKV_CHUNK_LEN
-from .errors import UserError
-from .magic_prime import check_magic_prime, magic_prime
+from rwkvlm.data.binidx import HEADER, BinIdx, BinIdxWriter, finish_interrupted_write, split_path
+from rwkvlm.data.magic_prime import WKV_CHUNK_LEN
+from rwkvlm.errors import UserError
+from rwkvlm.data.magic_prime import check_magic_prime, magic_prime
 
 DTYPE = np.dtype("<u2")
 END_OF_DOC = 0
@@ -412,7 +412,7 @@ def main(argv=None) -> int:
     seed = secrets.randbits(63) if args.seed is None else args.seed
     show = not args.no_progress
 
-    from .tokenizer import get_tokenizer
+    from rwkvlm.data.tokenizer import get_tokenizer
 
     tokenizer = get_tokenizer()
     print(f"### Convert {src} to {name}.bin/idx...", flush=True)
@@ -500,7 +500,7 @@ def _report(tokenizer, prefix, name, meta) -> int:
 
 
 def cli() -> int:
-    from .errors import run_cli
+    from rwkvlm.errors import run_cli
 
     return run_cli(main, sys.argv[1:])
 

@@ -1,6 +1,6 @@
 """Held-out arithmetic accuracy of one or more checkpoints.
 
-Each held-out item (`rwkvlm.arithmetic.make_eval_set(n, seed)`, problems that
+Each held-out item (`rwkvlm.data.arithmetic.make_eval_set(n, seed)`, problems that
 never appear in the training corpus in any wording) is asked as
 `User: {question}\\n\\nAssistant:`; the greedy reply up to the blank line,
 stripped, must equal the item's answer exactly. Results are broken down by
@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import UserError
+from rwkvlm.errors import UserError
 
 DEFAULT_N = 400
 DEFAULT_SEED = 0
@@ -68,7 +68,7 @@ def score(items, replies, label: str = "", kinds=None) -> Result:
     if len(items) != len(replies):
         raise ValueError(f"{len(items)} items but {len(replies)} replies")
     if kinds is None:
-        from .arithmetic import KINDS as kinds
+        from rwkvlm.data.arithmetic import KINDS as kinds
     res = Result(label=label, by_kind={k: KindScore() for k in kinds})
     for item, text in zip(items, replies):
         got = reply_of(text)
@@ -85,7 +85,7 @@ def score(items, replies, label: str = "", kinds=None) -> Result:
 
 def evaluate_with(items, answer_fn, label: str = "", kinds=None) -> Result:
     """Score `answer_fn(prompts) -> list of generated texts` on the items."""
-    from .arithmetic import format_prompt
+    from rwkvlm.data.arithmetic import format_prompt
 
     t0 = time.perf_counter()
     replies = answer_fn([format_prompt(it.question) for it in items])
@@ -102,7 +102,7 @@ def default_max_tokens(items, tokenizer) -> int:
 
 def model_answerer(gen, max_tokens: int, batch_size: int, prefix_end_of_doc: bool = False):
     """answer_fn for evaluate_with: greedy batched replies of a Generator."""
-    from .generate import SamplingOptions
+    from rwkvlm.infer.generate import SamplingOptions
 
     opts = SamplingOptions(temperature=0.0, max_tokens=max_tokens)
 
@@ -119,9 +119,9 @@ def expand_checkpoints(paths, last: int = DEFAULT_LAST, log=print) -> list:
     """Weight files as given; a PROJ_DIR gives its last `last` rwkv-N.pth (by N) and its newest
     weights (rwkv-final.pth, rwkv-latest.pth or rwkv-N.pth, by training progress, said through
     `log`); an exact-resume state (resume/step-N/ or a file in it) gives that state's weights."""
-    from .checkpoint import find_weights
-    from .generate import _no_such_checkpoint
-    from .rundir import RunDir, state_folder_of
+    from rwkvlm.train.checkpoint import find_weights
+    from rwkvlm.infer.generate import _no_such_checkpoint
+    from rwkvlm.train.rundir import RunDir, state_folder_of
 
     out = []
     for p in map(Path, paths):
@@ -153,7 +153,7 @@ def _same(a: Path, b: Path) -> bool:
 def labels_for(paths) -> list:
     """Column names: the file stem (a state's step-N for its weights.pth), with the folder name when
     stems repeat."""
-    from .rundir import STATE_WEIGHTS, state_folder_of
+    from rwkvlm.train.rundir import STATE_WEIGHTS, state_folder_of
 
     stems = [Path(p).parent.name if Path(p).name == STATE_WEIGHTS and state_folder_of(p) else Path(p).stem
              for p in paths]
@@ -168,7 +168,7 @@ def labels_for(paths) -> list:
 def format_table(results, kinds=None, title: str = "") -> str:
     """Rows: kinds then overall; one column per result: `correct/n  acc%`."""
     if kinds is None:
-        from .arithmetic import KINDS as kinds
+        from rwkvlm.data.arithmetic import KINDS as kinds
     kinds = list(kinds) + [k for r in results for k in r.by_kind if k not in kinds]
     kinds = list(dict.fromkeys(kinds))
     cells = {}
@@ -202,7 +202,7 @@ def format_errors(res: Result, limit: int) -> str:
 
 
 def write_json(path, results, n: int, seed: int, kinds) -> None:
-    from .atomic import atomic_open, explain_write_errors
+    from rwkvlm.atomic import atomic_open, explain_write_errors
 
     doc = {"n": n, "seed": seed, "kinds": list(kinds), "metric": "exact match of the greedy reply",
            "checkpoints": [r.as_dict() for r in results]}
@@ -254,16 +254,16 @@ def main(argv=None) -> int:
     if args.max_tokens is not None and args.max_tokens < 1:
         raise UserError(f"--max-tokens must be at least 1, found {args.max_tokens}")
     if args.json:  # before the evaluation, not after it
-        from .atomic import check_output_path
+        from rwkvlm.atomic import check_output_path
 
         check_output_path(args.json, "--json", "eval.json")
     paths = expand_checkpoints(args.checkpoints, args.last)
 
     import torch
 
-    from .arithmetic import KINDS, make_eval_set
-    from .generate import Generator, load_model, resolve_device, resolve_dtype
-    from .tokenizer import get_tokenizer
+    from rwkvlm.data.arithmetic import KINDS, make_eval_set
+    from rwkvlm.infer.generate import Generator, load_model, resolve_device, resolve_dtype
+    from rwkvlm.data.tokenizer import get_tokenizer
 
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
@@ -306,6 +306,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from .errors import run_cli
+    from rwkvlm.errors import run_cli
 
     sys.exit(run_cli(main))

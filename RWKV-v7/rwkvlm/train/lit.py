@@ -25,14 +25,14 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from rwkvlm import trainlog
+from rwkvlm.train import trainlog
 from rwkvlm.atomic import atomic_open, atomic_torch_save, explain_write_errors
-from rwkvlm.checkpoint import (PROJ_HINT, RECENT_STEPS, load_checkpoint_file, make_weight_files, run_fingerprint,
+from rwkvlm.train.checkpoint import (PROJ_HINT, RECENT_STEPS, load_checkpoint_file, make_weight_files, run_fingerprint,
                                save_resume_state, save_weights, write_divergence, write_final_info)
-from rwkvlm.dataset import MagicPrimeDataset, StepSampler
+from rwkvlm.train.dataset import MagicPrimeDataset, StepSampler
 from rwkvlm.errors import UserError
-from rwkvlm.optim import lr_at, make_optimizer, param_groups
-from rwkvlm.rundir import (DS_DIR, DS_TAG, FINAL, LATEST, LOSS_LOG_HEADER, STATE_WEIGHTS, TRAINER_FILE, RunDir,
+from rwkvlm.train.optim import lr_at, make_optimizer, param_groups
+from rwkvlm.train.rundir import (DS_DIR, DS_TAG, FINAL, LATEST, LOSS_LOG_HEADER, STATE_WEIGHTS, TRAINER_FILE, RunDir,
                            epoch_name, rng_file)
 
 

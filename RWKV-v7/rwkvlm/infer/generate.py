@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
+from rwkvlm.errors import UserError
 
 STOP_TEXT = "\n\n"  # a blank line ends a turn in the `User: ...\n\nAssistant: ...` format
 END_OF_DOC = 0
@@ -84,7 +84,7 @@ def _no_such_checkpoint(path: Path) -> UserError:
 
 def config_from_state_dict(sd: dict, path=None):
     """ModelConfig (n_layer, n_embd, vocab_size, head_size) read off the tensor shapes."""
-    from .model import ModelConfig
+    from rwkvlm.model.rwkv7 import ModelConfig
 
     emb = sd.get("emb.weight")
     if emb is None or emb.dim() != 2:
@@ -113,8 +113,8 @@ def load_model(path, device="auto", dtype="auto", log=_note):
     or a file in it: that state's weights); `log` gets the line saying which file was picked
     (checkpoint.find_weights). Returns the model in eval mode with gradients off, on the device.
     """
-    from .checkpoint import CorruptCheckpoint, check_weights_fit, find_weights, load_tool_weights
-    from .model import RWKV7
+    from rwkvlm.train.checkpoint import CorruptCheckpoint, check_weights_fit, find_weights, load_tool_weights
+    from rwkvlm.model.rwkv7 import RWKV7
 
     path, note = find_weights(path)
     if note:
@@ -394,7 +394,7 @@ class Generator:
 
     def __init__(self, model, tokenizer=None, chunk_tokens: int | None = None):
         if tokenizer is None:
-            from .tokenizer import get_tokenizer
+            from rwkvlm.data.tokenizer import get_tokenizer
 
             tokenizer = get_tokenizer()
         self.model = model

@@ -14,7 +14,7 @@ from __future__ import annotations
 import ast
 import functools
 
-from .errors import UserError
+from rwkvlm.errors import UserError
 
 VOCAB_NAME = "rwkv_vocab_v20230424"
 VOCAB_SIZE = 65536  # embedding rows; ids 1..65529 are real tokens, 0 = end of document

@@ -49,7 +49,7 @@ CHUNK_LEN = 16
 HEAD_SIZES = (32, 64)
 # Bump when the sources change in a way that must not reuse an old build.
 _VERSION = 3
-_CUDA_DIR = Path(__file__).resolve().parents[1] / "cuda"
+_CUDA_DIR = Path(__file__).resolve().parents[3] / "cuda"  # RWKV-v7/cuda
 _SOURCES = ("wkv7_op.cpp", "wkv7_cuda.cu")
 _STALE_LOCK_S = 600.0
 
@@ -143,7 +143,7 @@ def load_extension(head_size: int = 64, variants: str = "default", verbose: bool
             return _ops[key]
         if not torch.cuda.is_available():
             raise UserError("WKV7 CUDA: no CUDA device is visible (torch.cuda.is_available() is False); "
-                            "use the PyTorch path rwkvlm.wkv.wkv7 instead.")
+                            "use the PyTorch path rwkvlm.ops.wkv7.wkv7 instead.")
         from torch.utils import cpp_extension as ce
 
         if ce.CUDA_HOME is None or shutil.which(str(Path(ce.CUDA_HOME) / "bin" / "nvcc")) is None:
@@ -190,10 +190,10 @@ def load_extension(head_size: int = 64, variants: str = "default", verbose: bool
                 f"torch {torch.__version__} was built with CUDA {torch.version.cuda}; nvcc: {_nvcc_version()}; "
                 f"device compute capability {major}.{minor}. What to do: install a CUDA toolkit whose nvcc matches "
                 f"torch's CUDA version (set CUDA_HOME to it), make sure ninja and a C++ compiler are on PATH, "
-                f"rerun with verbose=True (rwkvlm.wkv_cuda.load_extension(verbose=True)) to see the compiler "
+                f"rerun with verbose=True (rwkvlm.ops.wkv7.cuda.load_extension(verbose=True)) to see the compiler "
                 f"output, or remove {build_dir} to force a clean rebuild. TORCH_CUDA_ARCH_LIST is not used by "
                 f"this build (it targets sm_{arch} explicitly). Without the extension, use the PyTorch path "
-                f"rwkvlm.wkv.wkv7."
+                f"rwkvlm.ops.wkv7.wkv7."
             ) from e
         ops = getattr(torch.ops, name)
         if verbose:
@@ -204,7 +204,7 @@ def load_extension(head_size: int = 64, variants: str = "default", verbose: bool
 
 # ------------------------------------------------------------------------------------------
 # The op pair as torch.library custom ops. They are the autograd wrapper of the eager call
-# below and of the compiled blocks (rwkvlm.model): torch.compile treats them as opaque ops
+# below and of the compiled blocks (rwkvlm.model.rwkv7): torch.compile treats them as opaque ops
 # whose output shapes come from the fake functions, so a whole block compiles as one graph
 # around them. CUDA tensors run the kernels; with torch_path (or tensors on another device)
 # they run the chunked PyTorch path instead, whose backward re-runs it under autograd: that
@@ -233,7 +233,7 @@ def _op_forward(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tens
     if _on_kernel(r, torch_path):
         ops = load_extension(head_size, variants)
         return ops.forward(*_kernel_ready((r, w, k, v, a, b)), need_state, cfg_fwd)
-    from rwkvlm.wkv import wkv7_chunked
+    from rwkvlm.ops.wkv7.chunked import wkv7_chunked
 
     y, _ = wkv7_chunked(r, w, k, v, a, b, head_size)
     return y, r.new_empty((0,), dtype=_F32), r.new_empty((0,), dtype=_F32)
@@ -258,7 +258,7 @@ def _op_backward(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Ten
     if _on_kernel(r, torch_path):
         ops = load_extension(head_size, variants)
         return tuple(ops.backward(*_kernel_ready((r, w, k, v, a, b, dy)), sT, sa, cfg_rows, cfg_cols))
-    from rwkvlm.wkv import wkv7_chunked
+    from rwkvlm.ops.wkv7.chunked import wkv7_chunked
 
     # torch.func: autograd's dispatch keys are off inside an op's implementation
     _, vjp = torch.func.vjp(lambda *xs: wkv7_chunked(*xs, head_size)[0], r, w, k, v, a, b)
@@ -351,14 +351,14 @@ def wkv7_cuda_state(r, w, k, v, a, b, initial_state=None, head_size: int = 64):
     r..b: (B, T, C) CUDA tensors of any float dtype (used in bf16); initial_state:
     (B, H, N, N) in the [value, key] layout, None for zero; final_state comes back in
     fp32 with that layout and y in r's dtype. No autograd: a call that needs gradients
-    raises (the training op starts from a zero state; rwkvlm.wkv's chunked path
+    raises (the training op starts from a zero state; rwkvlm.ops.wkv7's chunked path
     differentiates through a state). T is padded to a multiple of CHUNK_LEN with steps
     that leave the state unchanged (decay 1: w = -inf; k = v = a = b = 0).
     """
     xs = (r, w, k, v, a, b)
     if torch.is_grad_enabled() and any(x.requires_grad for x in xs + (initial_state,) if x is not None):
         raise UserError("wkv7_cuda_state is for inference: call it under torch.no_grad(), or use "
-                        "rwkvlm.wkv.wkv7_chunked to differentiate through a state.")
+                        "rwkvlm.ops.wkv7.wkv7_chunked to differentiate through a state.")
     B, T, C = r.shape
     N = head_size
     H = C // N

@@ -6,11 +6,11 @@
     1 4.012345 55.2701 0.00200000 2026-12-01 10:02:04.654321 1
 
 The mini-epoch lines keep the original trainer's format, `epoch loss ppl lr
-datetime epoch_in_run` (written by rwkvlm.lit). A header line starts with '#'
+datetime epoch_in_run` (written by rwkvlm.train.lit). A header line starts with '#'
 (the original trainer writes `str(vars(args))` there): readers of mini-epoch
 lines, which take the first field for an integer, skip it. A header is
 written by rank 0 when a run starts, after the log was cut back to the start
-point (rwkvlm.lit._trim_logs): a resumed run's header follows the lines that
+point (rwkvlm.train.lit._trim_logs): a resumed run's header follows the lines that
 its state recorded, so no mini-epoch line is ever repeated.
 """
 from __future__ import annotations

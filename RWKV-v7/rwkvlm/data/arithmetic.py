@@ -23,7 +23,7 @@ import zlib
 from decimal import Decimal
 from typing import Iterator, NamedTuple
 
-from .errors import UserError
+from rwkvlm.errors import UserError
 
 KINDS = ("ascii", "fullwidth", "chinese", "chinese_upper", "english", "decimal", "negative", "equation")
 HELDOUT_MOD = 64  # 1/64 of all problems are reserved for evaluation
@@ -346,7 +346,7 @@ def make_eval_set(n: int, seed: int = 0) -> list:
 
 def write_jsonl(path, docs=None, mb=None, seed: int = 0, progress: bool = False) -> tuple:
     """Write {"text": ...} lines until `docs` documents or `mb` MB; return (documents, bytes)."""
-    from .atomic import atomic_open
+    from rwkvlm.atomic import atomic_open
 
     limit_bytes = None if mb is None else int(float(mb) * 1_000_000)
     count = written = 0
@@ -394,6 +394,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from .errors import run_cli
+    from rwkvlm.errors import run_cli
 
     sys.exit(run_cli(main))

@@ -2,7 +2,7 @@
 
 `python chat.py rwkv-final.pth` talks; `--prompt "12 + 7 = ?"` answers once and
 exits (for scripts). Given a PROJ_DIR it talks with the newest weights there
-(rwkv-final.pth, rwkv-latest.pth or rwkv-N.pth), saying which on stderr. Generation itself lives in rwkvlm.generate.
+(rwkv-final.pth, rwkv-latest.pth or rwkv-N.pth), saying which on stderr. Generation itself lives in rwkvlm.infer.generate.
 """
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import sys
 
 import torch
 
-from .arithmetic import format_prompt
-from .generate import (STOP_TEXT, Generation, Generator, SamplingOptions, check_options, load_model,
+from rwkvlm.data.arithmetic import format_prompt
+from rwkvlm.infer.generate import (STOP_TEXT, Generation, Generator, SamplingOptions, check_options, load_model,
                        resolve_device, resolve_dtype)
 
 def clean_message(msg: str) -> str:
@@ -129,6 +129,6 @@ def chat_main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from .errors import run_cli
+    from rwkvlm.errors import run_cli
 
     sys.exit(run_cli(chat_main))

@@ -3,8 +3,8 @@
     python train.py --train_stage 1 ...   # demo-training-prepare.sh
     python train.py --train_stage 3 ...   # demo-training-run.sh (re-run to resume)
 
-Every setting is checked before any training work (rwkvlm.config,
-rwkvlm.data_checks, rwkvlm.checkpoint); mistakes end with a message that says
+Every setting is checked before any training work (rwkvlm.train.config,
+rwkvlm.train.data_checks, rwkvlm.train.checkpoint); mistakes end with a message that says
 what to change, never with an AssertionError.
 """
 from __future__ import annotations
@@ -16,12 +16,12 @@ import random
 import sys
 import warnings
 
-from rwkvlm.config import TrainConfig, parse_args
+from rwkvlm.train.config import TrainConfig, parse_args
 from rwkvlm.errors import UserError, run_cli
 
 
 def log(msg: str) -> None:
-    """Print on rank 0 only; above the progress bar while one is shown (rwkvlm.progress)."""
+    """Print on rank 0 only; above the progress bar while one is shown (rwkvlm.train.progress)."""
     if int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0:
         from tqdm import tqdm
 
@@ -57,7 +57,7 @@ def _ranks() -> tuple[int, int]:
 @contextlib.contextmanager
 def _locked(cfg: TrainConfig):
     """Hold PROJ_DIR's lock (one per node, taken by the node's first process) while the body runs."""
-    from rwkvlm.rundir import RunDir
+    from rwkvlm.train.rundir import RunDir
 
     node, local = _ranks()
     if local != 0:
@@ -76,9 +76,9 @@ def prepare(cfg: TrainConfig) -> int:
 
 
 def _prepare(cfg: TrainConfig) -> int:
-    from rwkvlm.checkpoint import SAVE_DTYPES, save_weights
-    from rwkvlm.model import RWKV7, count_params
-    from rwkvlm.rundir import RunDir
+    from rwkvlm.train.checkpoint import SAVE_DTYPES, save_weights
+    from rwkvlm.model.rwkv7 import RWKV7, count_params
+    from rwkvlm.train.rundir import RunDir
 
     seed, _ = _seed(cfg)
     proj = cfg.proj_path
@@ -97,7 +97,7 @@ def _prepare(cfg: TrainConfig) -> int:
             f"from this rwkv-init.pth. Use a new PROJ_DIR to start from scratch.")
     if cfg.data_file:
         try:
-            from rwkvlm.data_checks import open_training_data
+            from rwkvlm.train.data_checks import open_training_data
 
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -114,9 +114,9 @@ def run(cfg: TrainConfig) -> int:
     # benchmarks/RESULTS.md). Set before the first CUDA allocation; a PYTORCH_CUDA_ALLOC_CONF
     # of the user's own wins.
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-    from rwkvlm.data_checks import open_training_data
+    from rwkvlm.train.data_checks import open_training_data
 
-    from rwkvlm.hardware import lightning_strategy, resolve, set_matmul_precision
+    from rwkvlm.train.hardware import lightning_strategy, resolve, set_matmul_precision
 
     data = open_training_data(cfg)
     hw = resolve(cfg)
@@ -129,13 +129,13 @@ def run(cfg: TrainConfig) -> int:
 
 
 def _train(cfg: TrainConfig, data, accelerator, strategy, precision) -> int:
-    """Train with `cfg` as it runs on this machine (rwkvlm.hardware's Hardware.config)."""
+    """Train with `cfg` as it runs on this machine (rwkvlm.train.hardware's Hardware.config)."""
     import pytorch_lightning as pl
 
-    from rwkvlm.checkpoint import check_weights_fit, find_start
-    from rwkvlm.lit import RWKVTrainModule
-    from rwkvlm.model import RWKV7
-    from rwkvlm.rundir import RunDir
+    from rwkvlm.train.checkpoint import check_weights_fit, find_start
+    from rwkvlm.train.lit import RWKVTrainModule
+    from rwkvlm.model.rwkv7 import RWKV7
+    from rwkvlm.train.rundir import RunDir
 
     rd = RunDir(cfg.proj_dir)
     if _ranks() == (0, 0):
@@ -168,7 +168,7 @@ def _train(cfg: TrainConfig, data, accelerator, strategy, precision) -> int:
     module = RWKVTrainModule(cfg, model, data, start, log=log, seed=seed)
     callbacks = []
     if cfg.enable_progress_bar:
-        from rwkvlm.progress import StepProgressBar
+        from rwkvlm.train.progress import StepProgressBar
 
         callbacks.append(StepProgressBar(start.step, cfg.total_steps))
     trainer = pl.Trainer(
@@ -185,7 +185,7 @@ def _train(cfg: TrainConfig, data, accelerator, strategy, precision) -> int:
 
 def _build_kernel_early(cfg: TrainConfig) -> None:
     """Compile (or load) the CUDA WKV kernel before training, so build problems show up first."""
-    from rwkvlm.wkv_cuda import load_extension
+    from rwkvlm.ops.wkv7.cuda import load_extension
 
     load_extension(cfg.head_size)
 

@@ -38,7 +38,7 @@ import torch
 from rwkvlm.atomic import (WriteError, atomic_open, atomic_torch_save, explain_write_errors, free_bytes, human_bytes,
                            link_or_copy)
 from rwkvlm.errors import UserError
-from rwkvlm.rundir import (DS_DIR, DS_TAG, FINAL, LATEST, RESUME, STATE_FILE, STATE_WEIGHTS, TRAINER_FILE, RunDir,
+from rwkvlm.train.rundir import (DS_DIR, DS_TAG, FINAL, LATEST, RESUME, STATE_FILE, STATE_WEIGHTS, TRAINER_FILE, RunDir,
                            epoch_name, rng_file, state_folder_of)
 
 SAVE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "tf32": torch.float32}
@@ -778,7 +778,7 @@ def _tools_cfg(rd: RunDir):
         samples = int(info["mini_epoch_samples"])
         steps = int(info.get("epoch_steps", 0))
     except (KeyError, TypeError, ValueError):
-        from rwkvlm.config import MINI_EPOCH_SAMPLES
+        from rwkvlm.train.config import MINI_EPOCH_SAMPLES
 
         samples, steps = MINI_EPOCH_SAMPLES, 0
     return SimpleNamespace(mini_epoch_samples=samples, epoch_steps=steps)

@@ -1,0 +1,1 @@
+"""Data: the World tokenizer, binidx files, magic_prime sampling, make_data, the demo corpus."""
