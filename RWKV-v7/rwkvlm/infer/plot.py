@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from rwkvlm.errors import UserError
+from rwkvlm.train.rundir import LOSS_LOG as LOSS_CSV
+from rwkvlm.train.rundir import TRAIN_CONFIG, TRAIN_LOG
 
-LOSS_CSV = "loss_log.csv"
-TRAIN_LOG = "train_log.txt"
 OUTPUT = "loss.png"
 
 
@@ -174,7 +174,7 @@ def smooth(y: np.ndarray, window: int | None = None) -> np.ndarray:
 def tokens_per_mini_epoch(proj_dir) -> float | None:
     """From train_config.json, written by the trainer at the start of each run."""
     try:
-        return float(json.loads((Path(proj_dir) / "train_config.json").read_text())["tokens_per_mini_epoch"])
+        return float(json.loads((Path(proj_dir) / TRAIN_CONFIG).read_text())["tokens_per_mini_epoch"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
 

@@ -88,7 +88,7 @@ def _prepare(cfg: TrainConfig) -> int:
         f"({count_params(mcfg):,} parameters), seed {seed}")
     model = RWKV7(mcfg)
     model.init_weights()
-    out = proj / "rwkv-init.pth"
+    out = RunDir(proj).init
     save_weights(model.state_dict(), out, cfg.precision)
     log(f"wrote {out} ({SAVE_DTYPES[cfg.precision]})")
     later = RunDir(proj).epoch_checkpoints()
