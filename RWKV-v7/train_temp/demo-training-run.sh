@@ -27,8 +27,11 @@ N_NODE=1               # machines
 GPU_PER_NODE=1         # GPUs per machine
 DS_BUCKET_MB=2         # DeepSpeed bucket: 2 for consumer GPUs, 200 for A100 / H100
 WANDB="Test"           # wandb project name; "" to turn wandb off
+LOAD_MODEL="0"         # "0": rwkv-init.pth or the newest save in PROJ_DIR; or an x070 .pth file (e.g. a released
+                       # RWKV-7) to start from: its shapes (layers, width, LoRA sizes) are read from it and win over
+                       # N_LAYER / N_EMBD; once PROJ_DIR holds saves, re-running resumes from them instead
 
-"$PYTHON" train.py --load_model "0" --wandb "$WANDB" --proj_dir "$PROJ_DIR" --my_testing "$MODEL_TYPE" \
+"$PYTHON" train.py --load_model "$LOAD_MODEL" --wandb "$WANDB" --proj_dir "$PROJ_DIR" --my_testing "$MODEL_TYPE" \
  --ctx_len "$CTX_LEN" --train_stage 3 --epoch_count 999999 --epoch_begin 0 \
  --data_file "$data_file" --my_exit_tokens "$MY_EXIT_TOKENS" --magic_prime "$MAGIC_PRIME" \
  --num_nodes "$N_NODE" --micro_bsz "$M_BSZ" --n_layer "$N_LAYER" --n_embd "$N_EMBD" \

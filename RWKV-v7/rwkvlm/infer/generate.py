@@ -20,7 +20,6 @@ character, so its bytes wait until the character is complete.
 from __future__ import annotations
 
 import codecs
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,21 +82,12 @@ def _no_such_checkpoint(path: Path) -> UserError:
 
 
 def config_from_state_dict(sd: dict, path=None):
-    """ModelConfig (n_layer, n_embd, vocab_size, head_size) read off the tensor shapes."""
+    """ModelConfig read off the tensor shapes (n_layer, n_embd, vocab_size, head_size, the LoRA
+    sizes, whether layer 0 holds att.v0/v1/v2): ModelConfig.from_state_dict, which refuses a file
+    that is not a consistent x070 state dict with a UserError naming the key and shape."""
     from rwkvlm.model.rwkv7 import ModelConfig
 
-    emb = sd.get("emb.weight")
-    if emb is None or emb.dim() != 2:
-        raise UserError(f"{path} is not an RWKV-7 checkpoint (no emb.weight); expected a rwkv-*.pth "
-                        f"file written by the trainer.")
-    layers = {int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))}
-    if not layers:
-        raise UserError(f"{path} is not an RWKV-7 checkpoint (no blocks.N.* tensors).")
-    n_layer = max(layers) + 1
-    vocab_size, n_embd = int(emb.shape[0]), int(emb.shape[1])
-    r_k = sd.get("blocks.0.att.r_k")
-    head_size = int(r_k.shape[1]) if r_k is not None and r_k.dim() == 2 else HEAD_SIZE
-    return ModelConfig(n_layer=n_layer, n_embd=n_embd, vocab_size=vocab_size, head_size=head_size)
+    return ModelConfig.from_state_dict(sd, path)
 
 
 def _note(msg: str) -> None:

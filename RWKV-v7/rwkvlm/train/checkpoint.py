@@ -47,6 +47,9 @@ SAVE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.floa
 # may change: the schedule then stretches or shrinks to the new end)
 EXACT_KEYS = ("n_layer", "n_embd", "vocab_size", "head_size", "ctx_len", "micro_bsz", "world_size",
               "magic_prime", "precision", "deepspeed", "mini_epoch_samples")
+# the model layout beyond n_layer / n_embd, recorded only where it is not the default (so that the
+# fingerprints of earlier versions and of formula-sized models are unchanged): {key: default}
+LAYOUT_KEYS = {"lora": None, "layer0_v": 1}
 RECENT_STEPS = 20  # a state records the mean loss of the steps before it, over this many
 
 
@@ -102,8 +105,9 @@ def _why_refused(e: Exception) -> str:
     return f"{type(e).__name__}{': ' + first[:200] if first else ''}"
 
 
-def load_checkpoint_file(path):
-    """The only torch.load of the package: weights_only=True, on the CPU.
+def load_checkpoint_file(path, mmap: bool = False):
+    """The only torch.load of the package: weights_only=True, on the CPU (memory-mapped with
+    mmap, where the file's format allows: reading shapes then costs next to nothing).
 
     Raises CorruptCheckpoint (`not_plain_weights`' message) for any file the safe load
     refuses, damaged or unsafe alike, and for a missing or unreadable one.
@@ -114,7 +118,9 @@ def load_checkpoint_file(path):
     try:
         with warnings.catch_warnings():  # torch's notes on pickle protocols: not the user's business
             warnings.simplefilter("ignore")
-            return torch.load(path, map_location="cpu", weights_only=True)
+            # a legacy (non-zip) file cannot be mapped: read it whole
+            mapped = bool(mmap) and zipfile.is_zipfile(path)
+            return torch.load(path, map_location="cpu", weights_only=True, **({"mmap": True} if mapped else {}))
     except OSError as e:
         raise CorruptCheckpoint(f"{path}: cannot be read ({e.strerror or _first_line(e)})") from None
     except Exception as e:  # torch raises many types for damaged or unsafe files
@@ -124,7 +130,7 @@ def load_checkpoint_file(path):
 _torch_load = load_checkpoint_file
 
 
-def load_weights(path) -> dict:
+def load_weights(path, mmap: bool = False) -> dict:
     """Load a state dict of tensors (load_checkpoint_file).
 
     Raises CorruptCheckpoint, with one message for a damaged, truncated or unsafe file
@@ -132,7 +138,7 @@ def load_weights(path) -> dict:
     something other than a state dict of tensors. Tools turn it into a UserError as it is.
     """
     path = Path(path)
-    obj = load_checkpoint_file(path)
+    obj = load_checkpoint_file(path, mmap=mmap)
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         what = f"a {type(obj).__name__}" if not isinstance(obj, dict) else "a dict with values other than tensors"
         raise CorruptCheckpoint(not_plain_weights(path, f"it holds {what}, not a state dict of tensors"))
@@ -199,9 +205,23 @@ def describe_weights(sd: dict) -> str:
     return f"N_LAYER={len(layers)} N_EMBD={emb.shape[1]} vocab_size={emb.shape[0]}"
 
 
+def model_layout(cfg) -> dict:
+    """The LAYOUT_KEYS of cfg's model that differ from the default: "lora" ("Dw/Da/Dv/Dg") when the
+    LoRA sizes are not the formula's, "layer0_v" 0 without blocks.0.att.v0/v1/v2."""
+    if not hasattr(cfg, "lora_dims"):
+        return {}
+    mcfg = cfg.model_config()
+    out = {}
+    if not mcfg.lora_is_formula:
+        out["lora"] = "/".join(map(str, mcfg.lora_sizes))
+    if not mcfg.layer0_v:
+        out["layer0_v"] = 0
+    return out
+
+
 def run_fingerprint(cfg) -> dict:
     """The settings a state or rwkv-final.pth was made with (EXACT_KEYS and a few more)."""
-    return {
+    return {**model_layout(cfg),
         "n_layer": cfg.n_layer, "n_embd": cfg.n_embd, "vocab_size": cfg.vocab_size,
         "head_size": cfg.head_size, "ctx_len": cfg.ctx_len, "micro_bsz": cfg.micro_bsz,
         "world_size": cfg.world_size, "magic_prime": cfg.magic_prime, "precision": cfg.precision,
@@ -213,7 +233,12 @@ def run_fingerprint(cfg) -> dict:
 def changed_settings(fingerprint: dict, cfg) -> dict:
     """{key: (saved, now)} for the EXACT_KEYS in which `fingerprint` differs from cfg."""
     now = run_fingerprint(cfg)
-    return {k: (fingerprint.get(k), now[k]) for k in EXACT_KEYS if fingerprint.get(k) != now[k]}
+    out = {k: (fingerprint.get(k), now[k]) for k in EXACT_KEYS if fingerprint.get(k) != now[k]}
+    for k, default in LAYOUT_KEYS.items():
+        a, b = fingerprint.get(k, default), now.get(k, default)
+        if a != b:
+            out[k] = (a, b)
+    return out
 
 
 def _say_changes(changes: dict) -> str:
@@ -606,6 +631,55 @@ def _after_divergence(rd: RunDir, cfg, saves: list[Save], log) -> Save | None:
     return good
 
 
+def _load_model_path(cfg) -> Path:
+    path = Path(cfg.load_model)
+    if not path.is_file():
+        raise UserError(f"--load_model {cfg.load_model!r} does not exist; use \"0\" to pick the newest "
+                        f"checkpoint in PROJ_DIR automatically.")
+    return path
+
+
+def shapes_from_load_model(cfg, log=print):
+    """For --load_model FILE: cfg with the model shapes of that file (n_layer, n_embd, head_size,
+    vocab_size, the LoRA sizes, whether layer 0 holds att.v0/v1/v2), read off its tensors
+    (ModelConfig.from_state_dict), with a line saying what was found and a note where they differ
+    from the flags given (the file wins). Any other cfg is returned as it is.
+
+    Called before anything is written; a file that is not a consistent x070 state dict raises
+    UserError."""
+    import dataclasses
+
+    from rwkvlm.model.rwkv7 import ModelConfig
+
+    if cfg.load_model in ("", "0"):
+        return cfg
+    path = _load_model_path(cfg)
+    try:
+        sd = load_weights(path, mmap=True)
+    except CorruptCheckpoint as e:
+        raise UserError(f"--load_model: {e}") from None
+    mcfg = ModelConfig.from_state_dict(sd, f"--load_model {path}")
+    del sd
+    found = cfg.model_config()
+    formula = "" if mcfg.lora_is_formula else \
+        f" (not the formula's {'/'.join(map(str, mcfg.formula_lora_sizes))}: read from the file)"
+    layer0 = "" if mcfg.layer0_v else \
+        "; no blocks.0.att.v0/v1/v2 (the released layout: layer 0 does not use them)"
+    log(f"--load_model {path}: RWKV-7 {mcfg.describe()}{formula}, vocab {mcfg.vocab_size}{layer0}; the model "
+        f"is built to match.")
+    diffs = [f"{flag} {a} -> {b}" for flag, a, b in (
+        ("N_LAYER (--n_layer)", found.n_layer, mcfg.n_layer), ("N_EMBD (--n_embd)", found.n_embd, mcfg.n_embd),
+        ("--head_size", found.head_size, mcfg.head_size), ("--vocab_size", found.vocab_size, mcfg.vocab_size),
+        ("--lora_dims", "/".join(map(str, found.lora_sizes)), "/".join(map(str, mcfg.lora_sizes))),
+    ) if a != b and (flag != "--lora_dims" or cfg.lora_dims or found.n_embd == mcfg.n_embd)]
+    if diffs:
+        log(f"note: the shapes of --load_model {path.name} win over the flags given: {', '.join(diffs)}.")
+    return dataclasses.replace(
+        cfg, n_layer=mcfg.n_layer, n_embd=mcfg.n_embd, head_size=mcfg.head_size, vocab_size=mcfg.vocab_size,
+        lora_dims="" if mcfg.lora_is_formula else "/".join(map(str, mcfg.lora_sizes)),
+        layer0_v=int(mcfg.layer0_v))
+
+
 def find_start(cfg, log=print) -> StartPoint:
     """Pick where the run starts (see the module docstring) and load its weights.
 
@@ -615,16 +689,19 @@ def find_start(cfg, log=print) -> StartPoint:
     """
     rd = RunDir(cfg.proj_dir)
     if cfg.load_model not in ("", "0"):
-        path = Path(cfg.load_model)
-        if not path.is_file():
-            raise UserError(f"--load_model {cfg.load_model!r} does not exist; use \"0\" to pick the newest "
-                            f"checkpoint in PROJ_DIR automatically.")
-        try:
-            sd = load_weights(path)
-        except CorruptCheckpoint as e:
-            raise UserError(f"--load_model: {e}") from None
-        step = cfg.epoch_begin * cfg.epoch_steps
-        return StartPoint(step=step, weights=sd, source=path, epoch_begin=cfg.epoch_begin, run_start_step=step)
+        path = _load_model_path(cfg)
+        trained = [s for s in list_saves(rd, cfg) if s.kind != "init"] if rd.path.is_dir() else []
+        if trained:
+            log(f"note: PROJ_DIR {rd.path} already holds saves of a run (newest: {rd.relative(trained[0].path)}), "
+                f"so this run continues from them (the auto-resume of the tutorial) and does not load "
+                f"--load_model {path} again. To start from {path.name} afresh, use a new PROJ_DIR.")
+        else:
+            try:
+                sd = load_weights(path)
+            except CorruptCheckpoint as e:
+                raise UserError(f"--load_model: {e}") from None
+            step = cfg.epoch_begin * cfg.epoch_steps
+            return StartPoint(step=step, weights=sd, source=path, epoch_begin=cfg.epoch_begin, run_start_step=step)
 
     saves = list_saves(rd, cfg)
     if not saves:
@@ -916,6 +993,6 @@ def load_tool_weights(path) -> dict:
     payload = load_trainer_state(p / TRAINER_FILE) if (p / TRAINER_FILE).is_file() else None
     return state_weights(Save("state", p, 0), payload)
 
-__all__ = ["CorruptCheckpoint", "StartPoint", "find_start", "load_weights", "save_weights", "check_weights_fit",
+__all__ = ["CorruptCheckpoint", "StartPoint", "find_start", "shapes_from_load_model", "load_weights", "save_weights", "check_weights_fit",
            "run_fingerprint", "save_resume_state", "epoch_name", "write_final_info", "write_divergence",
            "find_weights", "newest_weights", "load_tool_weights"]

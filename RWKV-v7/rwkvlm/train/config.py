@@ -84,6 +84,10 @@ class TrainConfig:
     n_layer: int = flag(12, "layers", group="model")
     n_embd: int = flag(768, "embedding width (a multiple of 64)", group="model")
     head_size: int = flag(64, "WKV head size", group="model")
+    lora_dims: str = flag("", 'LoRA sizes decay/aaa/value/gate, e.g. "96/96/64/256" ("": the formula of '
+                          'RWKV-LM; a --load_model file sets them from its shapes)', group="model")
+    layer0_v: int = flag(1, "1: layer 0 holds att.v0/v1/v2 (unused), as rwkv-init.pth; 0: it does not, as "
+                         "the released RWKV-7 files (a --load_model file sets this)", group="model", choices=[0, 1])
     grad_cp: int = flag(0, "1: gradient checkpointing (less memory)", group="model", choices=[0, 1])
     wkv_impl: str = flag("auto", "WKV op: auto (the CUDA kernel on GPU), cuda, or torch (the PyTorch "
                          "reference path)", group="model", choices=["auto", "cuda", "torch"])
@@ -162,10 +166,28 @@ class TrainConfig:
     def model_config(self):
         from rwkvlm.model.rwkv7 import ModelConfig
 
+        w, a, v, g = self.lora_sizes or (None,) * 4
         return ModelConfig(
             n_layer=self.n_layer, n_embd=self.n_embd, vocab_size=self.vocab_size,
             head_size=self.head_size, grad_cp=bool(self.grad_cp), wkv_impl=self.wkv_impl,
+            lora_w=w, lora_a=a, lora_v=v, lora_g=g, layer0_v=bool(self.layer0_v),
         )
+
+    @property
+    def lora_sizes(self) -> tuple[int, int, int, int] | None:
+        """--lora_dims as (decay, aaa, value, gate); None for "" (the formula)."""
+        text = self.lora_dims.strip()
+        if not text:
+            return None
+        parts = text.replace(",", "/").split("/")
+        try:
+            sizes = tuple(int(x) for x in parts)
+        except ValueError:
+            sizes = ()
+        if len(sizes) != 4 or min(sizes) <= 0:
+            raise UserError(f"--lora_dims is {self.lora_dims!r}; expected four positive sizes decay/aaa/value/gate, "
+                            f"e.g. \"96/96/64/256\", or \"\" for the formula.")
+        return sizes
 
     # ---- checks that need no data
     def _check(self) -> None:
@@ -193,6 +215,7 @@ class TrainConfig:
             raise UserError(
                 f"--head_size {self.head_size} does not divide N_EMBD {self.n_embd}; keep --head_size 64."
             )
+        self.lora_sizes  # noqa: B018 (checks --lora_dims)
         if self.n_layer < 1:
             raise UserError(f"N_LAYER (--n_layer) is {self.n_layer}; it must be at least 1.")
         if self.vocab_size < 2:

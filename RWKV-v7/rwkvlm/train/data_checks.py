@@ -125,11 +125,12 @@ def open_training_data(cfg):
             stacklevel=2,
         )
 
-    check_token_ids(data.tokens, cfg.vocab_size, bin_path.name)
+    from_file = cfg.load_model if cfg.train_stage == 3 and cfg.load_model not in ("", "0") else None
+    check_token_ids(data.tokens, cfg.vocab_size, bin_path.name, model_file=from_file)
     return data
 
 
-def check_token_ids(tokens, vocab_size: int, name: str, chunk: int = 1 << 26) -> None:
+def check_token_ids(tokens, vocab_size: int, name: str, chunk: int = 1 << 26, model_file=None) -> None:
     """Raise UserError unless every token id is an integer in [0, vocab_size).
 
     Reads the data only when its dtype can hold ids outside that range (make_data's
@@ -152,6 +153,12 @@ def check_token_ids(tokens, vocab_size: int, name: str, chunk: int = 1 << 26) ->
             f"{name} holds the negative token id {lo} (its dtype is {dtype}"
             + (", which stores ids above 32767 as negative numbers" if dtype == np.dtype("<i2") else "")
             + "). Re-create the data with make_data.py, which writes uint16 token ids.")
+    if hi >= vocab_size and model_file is not None:
+        raise UserError(
+            f"{name} holds token id {hi}, but the model of --load_model {model_file} has a vocabulary of "
+            f"{vocab_size} tokens (its emb.weight has shape ({vocab_size}, n_embd)); it needs at least {hi + 1}. "
+            f"Use a checkpoint made for this data's tokenizer (65536: the World vocabulary), or data "
+            f"tokenized for this model's vocabulary. Nothing was written.")
     if hi >= vocab_size:
         raise UserError(
             f"{name} holds token id {hi} but --vocab_size is {vocab_size}. Use "

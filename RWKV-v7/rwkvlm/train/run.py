@@ -84,7 +84,7 @@ def _prepare(cfg: TrainConfig) -> int:
     proj = cfg.proj_path
     proj.mkdir(parents=True, exist_ok=True)
     mcfg = cfg.model_config()
-    log(f"initialising RWKV-7 L{cfg.n_layer}-D{cfg.n_embd} vocab {cfg.vocab_size} "
+    log(f"initialising RWKV-7 {mcfg.describe()}, vocab {cfg.vocab_size} "
         f"({count_params(mcfg):,} parameters), seed {seed}")
     model = RWKV7(mcfg)
     model.init_weights()
@@ -114,10 +114,12 @@ def run(cfg: TrainConfig) -> int:
     # benchmarks/RESULTS.md). Set before the first CUDA allocation; a PYTORCH_CUDA_ALLOC_CONF
     # of the user's own wins.
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    from rwkvlm.train.checkpoint import shapes_from_load_model
     from rwkvlm.train.data_checks import open_training_data
 
     from rwkvlm.train.hardware import lightning_strategy, resolve, set_matmul_precision
 
+    cfg = shapes_from_load_model(cfg, log=log)  # --load_model FILE: the model is built to its shapes
     data = open_training_data(cfg)
     hw = resolve(cfg)
     for note in hw.notes:
@@ -161,7 +163,9 @@ def _train(cfg: TrainConfig, data, accelerator, strategy, precision) -> int:
     if compiled:
         model.compile_blocks()
 
-    log(f"RWKV-7 L{cfg.n_layer}-D{cfg.n_embd} ctx {cfg.ctx_len}, {cfg.world_size} x {cfg.micro_bsz} samples/step, "
+    mcfg = model.cfg
+    lora = f", LoRA w/a/v/g {'/'.join(map(str, mcfg.lora_sizes))}" + ("" if mcfg.layer0_v else " (released layout)")
+    log(f"RWKV-7 L{cfg.n_layer}-D{cfg.n_embd}{lora}, ctx {cfg.ctx_len}, {cfg.world_size} x {cfg.micro_bsz} samples/step, "
         f"epoch_steps {cfg.epoch_steps}, {cfg.tokens_per_step} tokens/step, steps {start.step} -> "
         f"{cfg.total_steps}, mini-epoch {start.step // cfg.epoch_steps}, from {start.source}, {said}, "
         f"{accelerator} {cfg.strategy} {cfg.precision}{' compiled' if compiled else ''}")
