@@ -264,3 +264,10 @@ def test_stale_lock_detected(tmp_path):
         _check_stale_lock(tmp_path)
     lock.unlink()
     _check_stale_lock(tmp_path)            # no lock: nothing to say
+
+
+def test_kernel_sources_are_found_from_the_module():
+    """The build reads RWKV-v7/cuda/ relative to the op's module (no GPU needed to check the path)."""
+    from rwkvlm.ops.wkv7.cuda import _CUDA_DIR, _SOURCES
+
+    assert _CUDA_DIR.name == "cuda" and all((_CUDA_DIR / s).is_file() for s in _SOURCES), _CUDA_DIR
