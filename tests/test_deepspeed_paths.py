@@ -5,7 +5,7 @@ CI has no GPU, so DeepSpeed never runs here. The stand-in has DeepSpeed
 zero_optimization_stage, _zero3_consolidated_16bit_state_dict); these tests
 check that the trainer calls them as it should and that what it writes
 around them (state.json, rwkv-N.pth) is right. The real engine is exercised
-by benchmarks/gpu_train_run.sh on the GPU machine.
+by tests/test_gpu_resume.py and the benchmarks (benchmarks/run.py) on a GPU machine.
 """
 import dataclasses
 import inspect

@@ -2,7 +2,7 @@
 
 It owns the per-step learning rate, the mini-epoch bookkeeping (train_log.txt,
 rwkv-N.pth, rwkv-final.pth), the exact-resume states and the optional wandb
-log. Global step numbers count from the very first run: a run that resumes
+log; signals and the profiler are callbacks (rwkvlm.train.callbacks). Global step numbers count from the very first run: a run that resumes
 at step k continues the schedule, the data order and the mini-epoch numbering
 from k.
 """
@@ -14,10 +14,7 @@ import json
 import math
 import os
 import secrets
-import signal
 import statistics
-import sys
-import threading
 import time
 from pathlib import Path
 
@@ -36,7 +33,6 @@ from rwkvlm.train.rundir import (DS_DIR, DS_TAG, FINAL, LATEST, LOSS_LOG_HEADER,
                            epoch_name, rng_file)
 
 
-PROFILE_AFTER_STEPS = 10  # --profile_steps skips the run's first steps (compilation, warm-up)
 
 
 class RWKVTrainModule(pl.LightningModule):
@@ -56,16 +52,12 @@ class RWKVTrainModule(pl.LightningModule):
         self.recent_losses = collections.deque(st.get("recent_losses", []), maxlen=RECENT_STEPS)
         self.wandb_id = st.get("wandb_id")
         self.wandb_run = None
-        self.stop_requested = False
-        self._old_handlers = {}
+        self.stop_requested = False  # set by callbacks.StopOnSignal (Ctrl-C / SIGTERM)
         self.last_save_time = time.monotonic()
         self.t_last = None
         self.kt_s = 0.0
         self.lr_now = 0.0
         self.rd = RunDir(cfg.proj_dir)
-        self.profiler = None
-        self.profile_times = []
-        self.phase_marks = []  # per profiled step: [(phase, host perf_counter)]
         self.fp16_skipped = None  # DeepSpeed's count of skipped fp16 steps when last looked at
         self.fp16_told = False  # the advice that goes with the first skipped step was given
 
@@ -111,15 +103,9 @@ class RWKVTrainModule(pl.LightningModule):
             self._write_run_config()
         if self.global_rank == 0 and self.cfg.wandb:
             self._start_wandb()
-        self._install_stop_handlers()
         self.t_last = time.perf_counter()
 
     def on_train_batch_start(self, batch, batch_idx):
-        if self.cfg.profile_steps > 0 and batch_idx == PROFILE_AFTER_STEPS:
-            self._start_profile()
-        if self.profiler is not None:
-            self._mark("data and Lightning loop before the next step")  # closes the previous profiled step
-            self.phase_marks.append([("start", time.perf_counter())])
         if self.fp16_skipped is None and self.cfg.precision == "fp16":  # after a resume restored the count
             self.fp16_skipped = self._deepspeed_skipped_steps()
         step = self.step
@@ -133,26 +119,9 @@ class RWKVTrainModule(pl.LightningModule):
                                  for s in range(step * mb, (step + 1) * mb)),
                          hint="give --dump_samples a path on a disk with free space, or leave it empty")
 
-    def on_before_backward(self, loss):
-        self._mark("forward")
-
-    def on_after_backward(self):
-        self._mark("backward")
-
-    def on_before_optimizer_step(self, optimizer):
-        self._mark("to optimizer step")
-
-    def _mark(self, phase):
-        """--profile_steps: the host time at which `phase` ended (issued, not run: the GPU
-        works asynchronously until the loss is read in on_train_batch_end)."""
-        if self.profiler is not None and self.phase_marks:
-            self.phase_marks[-1].append((phase, time.perf_counter()))
-
     def on_train_batch_end(self, outputs, batch, batch_idx):
         cfg = self.cfg
-        self._mark("optimizer step")
         loss = float(outputs["loss"].detach()) if isinstance(outputs, dict) else float(outputs.detach())
-        self._mark("wait for the GPU (loss read)")
         own_bad = not math.isfinite(loss)
         bad = own_bad
         if cfg.world_size > 1:  # every rank stops together (a rank left behind would hang)
@@ -176,10 +145,6 @@ class RWKVTrainModule(pl.LightningModule):
                       prog_bar=True, logger=False, on_step=True, on_epoch=False)
         if self.global_rank == 0:
             self._log_step(step, loss, kt_s)
-        if self.profiler is not None:
-            self.profile_times.append(dt)
-            if batch_idx + 1 >= PROFILE_AFTER_STEPS + cfg.profile_steps:
-                self._stop_profile()
 
         epoch_done = step % cfg.epoch_steps == 0
         final = step >= cfg.total_steps
@@ -205,95 +170,10 @@ class RWKVTrainModule(pl.LightningModule):
             self.trainer.should_stop = True
 
     def on_train_end(self):
-        if self.profiler is not None:
-            self._stop_profile()
-        self._restore_signal_handlers()
         if self.wandb_run is not None:
             self.wandb_run.finish()
         if self.end_message:  # after the progress bar's last line (its on_train_end runs first)
             self.print_fn(self.end_message)
-
-    def on_exception(self, exception):
-        self._restore_signal_handlers()
-
-    # ------------------------------------------------------------ --profile_steps
-    def _start_profile(self):
-        from torch.profiler import ProfilerActivity, profile
-
-        acts = [ProfilerActivity.CPU]
-        if torch.cuda.is_available() and self.trainer.strategy.root_device.type == "cuda":
-            acts.append(ProfilerActivity.CUDA)
-        self.profile_times = []
-        self.phase_marks = []
-        self.profiler = profile(activities=acts)
-        self.profiler.__enter__()
-
-    def _stop_profile(self):
-        prof, self.profiler = self.profiler, None
-        prof.__exit__(None, None, None)
-        if self.global_rank != 0:
-            return
-        n = max(1, len(self.profile_times))
-        avg = prof.key_averages()
-        has_cuda = any(getattr(e, "self_device_time_total", 0) > 0 for e in avg)
-        parts = [f"torch.profiler over {n} training steps after the first {PROFILE_AFTER_STEPS} "
-                 f"(totals over all {n} steps); wall time per step (ms): "
-                 + ", ".join(f"{t * 1e3:.1f}" for t in self.profile_times)]
-        parts += [self._phase_table()]
-        if has_cuda:
-            gib = 2 ** 30
-            parts += [f"CUDA memory of this process so far: peak allocated "
-                      f"{torch.cuda.max_memory_allocated() / gib:.2f} GiB, peak reserved "
-                      f"{torch.cuda.max_memory_reserved() / gib:.2f} GiB "
-                      f"(PYTORCH_CUDA_ALLOC_CONF={os.environ.get('PYTORCH_CUDA_ALLOC_CONF', '')!r})"]
-        parts += [""]
-        if has_cuda:
-            parts += ["== by GPU time (self)", avg.table(sort_by="self_device_time_total", row_limit=40), ""]
-        parts += ["== by CPU time (self)", avg.table(sort_by="self_cpu_time_total", row_limit=40), ""]
-        parts += ["== by CPU time (with children)", avg.table(sort_by="cpu_time_total", row_limit=40)]
-        with atomic_open(self.rd.profile, "w") as f:
-            f.write("\n".join(parts) + "\n")
-        self.print_fn(f"wrote {self.rd.profile} ({n} steps profiled)")
-
-    def _phase_table(self) -> str:
-        """Host time per phase of the profiled steps (median ms), in the order they ran."""
-        per_phase = {}
-        for marks in self.phase_marks:
-            for (_, t0), (name, t1) in zip(marks, marks[1:]):
-                per_phase.setdefault(name, []).append((t1 - t0) * 1e3)
-        if not per_phase:
-            return "host time per phase: none recorded"
-        return "host time per phase (median ms; the profiler's overhead included): " + ", ".join(
-            f"{name} {statistics.median(v):.1f}" for name, v in per_phase.items())
-
-    # ------------------------------------------------------------ Ctrl-C / SIGTERM
-    def _install_stop_handlers(self):
-        """First Ctrl-C or SIGTERM: finish the step, save an exact-resume state, stop cleanly.
-
-        A second Ctrl-C stops at once (losing the steps since the last save).
-        The previous handlers come back when training ends.
-        """
-        self.stop_requested = False
-        if threading.current_thread() is not threading.main_thread():
-            return
-        self._old_handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-        def request(signum, frame):
-            if self.stop_requested and signum == signal.SIGINT:
-                raise KeyboardInterrupt
-            self.stop_requested = True
-            if self.global_rank == 0:
-                print(f"\n{signal.Signals(signum).name}: stopping after this step and saving an exact-resume "
-                      f"state (press Ctrl-C again to stop at once).", file=sys.stderr, flush=True)
-
-        for sig in self._old_handlers:
-            signal.signal(sig, request)
-
-    def _restore_signal_handlers(self):
-        for sig, handler in self._old_handlers.items():
-            if handler is not None:
-                signal.signal(sig, handler)
-        self._old_handlers = {}
 
     # ------------------------------------------------------------ mini-epochs and saving
     def _end_mini_epoch(self, mini_epoch: int) -> str | None:

@@ -170,7 +170,11 @@ def _train(cfg: TrainConfig, data, accelerator, strategy, precision) -> int:
         f"{cfg.total_steps}, mini-epoch {start.step // cfg.epoch_steps}, from {start.source}, {said}, "
         f"{accelerator} {cfg.strategy} {cfg.precision}{' compiled' if compiled else ''}")
     module = RWKVTrainModule(cfg, model, data, start, log=log, seed=seed)
-    callbacks = []
+    from rwkvlm.train.callbacks import StepProfiler, StopOnSignal
+
+    callbacks = [StopOnSignal()]
+    if cfg.profile_steps > 0:
+        callbacks.append(StepProfiler(cfg.profile_steps, RunDir(cfg.proj_dir).profile, log=log))
     if cfg.enable_progress_bar:
         from rwkvlm.train.progress import StepProgressBar
 
