@@ -1,7 +1,7 @@
 """magic_prime sampling: a bijection over one pass, disjoint across ranks."""
 import numpy as np
 
-from rwkvlm.train.config import MINI_EPOCH_SAMPLES
+from rwkvlm.recipe import MINI_EPOCH_SAMPLES
 from rwkvlm.train.dataset import MagicPrimeDataset, StepSampler
 from rwkvlm.data.magic_prime import magic_prime
 

@@ -1,6 +1,7 @@
 """rwkvlm: the RWKV-7 (x070) pre-training workflow, in layers (each imports only those above it):
 
-  errors, atomic   UserError (mistakes a user can fix); crash-safe file writes
+  errors, atomic,  UserError (mistakes a user can fix); crash-safe file writes;
+  recipe           the recipe's fixed numbers (mini-epoch size, WKV chunk length, end of document)
   data/            tokenizer (World vocabulary), binidx (.bin/.idx), magic_prime (sampling),
                    make_data (jsonl -> binidx: RWKV-v5/make_data.py), arithmetic (the demo corpus)
   ops/wkv7/        the WKV7 op: reference (fp32, per step; one-token step), chunked (PyTorch),

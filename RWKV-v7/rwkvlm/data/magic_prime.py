@@ -13,9 +13,6 @@ import math
 
 from rwkvlm.errors import UserError
 
-MINI_EPOCH_SAMPLES = 40320  # samples per mini-epoch, fixed by the recipe
-WKV_CHUNK_LEN = 16  # ctx_len must be a multiple of the WKV kernel's chunk length
-
 _MR_BASES = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37)  # deterministic below 3.3e24
 
 

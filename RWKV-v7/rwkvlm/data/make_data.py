@@ -28,12 +28,11 @@ import numpy as np
 from rwkvlm.atomic import (check_output_dir, existing_parent, free_bytes, human_bytes, is_write_error, remove_stale_temps,
                      write_error)
 from rwkvlm.data.binidx import HEADER, BinIdx, BinIdxWriter, finish_interrupted_write, split_path
-from rwkvlm.data.magic_prime import WKV_CHUNK_LEN
+from rwkvlm.recipe import END_OF_DOC, WKV_CHUNK_LEN
 from rwkvlm.errors import UserError
 from rwkvlm.data.magic_prime import check_magic_prime, magic_prime
 
 DTYPE = np.dtype("<u2")
-END_OF_DOC = 0
 PREVIEW_TOKENS = 100
 CHUNK_DOCS = 2048  # documents gathered per pass-2 chunk
 CHUNK_TOKENS = 1 << 20  # and at most this many tokens (unless one document is larger)

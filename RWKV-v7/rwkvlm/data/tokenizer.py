@@ -18,7 +18,6 @@ from rwkvlm.errors import UserError
 
 VOCAB_NAME = "rwkv_vocab_v20230424"
 VOCAB_SIZE = 65536  # embedding rows; ids 1..65529 are real tokens, 0 = end of document
-END_OF_DOC = 0
 _REPLACEMENT = "\ufffd".encode("utf-8")
 
 

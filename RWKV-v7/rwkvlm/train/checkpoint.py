@@ -855,7 +855,7 @@ def _tools_cfg(rd: RunDir):
         samples = int(info["mini_epoch_samples"])
         steps = int(info.get("epoch_steps", 0))
     except (KeyError, TypeError, ValueError):
-        from rwkvlm.train.config import MINI_EPOCH_SAMPLES
+        from rwkvlm.recipe import MINI_EPOCH_SAMPLES
 
         samples, steps = MINI_EPOCH_SAMPLES, 0
     return SimpleNamespace(mini_epoch_samples=samples, epoch_steps=steps)

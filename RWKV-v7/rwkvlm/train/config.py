@@ -17,8 +17,7 @@ from pathlib import Path
 
 from rwkvlm.errors import UserError
 
-from rwkvlm.data.magic_prime import MINI_EPOCH_SAMPLES
-from rwkvlm.data.magic_prime import WKV_CHUNK_LEN
+from rwkvlm.recipe import MINI_EPOCH_SAMPLES, WKV_CHUNK_LEN
 
 PRECISIONS = {"bf16", "fp32", "tf32", "fp16"}
 STRATEGIES = {

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from rwkvlm.data.magic_prime import MINI_EPOCH_SAMPLES
+from rwkvlm.recipe import MINI_EPOCH_SAMPLES
 from rwkvlm.data.magic_prime import sample_start
 
 

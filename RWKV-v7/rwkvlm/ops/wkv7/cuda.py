@@ -42,10 +42,11 @@ from pathlib import Path
 import torch
 
 from rwkvlm.errors import UserError
+from rwkvlm.recipe import WKV_CHUNK_LEN
 
 __all__ = ["wkv7_cuda", "wkv7_cuda_state", "wkv7_op", "is_available", "load_extension", "CHUNK_LEN", "HEAD_SIZES"]
 
-CHUNK_LEN = 16
+CHUNK_LEN = WKV_CHUNK_LEN
 HEAD_SIZES = (32, 64)
 # Bump when the sources change in a way that must not reuse an old build.
 _VERSION = 3
