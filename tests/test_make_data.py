@@ -12,10 +12,10 @@ import pytest
 
 import rwkvlm.data.make_data as md
 from rwkvlm.data.binidx import BinIdx
-from rwkvlm.errors import run_cli
 from rwkvlm.data.magic_prime import magic_prime
 from rwkvlm.data.make_data import read_meta
 from rwkvlm.data.tokenizer import get_tokenizer
+from trainkit import run_make_data
 
 ROOT = Path(__file__).resolve().parents[1]
 WRAPPER = ROOT / "RWKV-v5" / "make_data.py"
@@ -40,16 +40,6 @@ def write_jsonl(path, docs, extra_lines=()):
             f.write(line)
 
 
-def run(tmp_path, *argv):
-    """make_data's main through run_cli in tmp_path; (exit code)."""
-    cwd = os.getcwd()
-    os.chdir(tmp_path)
-    try:
-        return run_cli(md.main, [str(a) for a in argv])
-    finally:
-        os.chdir(cwd)
-
-
 def decoded_items(prefix):
     tok = get_tokenizer()
     d = BinIdx(prefix)
@@ -63,7 +53,7 @@ def decoded_items(prefix):
 
 def test_every_document_exactly_n_times_each_copy_a_permutation(tmp_path, capsys):
     write_jsonl(tmp_path / "demo.jsonl", DOCS)
-    assert run(tmp_path, "demo.jsonl", 4, 512, "--seed", 3) == 0
+    assert run_make_data(tmp_path, "demo.jsonl", 4, 512, "--seed", 3) == 0
     d, items = decoded_items(tmp_path / "demo")
     assert d.num_items == 4 * len(DOCS) and d.dtype == np.dtype("<u2")
     assert Counter(items) == Counter({t: 4 for t in DOCS})
@@ -83,7 +73,7 @@ def test_tokens_equal_reference_tokenizer(tmp_path):
 
     ref = TRIE_TOKENIZER(str(Path(rwkv.__file__).parent / "rwkv_vocab_v20230424.txt"))
     write_jsonl(tmp_path / "demo.jsonl", DOCS)
-    assert run(tmp_path, "demo.jsonl", 2, 512, "--seed", 0) == 0
+    assert run_make_data(tmp_path, "demo.jsonl", 2, 512, "--seed", 0) == 0
     d = BinIdx(tmp_path / "demo")
     expected = {tuple(ref.encode(t) + [0]) for t in DOCS}
     got = {tuple(d.get(i).tolist()) for i in range(d.num_items)}
@@ -95,7 +85,7 @@ def test_same_seed_same_bytes_other_seed_other_order(tmp_path):
     write_jsonl(tmp_path / "demo.jsonl", DOCS)
     outs = []
     for seed in (5, 5, 6):
-        assert run(tmp_path, "demo.jsonl", 3, 512, "--seed", seed) == 0
+        assert run_make_data(tmp_path, "demo.jsonl", 3, 512, "--seed", seed) == 0
         outs.append(((tmp_path / "demo.bin").read_bytes(), (tmp_path / "demo.idx").read_bytes()))
     assert outs[0] == outs[1]
     assert outs[0] != outs[2]
@@ -104,13 +94,13 @@ def test_same_seed_same_bytes_other_seed_other_order(tmp_path):
 
 def test_chunked_and_file_read_paths_give_identical_bytes(tmp_path, monkeypatch):
     write_jsonl(tmp_path / "demo.jsonl", DOCS)
-    assert run(tmp_path, "demo.jsonl", 3, 512, "--seed", 9) == 0
+    assert run_make_data(tmp_path, "demo.jsonl", 3, 512, "--seed", 9) == 0
     expected = (tmp_path / "demo.bin").read_bytes(), (tmp_path / "demo.idx").read_bytes()
     for in_memory, chunk_docs, chunk_tokens in ((0, 5, 40), (1 << 30, 1, 1), (0, 2048, 1 << 20)):
         monkeypatch.setattr(md, "IN_MEMORY_BYTES", in_memory)
         monkeypatch.setattr(md, "CHUNK_DOCS", chunk_docs)
         monkeypatch.setattr(md, "CHUNK_TOKENS", chunk_tokens)
-        assert run(tmp_path, "demo.jsonl", 3, 512, "--seed", 9) == 0
+        assert run_make_data(tmp_path, "demo.jsonl", 3, 512, "--seed", 9) == 0
         got = (tmp_path / "demo.bin").read_bytes(), (tmp_path / "demo.idx").read_bytes()
         assert got == expected, (in_memory, chunk_docs, chunk_tokens)
 
@@ -118,7 +108,7 @@ def test_chunked_and_file_read_paths_give_identical_bytes(tmp_path, monkeypatch)
 def test_printed_numbers_and_meta(tmp_path, capsys):
     docs = [f"line {i}: " + "token " * (i % 50) for i in range(400)]
     write_jsonl(tmp_path / "big.jsonl", docs, extra_lines=["\n", "   \n"])
-    assert run(tmp_path, "big.jsonl", 30, 512, "--seed", 1) == 0
+    assert run_make_data(tmp_path, "big.jsonl", 30, 512, "--seed", 1) == 0
     out = capsys.readouterr().out
     d = BinIdx(tmp_path / "big")
     p = magic_prime(d.num_tokens, 512)
@@ -137,7 +127,7 @@ def test_printed_numbers_and_meta(tmp_path, capsys):
 
 def test_preview_is_shortened_for_long_documents(tmp_path, capsys):
     write_jsonl(tmp_path / "long.jsonl", ["START " + "word " * 500 + "END"])
-    assert run(tmp_path, "long.jsonl", 1, 512) == 0
+    assert run_make_data(tmp_path, "long.jsonl", 1, 512) == 0
     out = capsys.readouterr().out
     assert "START" in out and "END" in out and "· " * 30 in out
     assert out.count("word") < 300
@@ -145,7 +135,7 @@ def test_preview_is_shortened_for_long_documents(tmp_path, capsys):
 
 def test_too_little_data_prints_no_magic_prime(tmp_path, capsys):
     write_jsonl(tmp_path / "tiny.jsonl", ["a few tokens only"])
-    assert run(tmp_path, "tiny.jsonl", 2, 4096, "--seed", 0) == 0
+    assert run_make_data(tmp_path, "tiny.jsonl", 2, 4096, "--seed", 0) == 0
     out = capsys.readouterr().out
     assert "--magic_prime" not in out and "fewer than 3 x ctx_len" in out
     assert read_meta(tmp_path / "tiny")["magic_prime"] is None
@@ -160,7 +150,7 @@ def test_magic_prime_under_ninety_percent_is_flagged(tmp_path, capsys):
     tokens = copies * per_copy
     assert tokens // ctx == 129 and magic_prime(tokens, ctx) == 113
     write_jsonl(tmp_path / "w.jsonl", [doc])
-    assert run(tmp_path, "w.jsonl", copies, ctx) == 0
+    assert run_make_data(tmp_path, "w.jsonl", copies, ctx) == 0
     out = capsys.readouterr().out
     assert f"--magic_prime 113 --ctx_len {ctx}" in out and "WARNING" in out and "refuse" in out
 
@@ -169,7 +159,7 @@ def test_bom_crlf_blank_lines_and_extra_fields(tmp_path):
     raw = ("\ufeff" + json.dumps({"text": "first", "meta": 1}) + "\r\n\r\n"
            + json.dumps({"id": 7, "text": "second"}) + "\r\n   \n\t\n" + json.dumps({"text": "third"}))
     (tmp_path / "x.jsonl").write_bytes(raw.encode("utf-8"))
-    assert run(tmp_path, "x.jsonl", 1, 512) == 0
+    assert run_make_data(tmp_path, "x.jsonl", 1, 512) == 0
     _, items = decoded_items(tmp_path / "x")
     assert sorted(items) == ["first", "second", "third"]
 
@@ -189,7 +179,7 @@ BAD_CASES = {
 def test_bad_input_is_a_clear_error_and_writes_nothing(tmp_path, capsys, case):
     content, line_no, words = BAD_CASES[case]
     (tmp_path / "demo.jsonl").write_bytes(content)
-    assert run(tmp_path, "demo.jsonl", 3, 512) == 2
+    assert run_make_data(tmp_path, "demo.jsonl", 3, 512) == 2
     err = capsys.readouterr().err
     assert f"line {line_no}" in err and words in err and "--skip-bad" in err, err
     assert sorted(os.listdir(tmp_path)) == ["demo.jsonl"]  # no .bin/.idx/.meta, no temporaries
@@ -199,7 +189,7 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(tmp_path, capsys, case):
 def test_skip_bad_skips_and_reports(tmp_path, capsys, case):
     content, line_no, words = BAD_CASES[case]
     (tmp_path / "demo.jsonl").write_bytes(content + b'{"text": "last good"}\n')
-    assert run(tmp_path, "demo.jsonl", 2, 512, "--skip-bad") == 0
+    assert run_make_data(tmp_path, "demo.jsonl", 2, 512, "--skip-bad") == 0
     out = capsys.readouterr().out
     assert "Skipped 1 bad lines" in out and f"line {line_no}" in out
     _, items = decoded_items(tmp_path / "demo")
@@ -210,13 +200,13 @@ def test_skip_bad_skips_and_reports(tmp_path, capsys, case):
 
 def test_empty_and_blank_files(tmp_path, capsys):
     (tmp_path / "empty.jsonl").write_bytes(b"")
-    assert run(tmp_path, "empty.jsonl", 30, 4096) == 2
+    assert run_make_data(tmp_path, "empty.jsonl", 30, 4096) == 2
     assert "it is empty" in capsys.readouterr().err
     (tmp_path / "blank.jsonl").write_bytes(b"\n  \n\t\n")
-    assert run(tmp_path, "blank.jsonl", 30, 4096) == 2
+    assert run_make_data(tmp_path, "blank.jsonl", 30, 4096) == 2
     assert "only blank lines" in capsys.readouterr().err
     (tmp_path / "allbad.jsonl").write_bytes(b"nope\n{]\n")
-    assert run(tmp_path, "allbad.jsonl", 30, 4096, "--skip-bad") == 2
+    assert run_make_data(tmp_path, "allbad.jsonl", 30, 4096, "--skip-bad") == 2
     assert "all 2 non-empty lines" in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path)) == ["allbad.jsonl", "blank.jsonl", "empty.jsonl"]
 
@@ -228,18 +218,18 @@ def test_100_mb_line(tmp_path, capsys):
         for _ in range(100):
             f.write(chunk)
         f.write(b'"}\n{"text": "after"}\n')
-    assert run(tmp_path, "huge.jsonl", 2, 512) == 2
+    assert run_make_data(tmp_path, "huge.jsonl", 2, 512) == 2
     err = capsys.readouterr().err
     assert "line 2" in err and "104.9 MB" in err and "--max-line-mb" in err
     assert sorted(os.listdir(tmp_path)) == ["huge.jsonl"]
-    assert run(tmp_path, "huge.jsonl", 2, 512, "--skip-bad") == 0
+    assert run_make_data(tmp_path, "huge.jsonl", 2, 512, "--skip-bad") == 0
     _, items = decoded_items(tmp_path / "huge")
     assert sorted(items) == ["after", "after", "fine", "fine"]
 
 
 def test_failure_keeps_previous_outputs(tmp_path, monkeypatch):
     write_jsonl(tmp_path / "demo.jsonl", DOCS)
-    assert run(tmp_path, "demo.jsonl", 2, 512, "--seed", 1) == 0
+    assert run_make_data(tmp_path, "demo.jsonl", 2, 512, "--seed", 1) == 0
     before = {p: (tmp_path / p).read_bytes() for p in ("demo.bin", "demo.idx", "demo.meta.json")}
 
     def boom(*args, **kwargs):
@@ -247,7 +237,7 @@ def test_failure_keeps_previous_outputs(tmp_path, monkeypatch):
 
     monkeypatch.setattr(md, "write_copies", boom)
     with pytest.raises(RuntimeError):
-        run(tmp_path, "demo.jsonl", 5, 512, "--seed", 2)
+        run_make_data(tmp_path, "demo.jsonl", 5, 512, "--seed", 2)
     assert sorted(os.listdir(tmp_path)) == ["demo.bin", "demo.idx", "demo.jsonl", "demo.meta.json"]
     assert {p: (tmp_path / p).read_bytes() for p in before} == before
 
@@ -261,19 +251,19 @@ def test_failure_keeps_previous_outputs(tmp_path, monkeypatch):
 ])
 def test_bad_arguments(tmp_path, capsys, argv, words):
     write_jsonl(tmp_path / "demo.jsonl", DOCS)
-    assert run(tmp_path, *argv) == 2
+    assert run_make_data(tmp_path, *argv) == 2
     assert words in capsys.readouterr().err
 
 
 def test_refuses_to_overwrite_its_input(tmp_path, capsys):
     write_jsonl(tmp_path / "demo.bin", DOCS)
-    assert run(tmp_path, "demo.bin", 2, 512) == 2
+    assert run_make_data(tmp_path, "demo.bin", 2, 512) == 2
     assert "overwrite the input" in capsys.readouterr().err
 
 
 def test_out_dir(tmp_path):
     write_jsonl(tmp_path / "demo.jsonl", DOCS)
-    assert run(tmp_path, "demo.jsonl", 1, 512, "--out-dir", "sub/dir") == 0
+    assert run_make_data(tmp_path, "demo.jsonl", 1, 512, "--out-dir", "sub/dir") == 0
     assert BinIdx(tmp_path / "sub" / "dir" / "demo").num_items == len(DOCS)
 
 
@@ -335,8 +325,8 @@ def test_kill_while_replacing_keeps_a_whole_set(tmp_path, kill):
     new = tmp_path / "new"
     new.mkdir()
     (new / "demo.jsonl").write_bytes((tmp_path / "demo.jsonl").read_bytes())
-    assert run(tmp_path, "demo.jsonl", 3, 16, "--seed", "1") == 0
-    assert run(new, "demo.jsonl", 3, 16, "--seed", "2") == 0
+    assert run_make_data(tmp_path, "demo.jsonl", 3, 16, "--seed", "1") == 0
+    assert run_make_data(new, "demo.jsonl", 3, 16, "--seed", "2") == 0
     old_set, new_set = _set(tmp_path / "demo"), _set(new / "demo")
     new_set = new_set[:2] + (new_set[2].replace(str(new).encode(), str(tmp_path).encode()),)
     r = subprocess.run([sys.executable, str(KILLPOINT), "--kill", kill, str(WRAPPER), "demo.jsonl", "3", "16",
@@ -346,7 +336,7 @@ def test_kill_while_replacing_keeps_a_whole_set(tmp_path, kill):
     meta = read_meta(tmp_path / "demo")
     assert (data.num_tokens, data.num_items) == (meta["tokens"], meta["items"])
     assert _set(tmp_path / "demo") in (old_set, new_set), "a mixed set of old and new files"
-    assert run(tmp_path, "demo.jsonl", 3, 16, "--seed", "2") == 0
+    assert run_make_data(tmp_path, "demo.jsonl", 3, 16, "--seed", "2") == 0
     assert _set(tmp_path / "demo") == new_set
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")], "temporaries left"
 
@@ -363,6 +353,6 @@ def test_stale_temporaries_of_dead_writers_are_removed(tmp_path):
     other_host = tmp_path / f".demo.bin.otherhost-{dead}-abcd1234.tmp"
     for p in (*stale, live, other_host):
         p.write_bytes(b"x" * 1000)
-    assert run(tmp_path, "demo.jsonl", 2, 16, "--seed", "1") == 0
+    assert run_make_data(tmp_path, "demo.jsonl", 2, 16, "--seed", "1") == 0
     assert not any(p.exists() for p in stale)
     assert live.exists() and other_host.exists()

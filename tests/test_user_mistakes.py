@@ -14,7 +14,7 @@ import rwkvlm.data.make_data as md
 from rwkvlm.data.binidx import BinIdxWriter
 from rwkvlm.errors import UserError, run_cli
 
-from trainkit import make_dataset, prepare_args, run_args
+from trainkit import make_dataset, prepare_args, run_args, run_make_data
 
 DOCS = [f"document number {i} " + "word " * (i % 30) for i in range(60)]
 Usage = namedtuple("Usage", "total used free")
@@ -24,15 +24,6 @@ def write_jsonl(path, docs=DOCS):
     with open(path, "w", encoding="utf-8") as f:
         for d in docs:
             f.write(json.dumps({"text": d}) + "\n")
-
-
-def run_make_data(cwd, *argv):
-    old = os.getcwd()
-    os.chdir(cwd)
-    try:
-        return run_cli(md.main, [str(a) for a in argv])
-    finally:
-        os.chdir(old)
 
 
 def listing(d: Path) -> list:

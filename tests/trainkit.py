@@ -65,3 +65,18 @@ def perturbed_model(n_layer: int = 2, n_embd: int = 64, vocab_size: int = 65536,
         for p in model.parameters():
             p.add_(torch.randn_like(p) * scale)
     return model
+
+
+def run_make_data(cwd, *argv) -> int:
+    """make_data's main through run_cli, in folder `cwd` (as `python make_data.py ...` there): its exit code."""
+    import os
+
+    from rwkvlm.data import make_data
+    from rwkvlm.errors import run_cli
+
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+        return run_cli(make_data.main, [str(a) for a in argv])
+    finally:
+        os.chdir(old)

@@ -47,6 +47,7 @@ def _lora_dim(n_embd: int, factor: float) -> int:
 
 
 LORA_NAMES = ("w", "a", "v", "g")  # decay, in-context learning rate ("aaa"), value residual ("mv"), gate
+LORA_FACTORS = {"w": 2.5, "a": 2.5, "v": 1.7, "g": 5.0}  # the formula's factor of each (_lora_dim)
 
 
 @dataclass
@@ -104,30 +105,32 @@ class ModelConfig:
 
     @property
     def d_decay_lora(self) -> int:  # Dw
-        return self.lora_w or _lora_dim(self.n_embd, 2.5)
+        return self.lora_w or self._formula("w")
 
     @property
     def d_aaa_lora(self) -> int:  # Da
-        return self.lora_a or _lora_dim(self.n_embd, 2.5)
+        return self.lora_a or self._formula("a")
 
     @property
     def d_mv_lora(self) -> int:  # Dv
-        return self.lora_v or _lora_dim(self.n_embd, 1.7)
+        return self.lora_v or self._formula("v")
 
     @property
     def d_gate_lora(self) -> int:  # Dg
-        return self.lora_g or _lora_dim(self.n_embd, 5.0)
+        return self.lora_g or self._formula("g")
 
     @property
     def lora_sizes(self) -> tuple[int, int, int, int]:
         """(Dw, Da, Dv, Dg)."""
         return self.d_decay_lora, self.d_aaa_lora, self.d_mv_lora, self.d_gate_lora
 
+    def _formula(self, name: str) -> int:
+        return _lora_dim(self.n_embd, LORA_FACTORS[name])
+
     @property
     def formula_lora_sizes(self) -> tuple[int, int, int, int]:
         """What the formula gives for this n_embd."""
-        C = self.n_embd
-        return _lora_dim(C, 2.5), _lora_dim(C, 2.5), _lora_dim(C, 1.7), _lora_dim(C, 5.0)
+        return tuple(self._formula(name) for name in LORA_NAMES)
 
     @property
     def lora_is_formula(self) -> bool:
