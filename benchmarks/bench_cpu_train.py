@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from rwkvlm.model.rwkv7 import ModelConfig, RWKV7
+from rwkvlm.model import ModelConfig, RWKV7
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 TARGET_TOKS = 2000.0

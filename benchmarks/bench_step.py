@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from rwkvlm.model.rwkv7 import RWKV7, ModelConfig, count_params
+from rwkvlm.model import RWKV7, ModelConfig, count_params
 
 KIND_RULES = (  # (kind, substrings of the kernel name), first match wins
     ("WKV7 kernel", ("wkv7", "wkv_")),

@@ -14,5 +14,6 @@ python3 -m venv --system-site-packages /tmp/dswheel-venv
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
   -d .whl hjson==3.1.0 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 \
-  typing-inspection==0.4.5 typing-extensions==4.16.0 pyrwkv-tokenizer==0.9.1 fla-core==0.6.0
+  typing-inspection==0.4.5 typing-extensions==4.16.0 pyrwkv-tokenizer==0.9.1 fla-core==0.6.0 \
+  flash-linear-attention==0.6.0
 ls -la .whl

@@ -263,7 +263,7 @@ def read_loss_log(path: Path) -> list:
 def count_params(n_layer: int, n_embd: int) -> int | None:
     try:
         sys.path.insert(0, str(LIB))
-        from rwkvlm.model.rwkv7 import ModelConfig, count_params as cp
+        from rwkvlm.model import ModelConfig, count_params as cp
 
         return cp(ModelConfig(n_layer=n_layer, n_embd=n_embd))
     except Exception:

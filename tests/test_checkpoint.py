@@ -6,12 +6,13 @@ import warnings
 import pytest
 import torch
 
-from rwkvlm.train.checkpoint import (CorruptCheckpoint, find_start, load_weights, run_fingerprint, save_resume_state,
-                               write_final_info)
+from rwkvlm.rundir.saves import run_fingerprint
+from rwkvlm.rundir.weights import CorruptCheckpoint, load_weights
+from rwkvlm.train.resume import find_start, save_resume_state, write_final_info
 from rwkvlm.train.config import parse_args
 from rwkvlm.errors import UserError
-from rwkvlm.train.lit import _rng_state
-from rwkvlm.train.rundir import RunDir
+from rwkvlm.train.rng import rng_state
+from rwkvlm.rundir import RunDir
 
 
 class Evil:  # anything that needs arbitrary unpickling
@@ -40,7 +41,7 @@ def _state(cfg, step, value=None, loss=None, pending=(), keep=10, optimizer=None
     value = step if value is None else value
 
     def write(d):
-        torch.save(_rng_state(), d / "rng-rank0.pt")
+        torch.save(rng_state(), d / "rng-rank0.pt")
         torch.save(_sd(value), d / "weights.pth")
         torch.save({"model": _sd(value), "optimizer": optimizer or {"state": {}, "param_groups": []}},
                    d / "trainer.pt")
@@ -300,7 +301,7 @@ def _diverged_dir(tmp_path):
     _state(cfg, 12, loss=2.0)
     _state(cfg, 14, loss=4.0e4)
     _state(cfg, 15, loss=2.5e13)
-    from rwkvlm.train.checkpoint import write_divergence
+    from rwkvlm.train.resume import write_divergence
 
     good, bad = write_divergence(RunDir(tmp_path), cfg, 16, "the training loss is nan at step 16")
     assert good.path.name == "step-000000012" and [s.path.name for s in bad] == ["step-000000015",

@@ -15,9 +15,11 @@ import json
 import pytest
 import torch
 
-from rwkvlm.train.checkpoint import find_start
+from rwkvlm.train.resume import find_start
 from rwkvlm.train.config import parse_args
+from rwkvlm.train.guard import DivergenceGuard
 from rwkvlm.train.lit import RWKVTrainModule
+from rwkvlm.train.saving import SaveStates
 from trainkit import perturbed_model
 
 
@@ -78,6 +80,11 @@ def _module(tmp_path, stage=2, start=None):
     return m, engine, cfg
 
 
+def _save(m, step, pending):
+    """What the save policy (saving.SaveStates) does when a state is due at `step`."""
+    SaveStates(DivergenceGuard()).save(m.trainer, m, step, pending=pending, final=False)
+
+
 def test_fake_engine_matches_deepspeed_signatures():
     """Guard the stand-in itself: where DeepSpeed is installed, its signatures must match."""
     pytest.importorskip("deepspeed")
@@ -91,7 +98,7 @@ def test_fake_engine_matches_deepspeed_signatures():
 
 def test_resume_state_through_the_engine(tmp_path):
     m, engine, cfg = _module(tmp_path)
-    m._save(8, pending=[], final=False)
+    _save(m, 8, pending=[])
     d = tmp_path / "resume" / "step-000000008"
     assert engine.calls == [("save", str(d / "ds"), "state", False)]
     state = json.loads((d / "state.json").read_text())
@@ -103,7 +110,7 @@ def test_resume_state_through_the_engine(tmp_path):
     start = find_start(cfg)
     assert start.resume_dir == d and start.weights is None and start.step == 8
     m2, engine2, _ = _module(tmp_path, start=start)
-    m2._restore_resume_state()
+    m2.restore_resume_state()
     assert engine2.calls == [("load", str(d / "ds"), "state", True, False)]
 
 
@@ -111,7 +118,7 @@ def test_weights_saved_in_bf16_without_prefixes(tmp_path):
     for stage in (2, 3):
         (tmp_path / str(stage)).mkdir()
         m, _, _ = _module(tmp_path / str(stage), stage=stage)
-        m._save(16, pending=["rwkv-3.pth"], final=False)
+        _save(m, 16, pending=["rwkv-3.pth"])
         out = tmp_path / str(stage) / "rwkv-3.pth"
         sd = torch.load(out, weights_only=True)
         assert set(sd) == set(m.model.state_dict())
@@ -140,7 +147,7 @@ def test_non_finite_weights_are_never_saved(tmp_path):
     with torch.no_grad():
         m.model.blocks[0].att.w1[3, 5] = float("nan")
     with pytest.raises(UserError, match="diverged.*NaN or infinite.*--lr_init"):
-        m._save(16, pending=["rwkv-1.pth"], final=False)
+        _save(m, 16, pending=["rwkv-1.pth"])
     assert not (tmp_path / "rwkv-1.pth").exists() and not (tmp_path / "resume").exists()
     assert engine.calls == []
 
@@ -153,19 +160,19 @@ def test_fp16_skipped_steps_are_reported(tmp_path):
     m, engine, cfg = _module(tmp_path)
     cfg = m.cfg = dataclasses.replace(cfg, precision="fp16")
     said = []
-    m.print_fn = said.append
+    guard = DivergenceGuard(log=said.append)
     engine.skipped_steps = 3  # as restored from a resume state
     engine.optimizer = SimpleNamespace(loss_scaler=SimpleNamespace(cur_scale=65536.0))
-    m.on_train_batch_start(None, 0)
-    m._note_fp16_skip()  # a normal step
+    guard.on_train_batch_start(m.trainer, m, None, 0)
+    guard.note_fp16_skip(m.trainer, m)  # a normal step
     assert said == []
     engine.skipped_steps, engine.optimizer.loss_scaler.cur_scale = 4, 32768.0
     m.trainer.global_step = 1
-    m._note_fp16_skip()
+    guard.note_fp16_skip(m.trainer, m)
     assert len(said) == 1 and "step 1 skipped" in said[0] and "now 32768" in said[0] and "--precision bf16" in said[0]
-    m._note_fp16_skip()  # nothing new
+    guard.note_fp16_skip(m.trainer, m)  # nothing new
     assert len(said) == 1
     engine.skipped_steps, engine.optimizer.loss_scaler.cur_scale = 5, 16384.0
     m.trainer.global_step = 2
-    m._note_fp16_skip()  # the next one is told without the advice
+    guard.note_fp16_skip(m.trainer, m)  # the next one is told without the advice
     assert len(said) == 2 and "step 2 skipped" in said[1] and "now 16384" in said[1] and "--lr_init" not in said[1]

@@ -35,24 +35,24 @@ class _Crash(Exception):
 def _train(args, stop_at=None, crash_at=None):
     """train.py's main in this process; stop_at: stop there as on Ctrl-C (an exact-resume state
     is saved); crash_at: die at that step's save, after its train_log.txt line, before its state."""
-    from rwkvlm.train.lit import RWKVTrainModule
     from rwkvlm.train.run import main
+    from rwkvlm.train.saving import SaveStates
 
-    batch_end, save = RWKVTrainModule.on_train_batch_end, RWKVTrainModule._save
+    batch_end, save = SaveStates.on_train_batch_end, SaveStates.save
 
-    def on_train_batch_end(self, *a):
-        if self.step == stop_at:
-            self.stop_requested = True  # what the Ctrl-C / SIGTERM handler sets
-        return batch_end(self, *a)
+    def on_train_batch_end(self, trainer, m, *a):
+        if m.step == stop_at:
+            m.stop_requested = True  # what the Ctrl-C / SIGTERM handler sets
+        return batch_end(self, trainer, m, *a)
 
-    def _save(self, step, *a, **kw):
+    def _save(self, trainer, m, step, *a, **kw):
         if step == crash_at:
             raise _Crash(f"killed at step {step}")
-        return save(self, step, *a, **kw)
+        return save(self, trainer, m, step, *a, **kw)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(RWKVTrainModule, "on_train_batch_end", on_train_batch_end)
-        mp.setattr(RWKVTrainModule, "_save", _save)
+        mp.setattr(SaveStates, "on_train_batch_end", on_train_batch_end)
+        mp.setattr(SaveStates, "save", _save)
         return main(args)
 
 
@@ -164,7 +164,7 @@ def _proj(tmp_path, name="p"):
 
 
 def test_newest_weights_by_training_progress(tmp_path):
-    from rwkvlm.train.checkpoint import find_weights
+    from rwkvlm.rundir.find import find_weights
 
     proj = _proj(tmp_path)
     (proj / "rwkv-0.pth").write_bytes(b"0")  # 48 samples
@@ -193,7 +193,7 @@ def test_newest_weights_by_training_progress(tmp_path):
 
 
 def test_a_file_of_a_resume_state_gives_that_states_weights(tmp_path):
-    from rwkvlm.train.checkpoint import find_weights
+    from rwkvlm.rundir.find import find_weights
 
     proj = _proj(tmp_path)
     d = _state(proj, 8, 32)
@@ -278,7 +278,7 @@ print(json.dumps(out.float().tolist()))
 
 def test_proj_dir_without_weights_says_what_it_found_and_what_to_do(tmp_path, capsys):
     from rwkvlm.infer.chat import chat_main
-    from rwkvlm.train.checkpoint import find_weights
+    from rwkvlm.rundir.find import find_weights
     from rwkvlm.infer.evaluate import expand_checkpoints
 
     empty = tmp_path / "empty"

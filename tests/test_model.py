@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from losskit import L2Wrap, l2wrap_loss
 from rwkvlm.errors import UserError
-from rwkvlm.model.rwkv7 import ModelConfig, RWKV7, count_params, head_l2wrap_loss
+from rwkvlm.model import ModelConfig, RWKV7, count_params, head_l2wrap_loss
 
 L_, C_, V_ = 2, 128, 1000  # the small model used throughout
 
@@ -563,7 +563,7 @@ def test_compiler_failure_names_the_flag(monkeypatch, model):
     other errors pass through unchanged."""
     import torch._dynamo.exc
 
-    from rwkvlm.model import rwkv7 as model_mod
+    from rwkvlm.model import layers as model_mod
     def broken_compile(fn, **kw):
         def run(*args):
             raise torch._dynamo.exc.BackendCompilerFailed(lambda: None, RuntimeError("no working C compiler"), None)

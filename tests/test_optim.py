@@ -93,7 +93,7 @@ def test_deepspeed_arch_list_drops_suffixes(monkeypatch):
 def test_mixed_precision_optimizer_allows_clipping():
     """bf16 / fp16 without DeepSpeed: Lightning clips gradients only for a non-fused optimiser
     (a bf16 CPU run with --grad_clip 1 failed before); fp32 keeps the fused kernels."""
-    from rwkvlm.model.rwkv7 import RWKV7, ModelConfig
+    from rwkvlm.model import RWKV7, ModelConfig
     from rwkvlm.train.optim import make_optimizer, param_groups
 
     model = RWKV7(ModelConfig(n_layer=1, n_embd=64, vocab_size=100))

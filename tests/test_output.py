@@ -66,20 +66,20 @@ def _gpu_notes():
 def _train(args, stop_at=None, at_step_2=None):
     """train.py's main in this process; stop_at: stop there as on Ctrl-C (an exact-resume state);
     at_step_2: called at the end of step 2."""
-    from rwkvlm.train.lit import RWKVTrainModule
     from rwkvlm.train.run import main
+    from rwkvlm.train.saving import SaveStates
 
-    batch_end = RWKVTrainModule.on_train_batch_end
+    batch_end = SaveStates.on_train_batch_end
 
-    def on_train_batch_end(self, *a):
-        if self.step == 2 and at_step_2 is not None:
+    def on_train_batch_end(self, trainer, m, *a):
+        if m.step == 2 and at_step_2 is not None:
             at_step_2()
-        if self.step == stop_at:
-            self.stop_requested = True  # what the Ctrl-C / SIGTERM handler sets
-        return batch_end(self, *a)
+        if m.step == stop_at:
+            m.stop_requested = True  # what the Ctrl-C / SIGTERM handler sets
+        return batch_end(self, trainer, m, *a)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(RWKVTrainModule, "on_train_batch_end", on_train_batch_end)
+        mp.setattr(SaveStates, "on_train_batch_end", on_train_batch_end)
         mp.setitem(sys.modules, "wandb", None)  # `import wandb` fails: the package is not installed
         return main(args)
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from rwkvlm.errors import UserError
-from rwkvlm.model.rwkv7 import ModelConfig, RWKV7, count_params, state_dict_shapes
+from rwkvlm.model import ModelConfig, RWKV7, count_params, state_dict_shapes
 
 from trainkit import make_dataset, run_args, snapshot
 
@@ -200,7 +200,7 @@ def test_load_model_trains_a_step_saves_the_released_layout_and_resumes_exactly(
 def test_epoch_begin_still_counts_for_a_load_model_file(data, tmp_path, capsys):
     src = tmp_path / "released.pth"
     small_released(src)
-    from rwkvlm.train.checkpoint import find_start, shapes_from_load_model
+    from rwkvlm.train.resume import find_start, shapes_from_load_model
     from rwkvlm.train.config import parse_args
 
     cfg = parse_args(run_args(data, tmp_path / "p", "--load_model", str(src), "--epoch_begin", "2",

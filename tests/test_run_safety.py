@@ -12,7 +12,7 @@ from rwkvlm.atomic import _host
 from rwkvlm.data.binidx import write_binidx
 from rwkvlm.errors import UserError
 from rwkvlm.data.magic_prime import magic_prime
-from rwkvlm.train.rundir import RunDir
+from rwkvlm.rundir import RunDir
 from rwkvlm.train.run import main
 
 from trainkit import TRAIN_TEMP, make_dataset, prepare_args, run_args, snapshot

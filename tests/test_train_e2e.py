@@ -114,7 +114,7 @@ def test_checkpoints_run_in_rwkv_package(trained):
     import json
     import sys
 
-    from rwkvlm.model.rwkv7 import ModelConfig, RWKV7
+    from rwkvlm.model import ModelConfig, RWKV7
 
     names = ["rwkv-init.pth", "rwkv-0.pth", "rwkv-final.pth"]
     paths = [str((trained["proj"] / n).with_suffix("")) for n in names]

@@ -149,7 +149,7 @@ def test_loss_turning_nan_stops_before_saving(data, tmp_path, monkeypatch):
     change; the rwkv-N.pth of earlier mini-epochs stay, nothing of the bad step is written."""
     import math
 
-    from rwkvlm.model.rwkv7 import RWKV7
+    from rwkvlm.model import RWKV7
 
     proj = tmp_path / "nan"
     assert main(prepare_args(proj)) == 0

@@ -145,7 +145,7 @@ def _fill_the_disk(monkeypatch, code=errno.ENOSPC):
 
 @pytest.mark.parametrize("code, words", [(errno.ENOSPC, "no space left"), (errno.EROFS, "read-only")])
 def test_save_weights_on_a_full_disk(tmp_path, monkeypatch, code, words):
-    from rwkvlm.train.checkpoint import save_weights
+    from rwkvlm.rundir.weights import save_weights
 
     old = tmp_path / "rwkv-0.pth"
     save_weights({"emb.weight": torch.ones(4, 2)}, old, "fp32")
@@ -186,7 +186,7 @@ def test_a_real_torch_save_on_a_full_disk(tmp_path, monkeypatch):
     import builtins
 
     import rwkvlm.atomic as atomic
-    from rwkvlm.train.checkpoint import save_weights
+    from rwkvlm.rundir.weights import save_weights
 
     def full_open(path, mode="r", *a, **k):
         f = builtins.open(path, mode, *a, **k)
@@ -210,8 +210,8 @@ def test_train_prepare_on_a_full_disk(tmp_path, capsys, monkeypatch):
 
 
 def test_resume_state_on_a_full_disk_leaves_the_previous_state(tmp_path):
-    from rwkvlm.train.checkpoint import save_resume_state
-    from rwkvlm.train.rundir import RunDir
+    from rwkvlm.train.resume import save_resume_state
+    from rwkvlm.rundir import RunDir
 
     rd = RunDir(tmp_path)
     state = {"step": 4, "kind": "torch", "fingerprint": {"micro_bsz": 1, "world_size": 1}}
@@ -234,8 +234,8 @@ def test_resume_state_on_a_full_disk_leaves_the_previous_state(tmp_path):
 
 def test_deepspeed_style_write_failure_is_explained(tmp_path, monkeypatch):
     """torch.save to a path on a full disk raises RuntimeError('... unexpected pos ...'), not OSError."""
-    from rwkvlm.train.checkpoint import save_resume_state
-    from rwkvlm.train.rundir import RunDir
+    from rwkvlm.train.resume import save_resume_state
+    from rwkvlm.rundir import RunDir
 
     monkeypatch.setattr(shutil, "disk_usage", lambda p: Usage(10**9, 10**9 - 1000, 1000))
 
@@ -398,7 +398,7 @@ def _check_message(msg: str, path: Path):
 
 def test_every_tool_refuses_an_unsafe_checkpoint_with_one_message(tmp_path, capsys):
     from rwkvlm.infer.chat import chat_main
-    from rwkvlm.train.checkpoint import CorruptCheckpoint, load_weights
+    from rwkvlm.rundir.weights import CorruptCheckpoint, load_weights
     from rwkvlm.infer.evaluate import main as eval_main
     from rwkvlm.infer.generate import load_model
     files = _bad_checkpoints(tmp_path)
@@ -432,7 +432,7 @@ def test_train_load_model_refuses_an_unsafe_checkpoint(data, tmp_path):
 def test_an_unsafe_save_in_proj_dir_is_skipped_with_the_message(tmp_path):
     import warnings
 
-    from rwkvlm.train.checkpoint import find_start
+    from rwkvlm.train.resume import find_start
     from rwkvlm.train.config import parse_args
 
     torch.save({"emb.weight": torch.zeros(4, 2)}, tmp_path / "rwkv-init.pth")
@@ -451,7 +451,7 @@ def test_an_unsafe_save_in_proj_dir_is_skipped_with_the_message(tmp_path):
 
 def test_no_torch_load_outside_the_one_helper():
     src = Path(__file__).resolve().parents[1] / "RWKV-v7" / "rwkvlm"
-    helper = src / "train" / "checkpoint.py"
+    helper = src / "rundir" / "weights.py"
     found = []
     for p in sorted(src.rglob("*.py")):
         for n, line in enumerate(p.read_text().splitlines(), 1):

@@ -137,7 +137,7 @@ def test_public_wkv7_cpu_any_T():
 
 
 def test_forward_rnn_pieces_equal_whole_forward():
-    from rwkvlm.model.rwkv7 import ModelConfig, RWKV7
+    from rwkvlm.model import ModelConfig, RWKV7
 
     torch.manual_seed(0)
     model = RWKV7(ModelConfig(n_layer=2, n_embd=128, vocab_size=500))

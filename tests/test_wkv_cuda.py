@@ -226,7 +226,7 @@ def test_import_builds_nothing(tmp_path):
         "def refuse(*a, **k): raise SystemExit('the extension builder was called')\n"
         "ce.load = refuse\n"
         "import rwkvlm.train.run, rwkvlm.ops.wkv7.cuda, rwkvlm.infer.generate\n"
-        "from rwkvlm.model.rwkv7 import ModelConfig, RWKV7\n"
+        "from rwkvlm.model import ModelConfig, RWKV7\n"
         "m = RWKV7(ModelConfig(n_layer=1, n_embd=64, vocab_size=256)); m.init_weights()\n"
         "m(torch.zeros(1, 16, dtype=torch.long))\n"
         "m.forward_rnn(torch.zeros(1, 1, dtype=torch.long))\n"

@@ -56,7 +56,7 @@ def perturbed_model(n_layer: int = 2, n_embd: int = 64, vocab_size: int = 65536,
     """A spec-initialised RWKV7 moved off its zero matrices, so every path changes the output."""
     import torch
 
-    from rwkvlm.model.rwkv7 import ModelConfig, RWKV7
+    from rwkvlm.model import ModelConfig, RWKV7
 
     torch.manual_seed(seed)
     model = RWKV7(ModelConfig(n_layer=n_layer, n_embd=n_embd, vocab_size=vocab_size))

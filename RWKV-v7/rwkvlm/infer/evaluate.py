@@ -119,9 +119,9 @@ def expand_checkpoints(paths, last: int = DEFAULT_LAST, log=print) -> list:
     """Weight files as given; a PROJ_DIR gives its last `last` rwkv-N.pth (by N) and its newest
     weights (rwkv-final.pth, rwkv-latest.pth or rwkv-N.pth, by training progress, said through
     `log`); an exact-resume state (resume/step-N/ or a file in it) gives that state's weights."""
-    from rwkvlm.train.checkpoint import find_weights
+    from rwkvlm.rundir.find import find_weights
     from rwkvlm.infer.generate import _no_such_checkpoint
-    from rwkvlm.train.rundir import RunDir, state_folder_of
+    from rwkvlm.rundir import RunDir, state_folder_of
 
     out = []
     for p in map(Path, paths):
@@ -153,7 +153,7 @@ def _same(a: Path, b: Path) -> bool:
 def labels_for(paths) -> list:
     """Column names: the file stem (a state's step-N for its weights.pth), with the folder name when
     stems repeat."""
-    from rwkvlm.train.rundir import STATE_WEIGHTS, state_folder_of
+    from rwkvlm.rundir import STATE_WEIGHTS, state_folder_of
 
     stems = [Path(p).parent.name if Path(p).name == STATE_WEIGHTS and state_folder_of(p) else Path(p).stem
              for p in paths]

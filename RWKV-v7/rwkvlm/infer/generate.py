@@ -85,7 +85,7 @@ def config_from_state_dict(sd: dict, path=None):
     """ModelConfig read off the tensor shapes (n_layer, n_embd, vocab_size, head_size, the LoRA
     sizes, whether layer 0 holds att.v0/v1/v2): ModelConfig.from_state_dict, which refuses a file
     that is not a consistent x070 state dict with a UserError naming the key and shape."""
-    from rwkvlm.model.rwkv7 import ModelConfig
+    from rwkvlm.model import ModelConfig
 
     return ModelConfig.from_state_dict(sd, path)
 
@@ -103,8 +103,9 @@ def load_model(path, device="auto", dtype="auto", log=_note):
     or a file in it: that state's weights); `log` gets the line saying which file was picked
     (checkpoint.find_weights). Returns the model in eval mode with gradients off, on the device.
     """
-    from rwkvlm.train.checkpoint import CorruptCheckpoint, check_weights_fit, find_weights, load_tool_weights
-    from rwkvlm.model.rwkv7 import RWKV7
+    from rwkvlm.rundir.find import find_weights, load_tool_weights
+    from rwkvlm.rundir.weights import CorruptCheckpoint, check_weights_fit
+    from rwkvlm.model import RWKV7
 
     path, note = find_weights(path)
     if note:

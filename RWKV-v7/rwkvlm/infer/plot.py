@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from rwkvlm.errors import UserError
-from rwkvlm.train.rundir import LOSS_LOG as LOSS_CSV
-from rwkvlm.train.rundir import TRAIN_CONFIG, TRAIN_LOG
+from rwkvlm.rundir import LOSS_LOG as LOSS_CSV
+from rwkvlm.rundir import TRAIN_CONFIG, TRAIN_LOG
 
 OUTPUT = "loss.png"
 

@@ -163,7 +163,7 @@ class TrainConfig:
         return Path(self.proj_dir)
 
     def model_config(self):
-        from rwkvlm.model.rwkv7 import ModelConfig
+        from rwkvlm.model import ModelConfig
 
         w, a, v, g = self.lora_sizes or (None,) * 4
         return ModelConfig(

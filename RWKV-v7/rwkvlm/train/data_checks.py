@@ -24,7 +24,7 @@ def _right_line(n_tokens: int, ctx_len: int, p: int | None) -> str:
 def check_outputs(cfg) -> None:
     """Raise UserError, before any training work, for an output path that cannot be written:
     a --proj_dir that is a file (or lies under one), a --dump_samples whose folder is missing."""
-    from rwkvlm.train.rundir import check_proj_dir
+    from rwkvlm.rundir import check_proj_dir
 
     check_proj_dir(cfg.proj_dir)
     check_dump_samples(getattr(cfg, "dump_samples", ""))

@@ -4,7 +4,7 @@
     python train.py --train_stage 3 ...   # demo-training-run.sh (re-run to resume)
 
 Every setting is checked before any training work (rwkvlm.train.config,
-rwkvlm.train.data_checks, rwkvlm.train.checkpoint); mistakes end with a message that says
+rwkvlm.train.data_checks, rwkvlm.train.resume); mistakes end with a message that says
 what to change, never with an AssertionError.
 """
 from __future__ import annotations
@@ -57,7 +57,7 @@ def _ranks() -> tuple[int, int]:
 @contextlib.contextmanager
 def _locked(cfg: TrainConfig):
     """Hold PROJ_DIR's lock (one per node, taken by the node's first process) while the body runs."""
-    from rwkvlm.train.rundir import RunDir
+    from rwkvlm.rundir import RunDir
 
     node, local = _ranks()
     if local != 0:
@@ -76,9 +76,9 @@ def prepare(cfg: TrainConfig) -> int:
 
 
 def _prepare(cfg: TrainConfig) -> int:
-    from rwkvlm.train.checkpoint import SAVE_DTYPES, save_weights
-    from rwkvlm.model.rwkv7 import RWKV7, count_params
-    from rwkvlm.train.rundir import RunDir
+    from rwkvlm.rundir.weights import SAVE_DTYPES, save_weights
+    from rwkvlm.model import RWKV7, count_params
+    from rwkvlm.rundir import RunDir
 
     seed, _ = _seed(cfg)
     proj = cfg.proj_path
@@ -114,7 +114,7 @@ def run(cfg: TrainConfig) -> int:
     # benchmarks/RESULTS.md). Set before the first CUDA allocation; a PYTORCH_CUDA_ALLOC_CONF
     # of the user's own wins.
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-    from rwkvlm.train.checkpoint import shapes_from_load_model
+    from rwkvlm.train.resume import shapes_from_load_model
     from rwkvlm.train.data_checks import open_training_data
 
     from rwkvlm.train.hardware import lightning_strategy, resolve, set_matmul_precision
@@ -134,10 +134,11 @@ def _train(cfg: TrainConfig, data, accelerator, strategy, precision) -> int:
     """Train with `cfg` as it runs on this machine (rwkvlm.train.hardware's Hardware.config)."""
     import pytorch_lightning as pl
 
-    from rwkvlm.train.checkpoint import check_weights_fit, find_start
+    from rwkvlm.rundir.weights import check_weights_fit
+    from rwkvlm.train.resume import find_start
     from rwkvlm.train.lit import RWKVTrainModule
-    from rwkvlm.model.rwkv7 import RWKV7
-    from rwkvlm.train.rundir import RunDir
+    from rwkvlm.model import RWKV7
+    from rwkvlm.rundir import RunDir
 
     rd = RunDir(cfg.proj_dir)
     if _ranks() == (0, 0):
@@ -171,8 +172,13 @@ def _train(cfg: TrainConfig, data, accelerator, strategy, precision) -> int:
         f"{accelerator} {cfg.strategy} {cfg.precision}{' compiled' if compiled else ''}")
     module = RWKVTrainModule(cfg, model, data, start, log=log, seed=seed)
     from rwkvlm.train.callbacks import StepProfiler, StopOnSignal
+    from rwkvlm.train.guard import DivergenceGuard
+    from rwkvlm.train.logs import TrainLogs
+    from rwkvlm.train.saving import SaveStates
 
-    callbacks = [StopOnSignal()]
+    # after each step, in this order: the loss is checked, logged, then a save is made if due
+    guard = DivergenceGuard(log=log)
+    callbacks = [guard, TrainLogs(log=log), SaveStates(guard), StopOnSignal()]
     if cfg.profile_steps > 0:
         callbacks.append(StepProfiler(cfg.profile_steps, RunDir(cfg.proj_dir).profile, log=log))
     if cfg.enable_progress_bar:

@@ -10,7 +10,7 @@ datetime epoch_in_run` (written by rwkvlm.train.lit). A header line starts with 
 (the original trainer writes `str(vars(args))` there): readers of mini-epoch
 lines, which take the first field for an integer, skip it. A header is
 written by rank 0 when a run starts, after the log was cut back to the start
-point (rwkvlm.train.lit._trim_logs): a resumed run's header follows the lines that
+point (rwkvlm.train.logs.TrainLogs): a resumed run's header follows the lines that
 its state recorded, so no mini-epoch line is ever repeated.
 """
 from __future__ import annotations

@@ -9,7 +9,7 @@
     loss_log.csv           one row per step
     train_config.json      the settings of the latest run
     profile.txt            --profile_steps
-    resume/step-N/         exact-resume states (see checkpoint.py)
+    resume/step-N/         exact-resume states (see saves.py)
     diverged.json          written when a run diverges: the last healthy save
     set-aside/<when>/      saves moved out of the way by --resume_from or after a divergence
     .train.lock            held by the running trainer (.train.node<K>.lock on node K > 0)
