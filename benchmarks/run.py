@@ -131,6 +131,13 @@ SCENARIOS = {s.name: s for s in [
       "rwkv-final.pth, distinct windows", gpus=2, nodes=2, steps=10, dump_samples=True, limit_s=300, **_T),
     *[S(n, what=f"{st} {pr}: M_BSZ 4, 10 steps (loss falls from ~11.25, rwkv-final.pth)", m_bsz=4, steps=10,
         strategy=st, precision=pr, compile="auto", limit_s=240, **_T) for n, st, pr in _STRATEGIES],
+    S("train-0.1b-x060-m16", what="RWKV-6 (MODEL_TYPE x060) L12-D768 M_BSZ 16: beside train-0.1b-m16 (target: "
+      "at least its kt/s at no more memory)", m_bsz=16, steps=40, flags=("--my_testing", "x060"), ab=False, **_T),
+    S("kernels-x060", "pytest", "GPU tests: the WKV6 CUDA kernel (pytest tests/test_wkv6_cuda.py)",
+      args=("tests/test_wkv6_cuda.py",), ab=False, limit_s=300),
+    S("parity-x060", "parity", "loss parity of RWKV-6: bf16 DeepSpeed + WKV6 kernel + compile vs the fp32 PyTorch "
+      "path; target: running-mean loss within 0.01", m_bsz=2, steps=200, flags=("--my_testing", "x060"),
+      limit_s=540, ab=False),
     S("parity", "parity", "loss parity: bf16 DeepSpeed + CUDA kernel + compile vs the fp32 PyTorch path "
       "(--wkv_impl torch), same init and batches, both on one card at once (two cards where there are two); "
       "target: running-mean loss within 0.01", m_bsz=2, steps=200, limit_s=540),
@@ -260,12 +267,13 @@ def read_loss_log(path: Path) -> list:
     return [by_step[s] for s in sorted(by_step)]
 
 
-def count_params(n_layer: int, n_embd: int) -> int | None:
+def count_params(n_layer: int, n_embd: int, model_type: str = "x070") -> int | None:
     try:
         sys.path.insert(0, str(LIB))
-        from rwkvlm.model import ModelConfig, count_params as cp
+        from rwkvlm.model import MODEL_TYPES
 
-        return cp(ModelConfig(n_layer=n_layer, n_embd=n_embd))
+        _, config_cls, model_cls = MODEL_TYPES[model_type]
+        return model_cls.count_params(config_cls(n_layer=n_layer, n_embd=n_embd))
     except Exception:
         return None
     finally:
@@ -1003,7 +1011,9 @@ class Driver:
             if exclude:
                 f["steady_left_out"] = (f"steps {min(exclude)}..{max(exclude)}: the {sc.profile_steps} profiled steps "
                                         f"and the one that writes profile.txt")
-            params = count_params(sc.n_layer, sc.n_embd)
+            flags = list(sc.flags) + shlex.split(self.args.extra or "")
+            model_type = flags[flags.index("--my_testing") + 1] if "--my_testing" in flags[:-1] else "x070"
+            params = count_params(sc.n_layer, sc.n_embd, model_type)
             f["params"] = params
             if params and sc.accelerator == "gpu" and not self.args.rehearse:
                 tf, basis = self.mfu_basis(self.card_name(cards))

@@ -6,7 +6,7 @@ set -eu
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-$(command -v python || command -v python3)}   # the Python that has torch (your venv/conda env; PYTHON=... picks one)
 
-MODEL_TYPE="x070"      # RWKV-7 (the only type this trainer implements)
+MODEL_TYPE="x070"      # x070: RWKV-7; x060: RWKV-6 (the same in both scripts)
 N_LAYER="12"           # layers   } 12 x 768 is the 0.1B model; see the tutorial's
 N_EMBD="768"           # width    } hardware table. N_EMBD must be a multiple of 64.
 CTX_LEN="4096"         # context length: a multiple of 512, the same as in make_data.py

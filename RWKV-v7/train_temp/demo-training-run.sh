@@ -27,7 +27,7 @@ N_NODE=1               # machines
 GPU_PER_NODE=1         # GPUs per machine
 DS_BUCKET_MB=2         # DeepSpeed bucket: 2 for consumer GPUs, 200 for A100 / H100
 WANDB="Test"           # wandb project name; "" to turn wandb off
-LOAD_MODEL="0"         # "0": rwkv-init.pth or the newest save in PROJ_DIR; or an x070 .pth file (e.g. a released
+LOAD_MODEL="0"         # "0": rwkv-init.pth or the newest save in PROJ_DIR; or a .pth file of MODEL_TYPE (e.g. a released
                        # RWKV-7) to start from: its shapes (layers, width, LoRA sizes) are read from it and win over
                        # N_LAYER / N_EMBD; once PROJ_DIR holds saves, re-running resumes from them instead
 

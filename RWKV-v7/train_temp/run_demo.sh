@@ -6,6 +6,7 @@
 #   4. demo-training-run.sh: one pass over the data, as the tutorial trains (CPU when there is no GPU)
 #   5. test the model: arithmetic accuracy table, one chat answer, the loss plot
 # Usage: sh RWKV-v7/train_temp/run_demo.sh   (variables below; extra flags go to demo-training-run.sh)
+#        MODEL_TYPE=x060 sh RWKV-v7/train_temp/run_demo.sh   (the same demo with an RWKV-6 model)
 # Each stage's first line gives its time as measured on 2 CPU cores without a GPU (an otherwise
 # idle machine: 3 minutes in all; with other work running, training takes several times longer),
 # its last line the time it took here.
@@ -19,7 +20,9 @@ CTX_LEN="512"      # a multiple of 512
 N_LAYER="2"        # a tiny model, so that CPU training takes a few minutes
 N_EMBD="128"
 M_BSZ="8"          # samples per step: M_BSZ x CTX_LEN = 4096 tokens per step
-PROJ_DIR="out/demo-L${N_LAYER}-D${N_EMBD}"   # relative to RWKV-v7/train_temp, like the tutorial's scripts
+MODEL_TYPE=${MODEL_TYPE:-x070}   # x070: RWKV-7; x060: RWKV-6
+SUFFIX=$([ "$MODEL_TYPE" = "x070" ] || echo "-$MODEL_TYPE")
+PROJ_DIR="out/demo-L${N_LAYER}-D${N_EMBD}${SUFFIX}"   # relative to RWKV-v7/train_temp, like the tutorial's scripts
 
 if "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
   HW="--accelerator gpu --precision bf16 --strategy auto"
@@ -47,6 +50,7 @@ STEPS=$(( (TOKENS + M_BSZ * CTX_LEN - 1) / (M_BSZ * CTX_LEN) ))
 cd ../RWKV-v7/train_temp
 
 COMMON="--proj_dir $PROJ_DIR --data_file ../../RWKV-v5/demo --ctx_len $CTX_LEN --n_layer $N_LAYER --n_embd $N_EMBD"
+COMMON="$COMMON --my_testing $MODEL_TYPE"
 COMMON="$COMMON --my_exit_tokens $TOKENS --magic_prime $PRIME --random_seed 0"
 stage 3 "demo-training-prepare.sh: the initial model L${N_LAYER}-D${N_EMBD}, rwkv-init.pth" "3 s"
 # shellcheck disable=SC2086

@@ -16,6 +16,11 @@ may repeat a digit, and arithmetic answers are made of them).
 
 Text is decoded incrementally: a token may hold only part of a UTF-8
 character, so its bytes wait until the character is complete.
+
+The tokenizer: the World vocabulary, or a char-level model's own (PROJ_DIR/vocab.json beside
+the weights, rwkvlm.data.charvocab), which load_model attaches to the model as `model.tokenizer`
+and Generator uses when given none. A character vocabulary has no end-of-document token, so
+generation then stops at the stop text or max_tokens only (id 0 is a character).
 """
 from __future__ import annotations
 
@@ -82,12 +87,13 @@ def _no_such_checkpoint(path: Path) -> UserError:
 
 
 def config_from_state_dict(sd: dict, path=None):
-    """ModelConfig read off the tensor shapes (n_layer, n_embd, vocab_size, head_size, the LoRA
-    sizes, whether layer 0 holds att.v0/v1/v2): ModelConfig.from_state_dict, which refuses a file
-    that is not a consistent x070 state dict with a UserError naming the key and shape."""
-    from rwkvlm.model import ModelConfig
+    """The model config read off the tensor shapes: an x070 ModelConfig (n_layer, n_embd, vocab_size,
+    head_size, the LoRA sizes, whether layer 0 holds att.v0/v1/v2) or an x060 Rwkv6Config
+    (rwkvlm.model.config_from_state_dict), which refuses a file that is not a consistent state dict
+    of either with a UserError naming the key and shape."""
+    from rwkvlm.model import config_from_state_dict as read_config
 
-    return ModelConfig.from_state_dict(sd, path)
+    return read_config(sd, path)
 
 
 def _note(msg: str) -> None:
@@ -97,7 +103,7 @@ def _note(msg: str) -> None:
 
 
 def load_model(path, device="auto", dtype="auto", log=_note):
-    """Build RWKV7 from a rwkv-*.pth state dict; fp32 on CPU, bf16 (or fp32) on CUDA.
+    """Build RWKV7 (or RWKV6) from a rwkv-*.pth state dict; fp32 on CPU, bf16 (or fp32) on CUDA.
 
     `path` may also be a PROJ_DIR (its newest weights) or an exact-resume state (resume/step-N/
     or a file in it: that state's weights); `log` gets the line saying which file was picked
@@ -105,7 +111,7 @@ def load_model(path, device="auto", dtype="auto", log=_note):
     """
     from rwkvlm.rundir.find import find_weights, load_tool_weights
     from rwkvlm.rundir.weights import CorruptCheckpoint, check_weights_fit
-    from rwkvlm.model import RWKV7
+    from rwkvlm.model import build_model
 
     path, note = find_weights(path)
     if note:
@@ -119,7 +125,7 @@ def load_model(path, device="auto", dtype="auto", log=_note):
     except CorruptCheckpoint as e:  # its message says what is wrong and what to do (checkpoint.not_plain_weights)
         raise UserError(str(e)) from None
     cfg = config_from_state_dict(sd, path)
-    model = RWKV7(cfg)
+    model = build_model(cfg)
     check_weights_fit(sd, model, path)
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()})
     del sd
@@ -127,7 +133,26 @@ def load_model(path, device="auto", dtype="auto", log=_note):
     model.eval()
     model.requires_grad_(False)
     model.source_path = str(path)
+    model.tokenizer = model_tokenizer(path, cfg.vocab_size, log)
     return model
+
+
+def model_tokenizer(path, vocab_size: int, log=_note):
+    """The char-level vocabulary of the weights at `path` (vocab.json in its PROJ_DIR), else None
+    (the World vocabulary). UserError when vocab.json does not fit the model's vocab_size."""
+    from rwkvlm.data.charvocab import CharVocab
+    from rwkvlm.rundir.find import vocab_file_for
+
+    f = vocab_file_for(path)
+    if f is None:
+        return None
+    vocab = CharVocab.read(f)
+    if vocab.vocab_size > vocab_size:
+        raise UserError(f"{f} lists {vocab.vocab_size} characters, but the model {path} has a vocabulary of "
+                        f"{vocab_size} tokens: the vocab.json beside it belongs to another model. Move it away, "
+                        f"or test the weights of the model it belongs to.")
+    log(f"{path}: a char-level model; its vocabulary is {f} ({vocab.vocab_size} characters)")
+    return vocab
 
 
 def model_device(model) -> torch.device:
@@ -380,16 +405,35 @@ class _Row:
     done: str = ""
 
 
+def _check_fits(model, tokenizer) -> None:
+    """UserError when the tokenizer's vocabulary is larger than the model's (its ids would not fit
+    the embedding): a char-level model given the World tokenizer, as by evaluate.py."""
+    size = getattr(getattr(model, "cfg", None), "vocab_size", None)
+    tok_size = getattr(tokenizer, "vocab_size", None)
+    if isinstance(size, int) and isinstance(tok_size, int) and tok_size > size:
+        own = getattr(model, "tokenizer", None)
+        what = (f"a char-level model with its own vocabulary of {own.vocab_size} characters (vocab.json)"
+                if own is not None else f"a model with a vocabulary of {size} tokens")
+        raise UserError(f"{getattr(model, 'source_path', 'the model')} is {what}, but this tool tokenizes with "
+                        f"the {getattr(tokenizer, 'vocab_name', 'given')} vocabulary of {tok_size} tokens, which "
+                        f"needs a model with the World vocabulary (such as evaluate.py's arithmetic test). Test a "
+                        f"char-level model with chat.py, which reads its vocab.json.")
+
+
 class Generator:
     """Prefill and token-by-token generation on top of model.forward_rnn."""
 
     def __init__(self, model, tokenizer=None, chunk_tokens: int | None = None):
         if tokenizer is None:
+            tokenizer = getattr(model, "tokenizer", None)  # a char-level model's (load_model)
+        if tokenizer is None:
             from rwkvlm.data.tokenizer import get_tokenizer
 
             tokenizer = get_tokenizer()
+        _check_fits(model, tokenizer)
         self.model = model
         self.tokenizer = tokenizer
+        self.end_of_doc = getattr(tokenizer, "end_of_doc", END_OF_DOC)  # None: a character vocabulary
         self.device = model_device(model)
         # tokens per forward_rnn call when prefilling (bounds the (B, T, V) logits)
         self.chunk_tokens = chunk_tokens or (8192 if self.device.type == "cuda" else 2048)
@@ -451,7 +495,7 @@ class Generator:
         for _ in range(opts.max_tokens):
             scores = penalty.apply(logits) if penalty is not None else logits
             token = int(sample_logits(scores, opts, generator)[0])
-            if token == END_OF_DOC and opts.stop_at_end_of_doc:
+            if token == self.end_of_doc and opts.stop_at_end_of_doc:
                 tokens.append(token)
                 reason = "end_of_doc"
                 break
@@ -536,7 +580,7 @@ class Generator:
                 if row.done:
                     continue
                 row.tokens.append(tok)
-                if tok == END_OF_DOC and opts.stop_at_end_of_doc:
+                if tok == self.end_of_doc and opts.stop_at_end_of_doc:
                     row.done = "end_of_doc"
                     continue
                 row.text += row.stream.push(tok)

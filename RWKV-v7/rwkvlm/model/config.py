@@ -45,6 +45,9 @@ class ModelConfig:
     lora_g: int | None = None
     layer0_v: bool = True
 
+    model_type = "x070"
+    family = "RWKV-7"
+
     def __post_init__(self):
         if self.wkv_impl not in ("auto", "cuda", "torch"):
             raise UserError(f"--wkv_impl must be auto, cuda or torch; got {self.wkv_impl!r}.")
@@ -155,7 +158,8 @@ def _config_from_state_dict(sd: dict, path, kw: dict) -> ModelConfig:
         old = [k for k in keys if ".att.time_" in k][:1]
         raise UserError(f"{where} is not an x070 state dict: it has no blocks.0.att.r_k"
                         + (f" and holds {old[0]} (an RWKV-4/5/6 name)" if old else "")
-                        + f"; {expect}. This trainer loads RWKV-7 (x070) checkpoints only.")
+                        + f"; {expect}. This trainer loads RWKV-7 (x070) and RWKV-6 (x060: blocks.N.att.time_maa_x "
+                          f"and time_faaaa) checkpoints.")
     if emb.dim() != 2:
         raise UserError(f"{where}: emb.weight has shape {_shape(emb)}; expected (vocab_size, n_embd).")
     V, C = (int(x) for x in emb.shape)

@@ -31,15 +31,18 @@ EXACT_KEYS = ("n_layer", "n_embd", "vocab_size", "head_size", "ctx_len", "micro_
 
 # the model layout beyond n_layer / n_embd, recorded only where it is not the default (so that the
 # fingerprints of earlier versions and of formula-sized models are unchanged): {key: default}
-LAYOUT_KEYS = {"lora": None, "layer0_v": 1}
+LAYOUT_KEYS = {"lora": None, "layer0_v": 1, "model_type": "x070"}
 
 
 def model_layout(cfg) -> dict:
-    """The LAYOUT_KEYS of cfg's model that differ from the default: "lora" ("Dw/Da/Dv/Dg") when the
-    LoRA sizes are not the formula's, "layer0_v" 0 without blocks.0.att.v0/v1/v2."""
+    """The LAYOUT_KEYS of cfg's model that differ from the default: "model_type" other than x070;
+    for x070, "lora" ("Dw/Da/Dv/Dg") when the LoRA sizes are not the formula's, "layer0_v" 0 without
+    blocks.0.att.v0/v1/v2."""
     if not hasattr(cfg, "lora_dims"):
         return {}
     mcfg = cfg.model_config()
+    if mcfg.model_type != "x070":
+        return {"model_type": mcfg.model_type}
     out = {}
     if not mcfg.lora_is_formula:
         out["lora"] = "/".join(map(str, mcfg.lora_sizes))
@@ -48,9 +51,25 @@ def model_layout(cfg) -> dict:
     return out
 
 
+# the data beyond magic_prime, recorded only where it is not the default (a single file: the
+# fingerprints of single-file runs are unchanged): {key: default}. "data_mix": the files of a
+# --data_file mix with their samples per 40320 and magic primes (rwkvlm.data.mix)
+DATA_KEYS = {"data_mix": None}
+
+
+def data_layout(cfg) -> dict:
+    """The DATA_KEYS of cfg's data that differ from the default."""
+    from rwkvlm.data.mix import is_mix, mix_fingerprint
+
+    data_file = getattr(cfg, "data_file", "")
+    if data_file and is_mix(data_file) and getattr(cfg, "data_type", "binidx") == "binidx":
+        return {"data_mix": mix_fingerprint(data_file, cfg.ctx_len)}
+    return {}
+
+
 def run_fingerprint(cfg) -> dict:
     """The settings a state or rwkv-final.pth was made with (EXACT_KEYS and a few more)."""
-    return {**model_layout(cfg),
+    return {**model_layout(cfg), **data_layout(cfg),
         "n_layer": cfg.n_layer, "n_embd": cfg.n_embd, "vocab_size": cfg.vocab_size,
         "head_size": cfg.head_size, "ctx_len": cfg.ctx_len, "micro_bsz": cfg.micro_bsz,
         "world_size": cfg.world_size, "magic_prime": cfg.magic_prime, "precision": cfg.precision,
@@ -63,7 +82,7 @@ def changed_settings(fingerprint: dict, cfg) -> dict:
     """{key: (saved, now)} for the EXACT_KEYS in which `fingerprint` differs from cfg."""
     now = run_fingerprint(cfg)
     out = {k: (fingerprint.get(k), now[k]) for k in EXACT_KEYS if fingerprint.get(k) != now[k]}
-    for k, default in LAYOUT_KEYS.items():
+    for k, default in {**LAYOUT_KEYS, **DATA_KEYS}.items():
         a, b = fingerprint.get(k, default), now.get(k, default)
         if a != b:
             out[k] = (a, b)

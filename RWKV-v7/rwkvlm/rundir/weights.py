@@ -147,6 +147,11 @@ def check_weights_fit(sd: dict, model, path) -> None:
         return
     got = describe_weights(sd)
     want = describe_weights(own)
+    from rwkvlm.model import model_type_of, other_type
+
+    theirs, ours = model_type_of(sd), model_type_of(own)
+    if theirs is not None and ours is not None and theirs != ours:
+        raise other_type(path, theirs, ours)
     detail = []
     if wrong:
         k, a, b = wrong[0]
@@ -166,5 +171,8 @@ def describe_weights(sd: dict) -> str:
     layers = {int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))}
     emb = sd.get("emb.weight")
     if emb is None:
-        return "not an RWKV-7 model"
-    return f"N_LAYER={len(layers)} N_EMBD={emb.shape[1]} vocab_size={emb.shape[0]}"
+        return "not an RWKV model"
+    from rwkvlm.model import model_type_of
+
+    kind = model_type_of(sd)
+    return (f"MODEL_TYPE={kind} " if kind else "") + f"N_LAYER={len(layers)} N_EMBD={emb.shape[1]} vocab_size={emb.shape[0]}"

@@ -56,12 +56,17 @@ class TrainConfig:
                            group="run")
     proj_dir: str = flag("out", "output directory for checkpoints and logs", group="run")
     wandb: str = flag("", 'wandb project name; "" disables wandb', group="run")
-    my_testing: str = flag("x070", "model type (only x070 is implemented)", group="run")
+    my_testing: str = flag("x070", "model type (MODEL_TYPE): x070 (RWKV-7) or x060 (RWKV-6)", group="run")
     random_seed: int = flag(-1, "-1: a random seed", group="run")
     # --- data
-    data_file: str = flag("", "binidx data path without extension", group="data")
-    data_type: str = flag("binidx", "data format", group="data", choices=["binidx"])
-    vocab_size: int = flag(65536, "65536: the World vocabulary", group="data")
+    data_file: str = flag("", 'binidx data path without extension; or a weighted mix of binidx files, '
+                          '"web:0.7,code:0.3" or mix.json (docs/data.md); with --data_type utf-8 a .txt file or a '
+                          'folder of .txt files', group="data")
+    data_type: str = flag("binidx", "data format: binidx (make_data.py's output) or utf-8 (plain text, tokenized "
+                          "when the run starts)", group="data", choices=["binidx", "utf-8"])
+    vocab_size: int = flag(65536, "65536: the World vocabulary; 0 (with --data_type utf-8): a character "
+                           "vocabulary built from the data (PROJ_DIR/vocab.json), the model's vocabulary its size",
+                           group="data")
     ctx_len: int = flag(4096, "tokens per sample (a multiple of 512; make_data uses the same)", group="data")
     my_exit_tokens: int = flag(0, "tokens to train on (make_data prints it)", group="data")
     magic_prime: int = flag(0, "make_data prints it for your ctx_len", group="data")
@@ -114,6 +119,15 @@ class TrainConfig:
                             "moved to PROJ_DIR/set-aside/", group="saving")
     mini_epoch_samples: int = flag(MINI_EPOCH_SAMPLES, "samples per mini-epoch; keep 40320 (the recipe): "
                                    "smaller values are for quick tests", group="saving")
+    # --- validation (rwkvlm.train.validation)
+    val_data_file: str = flag("", "held-out data for a validation loss: a binidx path without extension (made "
+                              "by make_data.py with the run's vocabulary), or with --data_type utf-8 also a .txt "
+                              "file or folder", group="validation")
+    val_every_steps: int = flag(0, "compute the validation loss every N steps and at the last step (0: off)",
+                                group="validation")
+    val_tokens: int = flag(0, "tokens of --val_data_file to validate on, in whole CTX_LEN windows, the same "
+                           "windows every time (0: a sixteenth of the tokens trained between two validations, "
+                           "at most 1048576: under 5%% of the training time)", group="validation")
     dump_samples: str = flag("", "diagnostics: append 'step,rank,start' of every sample to <this "
                              "path>.rank<R>.csv", group="diagnostics")
     profile_steps: int = flag(0, "diagnostics: profile this many steps after the run's first 10 (CPU and GPU "
@@ -163,14 +177,15 @@ class TrainConfig:
         return Path(self.proj_dir)
 
     def model_config(self):
-        from rwkvlm.model import ModelConfig
+        """The model's config: ModelConfig (x070) or Rwkv6Config (x060)."""
+        from rwkvlm.model import ModelConfig, Rwkv6Config
 
+        shapes = dict(n_layer=self.n_layer, n_embd=self.n_embd, vocab_size=self.vocab_size,
+                      head_size=self.head_size, grad_cp=bool(self.grad_cp), wkv_impl=self.wkv_impl)
+        if self.my_testing == "x060":
+            return Rwkv6Config(**shapes)
         w, a, v, g = self.lora_sizes or (None,) * 4
-        return ModelConfig(
-            n_layer=self.n_layer, n_embd=self.n_embd, vocab_size=self.vocab_size,
-            head_size=self.head_size, grad_cp=bool(self.grad_cp), wkv_impl=self.wkv_impl,
-            lora_w=w, lora_a=a, lora_v=v, lora_g=g, layer0_v=bool(self.layer0_v),
-        )
+        return ModelConfig(**shapes, lora_w=w, lora_a=a, lora_v=v, lora_g=g, layer0_v=bool(self.layer0_v))
 
     @property
     def lora_sizes(self) -> tuple[int, int, int, int] | None:
@@ -191,11 +206,15 @@ class TrainConfig:
     # ---- checks that need no data
     def _check(self) -> None:
         """Raise UserError for settings that cannot work (no file access)."""
-        if self.my_testing != "x070":
+        if self.my_testing not in ("x070", "x060"):
             raise UserError(
-                f"--my_testing / MODEL_TYPE is {self.my_testing!r}; this trainer implements only RWKV-7, "
-                f'so set MODEL_TYPE="x070".'
+                f"--my_testing / MODEL_TYPE is {self.my_testing!r}; this trainer implements RWKV-7 (x070) and "
+                f'RWKV-6 (x060): set MODEL_TYPE="x070" or "x060" in both demo-training scripts.'
             )
+        if self.my_testing == "x060" and (self.lora_dims.strip() or not self.layer0_v):
+            raise UserError(
+                "--lora_dims and --layer0_v describe RWKV-7 (x070) models; MODEL_TYPE is x060 (RWKV-6), whose "
+                "shapes come from N_LAYER / N_EMBD (or a --load_model file). Leave them out.")
         if self.precision not in PRECISIONS:
             raise UserError(f"--precision {self.precision!r} is not one of {sorted(PRECISIONS)}.")
         if self.strategy not in STRATEGIES:
@@ -217,8 +236,7 @@ class TrainConfig:
         self.lora_sizes  # noqa: B018 (checks --lora_dims)
         if self.n_layer < 1:
             raise UserError(f"N_LAYER (--n_layer) is {self.n_layer}; it must be at least 1.")
-        if self.vocab_size < 2:
-            raise UserError(f"--vocab_size is {self.vocab_size}; use 65536 for the World vocabulary.")
+        self._check_data_flags()
         if self.ctx_len <= 0 or self.ctx_len % WKV_CHUNK_LEN != 0:
             near = max(512, round(self.ctx_len / 512) * 512)
             raise UserError(
@@ -255,6 +273,30 @@ class TrainConfig:
         if self.train_stage == 3 and self.accelerator == "cpu" and self.precision == "fp16":
             # (stage 1, demo-training-prepare.sh, runs on CPU and never trains: it takes any precision)
             raise UserError("--precision fp16 needs a GPU; use --precision fp32 or bf16 on CPU.")
+
+    def _check_data_flags(self) -> None:
+        """--data_type, --vocab_size, a mix and the validation flags, as far as they go without files."""
+        from rwkvlm.data.mix import is_mix
+
+        text = self.data_type == "utf-8"
+        if self.vocab_size == 0 and not text:
+            raise UserError("--vocab_size 0 (a vocabulary built from the data) works with --data_type utf-8 (a "
+                            "plain text file); binidx data is tokenized by make_data.py with the World "
+                            "vocabulary: use --vocab_size 65536.")
+        if self.vocab_size < 0 or self.vocab_size == 1:
+            raise UserError(f"--vocab_size is {self.vocab_size}; use 65536 for the World vocabulary"
+                            + (", or 0 for a character vocabulary built from the text." if text else "."))
+        if text and self.data_file and is_mix(self.data_file):
+            raise UserError(f"--data_file {self.data_file!r} is a mix of binidx files, but --data_type is utf-8. "
+                            f"A mix takes make_data.py outputs (--data_type binidx); for text, give one .txt file "
+                            f"or a folder of .txt files.")
+        for name in ("val_every_steps", "val_tokens"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name} is {getattr(self, name)}; use 0 or a positive number.")
+        if self.train_stage == 3 and self.val_every_steps > 0 and not self.val_data_file:
+            raise UserError(f"--val_every_steps {self.val_every_steps} asks for a validation loss, but "
+                            f"--val_data_file is empty: give a held-out binidx file (make_data.py output, path "
+                            f"without extension), or --val_every_steps 0.")
 
     def _check_schedule(self) -> None:
         if not self.data_file:
@@ -293,6 +335,18 @@ class TrainConfig:
             out.append(f"--warmup_steps {self.warmup_steps} is not shorter than the whole run ({self.total_steps} "
                        f"steps to --my_exit_tokens): the learning rate never reaches --lr_init. Lower "
                        f"--warmup_steps.")
+        if self.val_data_file and self.val_every_steps == 0:
+            out.append(f"--val_data_file {self.val_data_file!r} is set but --val_every_steps is 0: no validation "
+                       f"loss is computed. Set --val_every_steps N to validate every N steps.")
+        if self.val_every_steps > 0 and self.val_tokens > 0:
+            from rwkvlm.train.validation import estimated_cost
+
+            cost = estimated_cost(self.val_tokens, self.val_every_steps, self.tokens_per_step)
+            if cost > 0.05:
+                out.append(f"validating on --val_tokens {self.val_tokens} every {self.val_every_steps} steps "
+                           f"({self.val_every_steps * self.tokens_per_step} tokens trained between validations) "
+                           f"adds about {cost:.0%} to the training time. Raise --val_every_steps or lower "
+                           f"--val_tokens (0: chosen to stay under 5%).")
         if self.lr_final > self.lr_init:
             out.append(f"--lr_final {self.lr_final} is above --lr_init {self.lr_init}: the learning rate will rise "
                        f"over the run. Swap them for the usual decay.")
@@ -303,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     """train.py's parser, one `--<name>` per TrainConfig field, grouped as declared."""
     p = argparse.ArgumentParser(
         prog="train.py",
-        description="RWKV-7 (x070) pre-training. train_stage 1 writes rwkv-init.pth; "
+        description="RWKV-7 (x070) and RWKV-6 (x060) pre-training. train_stage 1 writes rwkv-init.pth; "
         "train_stage 3 trains, resuming from the newest save in --proj_dir.",
     )
     groups = {}

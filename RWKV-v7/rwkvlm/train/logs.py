@@ -7,6 +7,11 @@ train_config.json; wandb starts when --wandb is set. After each step: the loss, 
 kt/s on the progress bar, one loss_log.csv row (and a wandb point), and at a mini-epoch's end its
 train_log.txt line. The running sums (mean loss of the mini-epoch, of the last steps) live on the
 module, so that the exact-resume states (rwkvlm.train.saving) carry them.
+
+With --val_every_steps the loss_log.csv header has a val_loss column (empty but at validation
+steps); a validation step's row waits for the validation callback (rwkvlm.train.validation), which
+calls log_validation with the loss: that writes the row, train_log.txt's validation line, the
+progress bar's val_loss and the wandb point.
 """
 from __future__ import annotations
 
@@ -21,7 +26,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 
 from rwkvlm.atomic import atomic_open, explain_write_errors
-from rwkvlm.rundir import LOSS_LOG_HEADER
+from rwkvlm.rundir import LOSS_LOG_HEADER, LOSS_LOG_VAL_HEADER
 from rwkvlm.rundir.weights import PROJ_HINT
 from rwkvlm.train import trainlog
 
@@ -43,12 +48,16 @@ class TrainLogs(pl.Callback):
         self.say = log
         self.t_last = None
         self.wandb_run = None
+        self.held_row = None  # (step, loss, kt_s) of a validation step, written by log_validation
 
     def on_train_start(self, trainer, pl_module):
         if trainer.global_rank == 0:
             self._trim_logs(pl_module)
+            if pl_module.cfg.val_every_steps > 0:
+                _add_val_column(pl_module.rd.loss_log)
             # after the trim: this run's header, then its mini-epochs
-            append(pl_module.rd.train_log, trainlog.header_line(pl_module.cfg, pl_module.start, pl_module.rd))
+            append(pl_module.rd.train_log, trainlog.header_line(pl_module.cfg, pl_module.start, pl_module.rd,
+                                                                extra=_header_extra(pl_module)))
             self._write_run_config(pl_module)
             if pl_module.cfg.wandb:
                 self._start_wandb(pl_module)
@@ -58,8 +67,10 @@ class TrainLogs(pl.Callback):
         cfg = pl_module.cfg
         if cfg.dump_samples:
             step, mb, rank = pl_module.step, cfg.micro_bsz, trainer.global_rank
+            ds = pl_module.dataset
+            where = getattr(ds, "dump_row", ds.start)  # a mix: 'start,file'
             append(f"{cfg.dump_samples}.rank{rank}.csv",
-                   "".join(f"{step},{rank},{pl_module.dataset.start(s)}\n" for s in range(step * mb, (step + 1) * mb)),
+                   "".join(f"{step},{rank},{where(s)}\n" for s in range(step * mb, (step + 1) * mb)),
                    hint="give --dump_samples a path on a disk with free space, or leave it empty")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -78,13 +89,33 @@ class TrainLogs(pl.Callback):
         m.log_dict({"loss": loss, "lr": m.lr_now, "Kt/s": m.kt_s, "ep": float(mini_epoch)},
                    prog_bar=True, logger=False, on_step=True, on_epoch=False)
         if trainer.global_rank == 0:
-            self._log_step(m, step, loss, kt_s)
+            from rwkvlm.train.validation import due
+
+            if due(cfg, step):
+                self.held_row = (step, loss, kt_s)  # written with its val_loss by log_validation
+            else:
+                self._log_step(m, step, loss, kt_s)
         if step % cfg.epoch_steps == 0:
             self._end_mini_epoch(trainer, m, mini_epoch)
 
     def on_train_end(self, trainer, pl_module):
         if self.wandb_run is not None:
             self.wandb_run.finish()
+
+    def log_validation(self, trainer, m, step: int, val_loss: float, windows: int, seconds: float) -> None:
+        """The validation loss of `step` (every rank calls it): the step's loss_log.csv row with it,
+        train_log.txt's validation line, the progress bar and wandb. The time it took is left out
+        of the next step's kt/s."""
+        m.log_dict({"val_loss": val_loss}, prog_bar=True, logger=False, on_step=True, on_epoch=False)
+        if trainer.global_rank == 0:
+            held, self.held_row = self.held_row, None
+            if held is not None and held[0] == step:
+                self._log_step(m, step, held[1], held[2], val_loss=val_loss)
+            append(m.rd.train_log, trainlog.validation_line(step, step * m.cfg.tokens_per_step, val_loss, windows,
+                                                           seconds))
+            if self.wandb_run is not None:
+                self.wandb_run.log({"val_loss": val_loss}, step=step)
+        self.t_last = time.perf_counter()
 
     # ------------------------------------------------------------ lines
     def _end_mini_epoch(self, trainer, m, mini_epoch: int) -> None:
@@ -96,11 +127,13 @@ class TrainLogs(pl.Callback):
             append(m.rd.train_log, line)
         m.epoch_loss_sum, m.epoch_loss_count = 0.0, 0
 
-    def _log_step(self, m, step: int, loss: float, kt_s: float):
+    def _log_step(self, m, step: int, loss: float, kt_s: float, val_loss: float | None = None):
         path = m.rd.loss_log
-        head = "" if path.exists() else LOSS_LOG_HEADER + "\n"
+        validating = m.cfg.val_every_steps > 0
+        head = "" if path.exists() else (LOSS_LOG_VAL_HEADER if validating else LOSS_LOG_HEADER) + "\n"
+        val = "" if not validating else "," + ("" if val_loss is None else f"{val_loss:.6f}")
         append(path, head + f"{step},{step * m.cfg.tokens_per_step},{loss:.6f},{m.lr_now:.8g},"
-                            f"{kt_s:.3f},{time.time():.3f}\n")
+                            f"{kt_s:.3f},{time.time():.3f}{val}\n")
         if self.wandb_run is not None:
             self.wandb_run.log({
                 "loss": loss, "lr": m.lr_now, "wd": m.cfg.weight_decay,
@@ -113,7 +146,8 @@ class TrainLogs(pl.Callback):
         info = dict(vars(cfg), world_size=cfg.world_size, epoch_steps=cfg.epoch_steps,
                     tokens_per_step=cfg.tokens_per_step, total_steps=cfg.total_steps,
                     tokens_per_mini_epoch=cfg.mini_epoch_samples * cfg.ctx_len, start_step=m.start.step,
-                    started_from=str(m.start.source))
+                    started_from=str(m.start.source), data=_data_record(m),
+                    validation=getattr(m, "validation_info", None))
         with atomic_open(m.rd.train_config, "w") as f:
             json.dump(info, f, indent=1, default=str)
 
@@ -149,9 +183,46 @@ class TrainLogs(pl.Callback):
         cfg = m.cfg
         self.wandb_run = wandb.init(
             project=cfg.wandb, id=m.wandb_id, resume="allow", dir=str(m.rd.path),
-            name=f"L{cfg.n_layer}-D{cfg.n_embd}-x070 {datetime.datetime.now():%Y-%m-%d %H:%M}",
+            name=f"L{cfg.n_layer}-D{cfg.n_embd}-{cfg.my_testing} {datetime.datetime.now():%Y-%m-%d %H:%M}",
             config=json.loads(json.dumps(dict(vars(cfg)), default=str)), **settings,
         )
+
+
+def _data_record(m) -> dict:
+    """What train_config.json says about the data: its kind, and a text's vocabulary or a mix's files."""
+    record = getattr(m.data, "record", None)
+    if record is not None:
+        return record()
+    return {"kind": "binidx", "path": m.cfg.data_file, "tokens": int(getattr(m.data, "num_tokens", 0))}
+
+
+def _header_extra(m) -> dict:
+    """The items of the run's train_log.txt header beyond trainlog.HEADER_KEYS."""
+    from rwkvlm.data.mix import DataMix
+
+    cfg, out = m.cfg, {}
+    if isinstance(m.data, DataMix):
+        out["data_mix"] = m.data.header_value()
+    if cfg.data_type != "binidx":
+        out["data_type"] = cfg.data_type
+        out["vocab"] = getattr(m.data, "vocab_name", "?")
+    info = getattr(m, "validation_info", None)
+    if info:
+        out.update(val_data_file=info["val_data_file"], val_every_steps=info["every_steps"],
+                   val_windows=info["windows"])
+    return out
+
+
+def _add_val_column(path: Path) -> None:
+    """Give an existing loss_log.csv the val_loss column (crash-safely; rows without it stay)."""
+    if not path.is_file():
+        return
+    with open(path) as f:
+        first = f.readline().strip()
+    if first == LOSS_LOG_HEADER:
+        text = path.read_text()
+        with atomic_open(path, "w") as f:
+            f.write(LOSS_LOG_VAL_HEADER + text[len(first):])
 
 
 def count_lines(path: Path) -> int:

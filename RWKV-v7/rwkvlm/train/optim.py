@@ -1,6 +1,6 @@
 """Optimiser parameter groups and the learning-rate schedule of the recipe.
 
-Groups: `att.w0` at 2x lr with no decay; 2-D `.weight` tensors with
+Groups: `att.w0` (x070; `att.time_decay` in x060) at 2x lr with no decay; 2-D `.weight` tensors with
 weight_decay (only when it is > 0); everything else at 1x lr with no decay.
 Each group carries `lr_scale`; the schedule sets `lr = lr_now * lr_scale`.
 
@@ -16,12 +16,14 @@ import re
 
 
 def param_groups(model, weight_decay: float):
-    """Split model parameters into the recipe's groups (names sorted, stable)."""
+    """Split model parameters into the recipe's groups (names sorted, stable). The 2x group is
+    the model's LR_2X names (x070: att.w0; x060: att.time_decay, as RWKV-LM's layerwise_lr)."""
     lr_1x, lr_2x, lr_decay = [], [], []
+    fast = getattr(model, "LR_2X", ("att.w0",))
     for name, p in sorted(model.named_parameters()):
         if not p.requires_grad:
             continue
-        if "att.w0" in name:
+        if name.endswith(fast):
             lr_2x.append(p)
         elif weight_decay > 0 and p.dim() >= 2 and ".weight" in name:
             lr_decay.append(p)

@@ -61,6 +61,11 @@ def _optimizer_carries(save: Save, cfg) -> bool:
 
 def _start_from(save: Save, cfg, payload, log) -> StartPoint:
     """The StartPoint for a chosen save."""
+    saved_type = (save.fingerprint or {}).get("model_type", "x070")
+    if save.fingerprint is not None and saved_type != cfg.my_testing:
+        from rwkvlm.model import other_type
+
+        raise other_type(save.path, saved_type, cfg.my_testing)
     if save.kind == "init":
         return StartPoint(step=0, weights=load_weights(save.path), source=save.path)
     if save.kind == "state":
@@ -271,15 +276,15 @@ def _load_model_path(cfg) -> Path:
 
 def shapes_from_load_model(cfg, log=print):
     """For --load_model FILE: cfg with the model shapes of that file (n_layer, n_embd, head_size,
-    vocab_size, the LoRA sizes, whether layer 0 holds att.v0/v1/v2), read off its tensors
-    (ModelConfig.from_state_dict), with a line saying what was found and a note where they differ
-    from the flags given (the file wins). Any other cfg is returned as it is.
+    vocab_size; for x070 the LoRA sizes and whether layer 0 holds att.v0/v1/v2), read off its
+    tensors (rwkvlm.model.config_from_state_dict), with a line saying what was found and a note
+    where they differ from the flags given (the file wins). Any other cfg is returned as it is.
 
-    Called before anything is written; a file that is not a consistent x070 state dict raises
-    UserError."""
+    Called before anything is written; a file that is not a consistent state dict of MODEL_TYPE
+    (--my_testing) raises UserError, naming both types for a checkpoint of the other one."""
     import dataclasses
 
-    from rwkvlm.model import ModelConfig
+    from rwkvlm.model import config_from_state_dict
 
     if cfg.load_model in ("", "0"):
         return cfg
@@ -288,26 +293,28 @@ def shapes_from_load_model(cfg, log=print):
         sd = load_weights(path, mmap=True)
     except CorruptCheckpoint as e:
         raise UserError(f"--load_model: {e}") from None
-    mcfg = ModelConfig.from_state_dict(sd, f"--load_model {path}")
+    mcfg = config_from_state_dict(sd, f"--load_model {path}", expect=cfg.my_testing)
     del sd
     found = cfg.model_config()
-    formula = "" if mcfg.lora_is_formula else \
+    x070 = mcfg.model_type == "x070"
+    formula = "" if not x070 or mcfg.lora_is_formula else \
         f" (not the formula's {'/'.join(map(str, mcfg.formula_lora_sizes))}: read from the file)"
-    layer0 = "" if mcfg.layer0_v else \
+    layer0 = "" if not x070 or mcfg.layer0_v else \
         "; no blocks.0.att.v0/v1/v2 (the released layout: layer 0 does not use them)"
-    log(f"--load_model {path}: RWKV-7 {mcfg.describe()}{formula}, vocab {mcfg.vocab_size}{layer0}; the model "
-        f"is built to match.")
-    diffs = [f"{flag} {a} -> {b}" for flag, a, b in (
-        ("N_LAYER (--n_layer)", found.n_layer, mcfg.n_layer), ("N_EMBD (--n_embd)", found.n_embd, mcfg.n_embd),
-        ("--head_size", found.head_size, mcfg.head_size), ("--vocab_size", found.vocab_size, mcfg.vocab_size),
-        ("--lora_dims", "/".join(map(str, found.lora_sizes)), "/".join(map(str, mcfg.lora_sizes))),
-    ) if a != b and (flag != "--lora_dims" or cfg.lora_dims or found.n_embd == mcfg.n_embd)]
+    log(f"--load_model {path}: {mcfg.family} {mcfg.describe()}{formula}, vocab {mcfg.vocab_size}{layer0}; the "
+        f"model is built to match.")
+    checks = [("N_LAYER (--n_layer)", found.n_layer, mcfg.n_layer), ("N_EMBD (--n_embd)", found.n_embd, mcfg.n_embd),
+              ("--head_size", found.head_size, mcfg.head_size), ("--vocab_size", found.vocab_size, mcfg.vocab_size)]
+    if x070:
+        checks.append(("--lora_dims", "/".join(map(str, found.lora_sizes)), "/".join(map(str, mcfg.lora_sizes))))
+    diffs = [f"{flag} {a} -> {b}" for flag, a, b in checks
+             if a != b and (flag != "--lora_dims" or cfg.lora_dims or found.n_embd == mcfg.n_embd)]
     if diffs:
         log(f"note: the shapes of --load_model {path.name} win over the flags given: {', '.join(diffs)}.")
-    return dataclasses.replace(
-        cfg, n_layer=mcfg.n_layer, n_embd=mcfg.n_embd, head_size=mcfg.head_size, vocab_size=mcfg.vocab_size,
-        lora_dims="" if mcfg.lora_is_formula else "/".join(map(str, mcfg.lora_sizes)),
-        layer0_v=int(mcfg.layer0_v))
+    layout = {} if not x070 else dict(
+        lora_dims="" if mcfg.lora_is_formula else "/".join(map(str, mcfg.lora_sizes)), layer0_v=int(mcfg.layer0_v))
+    return dataclasses.replace(cfg, n_layer=mcfg.n_layer, n_embd=mcfg.n_embd, head_size=mcfg.head_size,
+                               vocab_size=mcfg.vocab_size, **layout)
 
 
 def find_start(cfg, log=print) -> StartPoint:

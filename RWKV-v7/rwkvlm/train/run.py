@@ -77,16 +77,18 @@ def prepare(cfg: TrainConfig) -> int:
 
 def _prepare(cfg: TrainConfig) -> int:
     from rwkvlm.rundir.weights import SAVE_DTYPES, save_weights
-    from rwkvlm.model import RWKV7, count_params
+    from rwkvlm.model import build_model
     from rwkvlm.rundir import RunDir
 
+    cfg, vocab, text = _prepare_vocab(cfg)  # reads and checks only
     seed, _ = _seed(cfg)
     proj = cfg.proj_path
     proj.mkdir(parents=True, exist_ok=True)
+    _write_vocab(cfg, vocab)
     mcfg = cfg.model_config()
-    log(f"initialising RWKV-7 {mcfg.describe()}, vocab {cfg.vocab_size} "
-        f"({count_params(mcfg):,} parameters), seed {seed}")
-    model = RWKV7(mcfg)
+    model = build_model(mcfg)
+    log(f"initialising {mcfg.family} {mcfg.describe()}, vocab {cfg.vocab_size} "
+        f"({model.count_params(mcfg):,} parameters), seed {seed}")
     model.init_weights()
     out = RunDir(proj).init
     save_weights(model.state_dict(), out, cfg.precision)
@@ -97,14 +99,68 @@ def _prepare(cfg: TrainConfig) -> int:
             f"from this rwkv-init.pth. Use a new PROJ_DIR to start from scratch.")
     if cfg.data_file:
         try:
-            from rwkvlm.train.data_checks import open_training_data
+            from rwkvlm.train.data_checks import check_text_data, open_training_data
 
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                open_training_data(cfg)
+                check_text_data(cfg, text) if text is not None else open_training_data(cfg)
         except UserError as e:
             log(f"note: the run script will stop with this unless it is fixed:\n  {e}")
     return 0
+
+
+def _prepare_vocab(cfg: TrainConfig):
+    """(cfg, vocab, text) for the prepare stage. A char-level run (--data_type utf-8, --vocab_size 0 or
+    below 65536): its text read and its character vocabulary built (cfg's vocab_size set to its size
+    for 0), which must equal PROJ_DIR's vocab.json when the folder already holds trained saves. Other
+    runs: (cfg, None, None), and PROJ_DIR must not hold trained saves of a char-level model.
+    Writes nothing."""
+    import dataclasses
+
+    from rwkvlm.data.charvocab import CharVocab
+    from rwkvlm.data.text import uses_world_vocab
+    from rwkvlm.rundir import RunDir
+
+    rd = RunDir(cfg.proj_dir)
+    trained = bool(rd.epoch_checkpoints() or rd.state_dirs() or rd.final.is_file()) if rd.path.is_dir() else False
+    char = cfg.data_type == "utf-8" and not uses_world_vocab(cfg.vocab_size)
+    old = CharVocab.read(rd.vocab) if rd.vocab.is_file() else None
+    if not char:
+        if old is not None and trained:
+            raise UserError(f"PROJ_DIR {rd.path} holds a char-level model ({rd.vocab.name}: {old.vocab_size} "
+                            f"characters) and its saves; this prepare is for the World vocabulary. Use a new "
+                            f"PROJ_DIR for the new model. Nothing was written.")
+        return cfg, None, None
+    from rwkvlm.train.data_checks import load_text
+
+    text = load_text(cfg)
+    if old is not None and old != text.vocab and trained:
+        raise UserError(f"PROJ_DIR {rd.path} holds the saves of a char-level model made for another text "
+                        f"({rd.vocab.name}: {old.vocab_size} characters; {cfg.data_file}: {text.vocab.vocab_size}, "
+                        f"{old.describe_difference(text.vocab)}). Use a new PROJ_DIR for this text. Nothing was "
+                        f"written.")
+    if cfg.vocab_size == 0:
+        cfg = dataclasses.replace(cfg, vocab_size=text.vocab_size)
+    log(f"character vocabulary of {cfg.data_file}: {text.vocab.vocab_size} characters ({text.characters:,} "
+        f"characters of text); the model's vocab_size is {cfg.vocab_size}")
+    return cfg, text.vocab, text
+
+
+def _write_vocab(cfg: TrainConfig, vocab) -> None:
+    """PROJ_DIR/vocab.json for a char-level model (crash-safely); for another model, a vocab.json
+    left from an untrained char-level model is removed."""
+    from rwkvlm.atomic import atomic_open
+    from rwkvlm.rundir import RunDir
+
+    rd = RunDir(cfg.proj_dir)
+    if vocab is None:
+        if rd.vocab.is_file():
+            rd.vocab.unlink()
+            log(f"note: removed {rd.vocab} (a character vocabulary): this model uses the World vocabulary.")
+        return
+    with atomic_open(rd.vocab, "wb") as f:
+        f.write(vocab.to_json().encode("utf-8"))
+    log(f"wrote {rd.vocab} ({vocab.vocab_size} characters)")
 
 
 def run(cfg: TrainConfig) -> int:
@@ -115,29 +171,36 @@ def run(cfg: TrainConfig) -> int:
     # of the user's own wins.
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     from rwkvlm.train.resume import shapes_from_load_model
-    from rwkvlm.train.data_checks import open_training_data
+    from rwkvlm.train.data_checks import open_val_data, resolve_data
 
     from rwkvlm.train.hardware import lightning_strategy, resolve, set_matmul_precision
 
     cfg = shapes_from_load_model(cfg, log=log)  # --load_model FILE: the model is built to its shapes
-    data = open_training_data(cfg)
+    asked_vocab = cfg.vocab_size
+    cfg, data = resolve_data(cfg)  # --vocab_size 0: the text's character vocabulary
+    val = open_val_data(cfg, data)
+    if cfg.data_type != "binidx" or hasattr(data, "sources"):
+        vocab = f" (--vocab_size {asked_vocab}: the number of characters)" if asked_vocab != cfg.vocab_size else ""
+        log(f"data: {data.describe()}{vocab}")
+    if val is not None:
+        log(val.describe(cfg))
     hw = resolve(cfg)
     for note in hw.notes:
         log(f"note: {note}")
     set_matmul_precision(hw)
     strategy = lightning_strategy(hw)
     with _locked(cfg):
-        return _train(hw.config, data, hw.accelerator, strategy, hw.precision_plugin)
+        return _train(hw.config, data, hw.accelerator, strategy, hw.precision_plugin, val)
 
 
-def _train(cfg: TrainConfig, data, accelerator, strategy, precision) -> int:
+def _train(cfg: TrainConfig, data, accelerator, strategy, precision, val=None) -> int:
     """Train with `cfg` as it runs on this machine (rwkvlm.train.hardware's Hardware.config)."""
     import pytorch_lightning as pl
 
     from rwkvlm.rundir.weights import check_weights_fit
     from rwkvlm.train.resume import find_start
     from rwkvlm.train.lit import RWKVTrainModule
-    from rwkvlm.model import RWKV7
+    from rwkvlm.model import build_model
     from rwkvlm.rundir import RunDir
 
     rd = RunDir(cfg.proj_dir)
@@ -153,7 +216,7 @@ def _train(cfg: TrainConfig, data, accelerator, strategy, precision) -> int:
             f"continues exactly from there), or use a new PROJ_DIR.")
         return 0
     seed, said = _seed(cfg, start)
-    model = RWKV7(cfg.model_config())
+    model = build_model(cfg.model_config())
     if start.weights is not None:
         check_weights_fit(start.weights, model, start.source)
         model.load_state_dict({k: v.float() for k, v in start.weights.items()})
@@ -165,8 +228,8 @@ def _train(cfg: TrainConfig, data, accelerator, strategy, precision) -> int:
         model.compile_blocks()
 
     mcfg = model.cfg
-    lora = f", LoRA w/a/v/g {'/'.join(map(str, mcfg.lora_sizes))}" + ("" if mcfg.layer0_v else " (released layout)")
-    log(f"RWKV-7 L{cfg.n_layer}-D{cfg.n_embd}{lora}, ctx {cfg.ctx_len}, {cfg.world_size} x {cfg.micro_bsz} samples/step, "
+    released = "" if getattr(mcfg, "layer0_v", True) else " (released layout)"
+    log(f"{mcfg.family} {mcfg.describe()}{released}, ctx {cfg.ctx_len}, {cfg.world_size} x {cfg.micro_bsz} samples/step, "
         f"epoch_steps {cfg.epoch_steps}, {cfg.tokens_per_step} tokens/step, steps {start.step} -> "
         f"{cfg.total_steps}, mini-epoch {start.step // cfg.epoch_steps}, from {start.source}, {said}, "
         f"{accelerator} {cfg.strategy} {cfg.precision}{' compiled' if compiled else ''}")
@@ -176,9 +239,15 @@ def _train(cfg: TrainConfig, data, accelerator, strategy, precision) -> int:
     from rwkvlm.train.logs import TrainLogs
     from rwkvlm.train.saving import SaveStates
 
-    # after each step, in this order: the loss is checked, logged, then a save is made if due
+    # after each step, in this order: the loss is checked, logged, validated, then a save is made if due
     guard = DivergenceGuard(log=log)
-    callbacks = [guard, TrainLogs(log=log), SaveStates(guard), StopOnSignal()]
+    logs = TrainLogs(log=log)
+    callbacks = [guard, logs]
+    if val is not None:
+        from rwkvlm.train.validation import Validation
+
+        callbacks.append(Validation(val, logs, log=log))
+    callbacks += [SaveStates(guard), StopOnSignal()]
     if cfg.profile_steps > 0:
         callbacks.append(StepProfiler(cfg.profile_steps, RunDir(cfg.proj_dir).profile, log=log))
     if cfg.enable_progress_bar:
@@ -199,7 +268,10 @@ def _train(cfg: TrainConfig, data, accelerator, strategy, precision) -> int:
 
 def _build_kernel_early(cfg: TrainConfig) -> None:
     """Compile (or load) the CUDA WKV kernel before training, so build problems show up first."""
-    from rwkvlm.ops.wkv7.cuda import load_extension
+    if cfg.my_testing == "x060":
+        from rwkvlm.ops.wkv6.cuda import load_extension
+    else:
+        from rwkvlm.ops.wkv7.cuda import load_extension
 
     load_extension(cfg.head_size)
 

@@ -32,9 +32,7 @@ Contract:
 """
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -42,6 +40,9 @@ from pathlib import Path
 import torch
 
 from rwkvlm.errors import UserError
+from rwkvlm.ops.build import build_dir as _build_dir
+from rwkvlm.ops.build import check_stale_lock as _check_stale_lock
+from rwkvlm.ops.build import nvcc_version as _nvcc_version
 from rwkvlm.recipe import WKV_CHUNK_LEN
 
 __all__ = ["wkv7_cuda", "wkv7_cuda_state", "wkv7_op", "is_available", "load_extension", "CHUNK_LEN", "HEAD_SIZES"]
@@ -52,7 +53,6 @@ HEAD_SIZES = (32, 64)
 _VERSION = 3
 _CUDA_DIR = Path(__file__).resolve().parents[3] / "cuda"  # RWKV-v7/cuda
 _SOURCES = ("wkv7_op.cpp", "wkv7_cuda.cu")
-_STALE_LOCK_S = 600.0
 
 _lock = threading.Lock()
 _ops: dict = {}
@@ -69,60 +69,6 @@ def is_available() -> bool:
 
 def _ext_name(head_size: int, variants: str) -> str:
     return f"wkv7_n{head_size}_c{CHUNK_LEN}_{variants}_v{_VERSION}"
-
-
-def _build_dir(name: str) -> Path:
-    from torch.utils import cpp_extension as ce
-
-    try:
-        d = Path(ce._get_build_directory(name, verbose=False))
-    except Exception:  # private helper moved: same layout, computed here
-        root = os.environ.get("TORCH_EXTENSIONS_DIR") or ce.get_default_build_root()
-        d = Path(root) / name
-        d.mkdir(parents=True, exist_ok=True)
-    return d
-
-
-def _check_stale_lock(build_dir: Path) -> None:
-    """Raise if torch's build lock is old and nothing in the directory moves.
-
-    torch.utils.cpp_extension waits forever on `<build_dir>/lock`; a build
-    killed mid-way leaves it behind.
-    """
-    lock = build_dir / "lock"
-    try:
-        lock_age = time.time() - lock.stat().st_mtime
-    except FileNotFoundError:
-        return
-    if lock_age < _STALE_LOCK_S:
-        return  # another process may be building right now; torch will wait for it
-    newest = 0.0
-    for p in build_dir.iterdir():
-        try:
-            newest = max(newest, p.stat().st_mtime)
-        except OSError:
-            pass
-    if time.time() - newest < _STALE_LOCK_S:
-        return
-    raise UserError(
-        f"The WKV7 CUDA build directory {build_dir} holds a lock file that is "
-        f"{lock_age / 60:.0f} minutes old and nothing there has changed for "
-        f"{_STALE_LOCK_S / 60:.0f} minutes: a build was probably killed. If no other "
-        f"process is compiling it, remove the directory (rm -rf '{build_dir}') and run again."
-    )
-
-
-def _nvcc_version() -> str:
-    from torch.utils.cpp_extension import CUDA_HOME
-
-    if CUDA_HOME is None:
-        return "not found"
-    nvcc = Path(CUDA_HOME) / "bin" / "nvcc"
-    try:
-        out = subprocess.run([str(nvcc), "--version"], capture_output=True, text=True, timeout=30).stdout
-        return out.strip().splitlines()[-1] if out.strip() else "unknown"
-    except Exception as e:  # noqa: BLE001
-        return f"unusable ({e})"
 
 
 def load_extension(head_size: int = 64, variants: str = "default", verbose: bool = False):
