@@ -1,6 +1,8 @@
 """Generate the arithmetic demo corpus: python make_arithmetic_data.py demo.jsonl --docs 20000 --seed 0
 
-Thin wrapper around rwkvlm.data.arithmetic (see `python make_arithmetic_data.py --help`).
+Thin wrapper around rwkvlm.data.arithmetic (see `python make_arithmetic_data.py --help`): dialogues
+of sums, differences and equations in many wordings composed from tables of parts, none of the
+held-out problems or held-out parts that evaluate.py tests with.
 """
 import sys
 

@@ -1,7 +1,9 @@
-"""Held-out arithmetic accuracy of RWKV-7 checkpoints, by kind (greedy, exact match).
+"""Held-out arithmetic accuracy of RWKV-7 checkpoints, by kind (greedy, exact match), on training's
+wordings (seen) and on wordings with parts training never uses (unseen).
 
     python evaluate.py train_temp/out/L12-D768-x070/rwkv-final.pth
     python evaluate.py train_temp/out/L12-D768-x070 --last 3 --show-errors --json eval.json
+    python evaluate.py train_temp/out/L12-D768-x070/rwkv-final.pth --n 4000 --split unseen
 
 The implementation is the installed `rwkvlm` package (RWKV-v7/rwkvlm/infer/evaluate.py).
 """

@@ -10,6 +10,23 @@ then ours again at N = 1 and 100 (memory vs N) and on a 10x input (memory vs
 input size).
 
     python benchmarks/bench_make_data.py [--mb 12] [--append]
+
+At pre-training scale (--sizes, in GB): a ~1 GB generated jsonl (and 4 GB with
+`--sizes 1,4`) through make_data with 1 and 2 workers (--workers), N = 1 by
+default (--scale-copies): input MB/s over the whole run and over pass 1
+(tokenizing), MB per CPU-second (user + sys of the whole process tree, from
+RUSAGE_CHILDREN: the per-core rate), and the peak memory of the process tree,
+sampled from /proc: the sum of VmRSS over make_data and its workers every 0.1 s
+(forked workers share the tokenizer's pages, which RSS counts in each) and the
+sum of Pss every 1 s (shared pages split between the processes: the memory
+really used).
+Also the per-core rates of pass 1's parts on a sample of the input (JSON,
+tokenizer per line and per batch, the round-trip check). JSON goes to OUTDIR
+(--out; default: the scratch folder); the generated files are deleted after.
+On a shared machine, --scale-repeats R interleaves R runs of each worker count and
+takes the fastest of each.
+
+    python benchmarks/bench_make_data.py --sizes 1,4 --out OUTDIR
 """
 from __future__ import annotations
 
@@ -19,11 +36,14 @@ import filecmp
 import json
 import os
 import platform
+import resource
+import shutil
 import statistics
 import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -109,6 +129,218 @@ def _child(cmd_json: str) -> None:
     print(json.dumps({"wall": wall, "maxrss_mib": rss, "stdout": out.decode(errors="replace")}))
 
 
+# ---------------------------------------------------------------- at pre-training scale
+
+def _tree(pid: int) -> list:
+    """pid and all its descendants (from /proc/PID/task/*/children)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    todo.extend(int(c) for c in f.read().split())
+        except OSError:
+            pass
+    return out
+
+
+def _kib(path: str, field: str) -> int:
+    """A 'Field:  N kB' line's N from a /proc file (0 if the process is gone)."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(field):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+class TreeMemory(threading.Thread):
+    """Samples the memory of a process tree until stop(): the peak over time of the sum of VmRSS
+    (every `interval` s) and of the sum of Pss (every `pss_every` samples: reading smaps_rollup
+    walks the page tables, too costly to do often on 2 cores), the parent's own peak RSS, the
+    most processes."""
+
+    def __init__(self, pid: int, interval: float = 0.1, pss_every: int = 10):
+        super().__init__(daemon=True)
+        self.pid, self.interval, self.pss_every = pid, interval, pss_every
+        self.peak_rss = self.peak_pss = self.parent_rss = self.processes = 0
+        self._stop_event = threading.Event()
+
+    def run(self):
+        n = 0
+        while not self._stop_event.is_set():
+            pids = _tree(self.pid)
+            rss = [_kib(f"/proc/{p}/status", "VmRSS:") for p in pids]
+            self.peak_rss, self.parent_rss = max(self.peak_rss, sum(rss)), max(self.parent_rss, rss[0])
+            self.processes = max(self.processes, sum(1 for r in rss if r))
+            if n % self.pss_every == 0:
+                self.peak_pss = max(self.peak_pss, sum(_kib(f"/proc/{p}/smaps_rollup", "Pss:") for p in pids))
+            n += 1
+            self._stop_event.wait(self.interval)
+
+    def stop(self) -> dict:
+        self._stop_event.set()
+        self.join()
+        return {"peak_rss_tree_mib": self.peak_rss / 1024, "peak_pss_tree_mib": self.peak_pss / 1024,
+                "peak_rss_parent_mib": self.parent_rss / 1024, "processes": self.processes}
+
+
+def run_tree(cmd, cwd) -> dict:
+    """Run cmd; its wall s, CPU s (user + sys of it and its workers), tree memory, stdout.
+    (Not ru_maxrss: a child forked from this process starts with this process's RSS.)"""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([str(c) for c in cmd], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    sampler = TreeMemory(proc.pid)
+    sampler.start()
+    out, err = proc.communicate()
+    wall = time.perf_counter() - t0
+    memory = sampler.stop()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if proc.returncode:
+        raise SystemExit(f"{cmd} failed ({proc.returncode}):\n{err[-3000:]}")
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return {"wall_s": wall, "cpu_s": cpu, **memory, "stdout": out}
+
+
+def make_big_jsonl(path: Path, gb: float, block: Path) -> tuple:
+    """path = the generated block repeated to ~gb GB (documents repeat; tokenizing speed and
+    memory per document are those of the block's). Returns (documents, bytes)."""
+    block_docs = sum(1 for _ in open(block, "rb"))
+    block_bytes = block.stat().st_size
+    reps = max(1, round(gb * 1e9 / block_bytes))
+    with open(path, "wb") as out:
+        for _ in range(reps):
+            with open(block, "rb") as f:
+                shutil.copyfileobj(f, out, 16 << 20)
+    return reps * block_docs, reps * block_bytes
+
+
+def part_rates(sample: Path) -> dict:
+    """MB per CPU-second of pass 1's parts on `sample`, one core: what bounds the per-core rate."""
+    from rwkvlm.data import make_data as md
+
+    tok = md.get_tokenizer()
+    md._vocab_bytes(tok)
+    raw = [line.strip() for line in open(sample, "rb")]
+    texts = [md._parse_line(r, i) for i, r in enumerate(raw, 1) if r]
+    mb = sum(map(len, raw)) / 1e6
+
+    def rate(fn) -> float:
+        t = time.process_time()
+        fn()
+        return mb / (time.process_time() - t)
+
+    batches = []
+    for i in range(0, len(texts), 1000):
+        batches.append(texts[i : i + 1000])
+    jobs = [md.ChunkJob(str(sample), a, b, 16_000_000, False, "<u2") for a, b in md.plan_chunks(sample, md.CHUNK_BYTES)]
+    return {
+        "sample_mb": mb,
+        "json_parse": rate(lambda: [md._parse_line(r, 1) for r in raw if r]),
+        "tokenizer_encode_per_line": rate(lambda: [tok.encode(t) for t in texts]),
+        "tokenizer_encode_batched": rate(lambda: [tok.encode(md._SEP.join(b) + md._SEP) for b in batches]),
+        "encode_batch_with_check": rate(lambda: [md._encode_batch(tok, b, "<u2") for b in batches]),
+        "pass1_one_core": rate(lambda: [md.tokenize_chunk(j) for j in jobs]),
+    }
+
+
+def _load() -> str:
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
+
+
+def _cpu_model() -> str:
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def _done_line(stdout: str) -> dict:
+    """make_data's closing line: pass 1's seconds and the tokens written."""
+    import re
+
+    m = re.search(r"^### Done in [\d.]+ s: .* \(tokenizing ([\d.]+) s, .*\), (\d+) tokens written$", stdout, re.M)
+    return {"tokenize_s": float(m.group(1)), "tokens": int(m.group(2))} if m else {}
+
+
+def scale(args) -> None:
+    """The --sizes benchmark (see the module docstring)."""
+    from rwkvlm.data.arithmetic import write_jsonl
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_make_data."))
+    work.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(args.out or work)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sizes = [float(x) for x in args.sizes.split(",")]
+    workers = [int(x) for x in args.workers.split(",")]
+    block = work / "block.jsonl"
+    block_docs, block_bytes = write_jsonl(block, mb=args.block_mb, seed=0)
+    print(f"block: {block_bytes / 1e6:.1f} MB, {block_docs} documents; load {_load()}", flush=True)
+    sample = work / "sample.jsonl"
+    with open(block, "rb") as f, open(sample, "wb") as g:
+        g.writelines(line for _, line in zip(range(block_docs // 4), f))
+    result = {"date": datetime.date.today().isoformat(), "cpu": _cpu_model(), "cores": len(os.sched_getaffinity(0)),
+              "python": platform.python_version(), "copies": args.scale_copies, "ctx": args.ctx, "seed": args.seed,
+              "block_mb": block_bytes / 1e6, "parts_mb_per_cpu_s": part_rates(sample), "runs": []}
+    print("per-core rates of pass 1's parts (MB/CPU-s):", json.dumps(result["parts_mb_per_cpu_s"]), flush=True)
+    for gb in sizes:
+        big = work / f"in{gb:g}g.jsonl"
+        docs, size = make_big_jsonl(big, gb, block)
+        for _, w in ((k, w) for k in range(args.scale_repeats) for w in workers):  # interleaved repeats
+            cmd = [sys.executable, MAKE_DATA, big, args.scale_copies, args.ctx, "--seed", args.seed, "--no-progress",
+                   "--workers", w, "--out-dir", work / "out"]
+            load = _load()
+            r = run_tree(cmd, work)
+            r.update(_done_line(r.pop("stdout")))
+            row = {"gb": gb, "input_bytes": size, "documents": docs, "workers": w, "load_before": load,
+                   "load_after": _load(), **r}
+            row["mb_s"] = size / 1e6 / r["wall_s"]
+            row["tokenize_mb_s"] = size / 1e6 / r["tokenize_s"] if r.get("tokenize_s") else None
+            row["mb_per_cpu_s"] = size / 1e6 / r["cpu_s"]
+            result["runs"].append(row)
+            print(json.dumps(row), flush=True)
+            shutil.rmtree(work / "out", ignore_errors=True)
+        big.unlink()
+    block.unlink()
+    sample.unlink()
+    _scale_summary(result, workers, sizes)
+    path = out_dir / "make_data_scale.json"
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {path}")
+
+
+INDEX_BYTES_PER_DOC = 12  # make_data's per-document arrays in pass 2 (see its docstring)
+
+
+def _scale_summary(result: dict, workers: list, sizes: list) -> None:
+    """Speed-up of each worker count over the first; memory growth of each size over the first,
+    as measured and without make_data's per-document arrays (INDEX_BYTES_PER_DOC). Of repeated
+    runs, the fastest (the least disturbed by other load on the machine) counts."""
+    runs = {}
+    for r in sorted(result["runs"], key=lambda r: -r["wall_s"]):
+        runs[r["gb"], r["workers"]] = r
+    w0, s0 = workers[0], sizes[0]
+    result["speedup"] = {f"{gb:g}GB x{w}": {k: runs[gb, w][k] / runs[gb, w0][k] for k in ("mb_s", "tokenize_mb_s")}
+                         for gb in sizes for w in workers[1:]}
+
+    def growth(gb, w, key, index):
+        minus = (lambda r: r[key] - INDEX_BYTES_PER_DOC * r["documents"] / 2**20) if index else (lambda r: r[key])
+        return minus(runs[gb, w]) / minus(runs[s0, w]) - 1
+
+    result["memory_growth"] = {f"{w} workers {gb:g}GB": {
+        **{k: growth(gb, w, k, False) for k in ("peak_rss_tree_mib", "peak_pss_tree_mib")},
+        **{f"{k} without index": growth(gb, w, k, True) for k in ("peak_rss_tree_mib", "peak_pss_tree_mib")}}
+        for w in workers for gb in sizes[1:]}
+    print("speed-up:", json.dumps(result["speedup"]), "\nmemory growth:", json.dumps(result["memory_growth"]))
+
+
 def exit_line(stdout: str) -> str:
     return next((line for line in stdout.splitlines() if line.startswith("--my_exit_tokens")), "(none)")
 
@@ -124,6 +356,13 @@ def main() -> None:
     ap.add_argument("--skip-scaling", action="store_true")
     ap.add_argument("--workdir", default=None, help="scratch directory (default: a new temp dir)")
     ap.add_argument("--append", action="store_true", help="append the figures to benchmarks/RESULTS.md")
+    ap.add_argument("--sizes", default=None, help="run the scale benchmark on inputs of these GB (e.g. 1,4)")
+    ap.add_argument("--workers", default="1,2", help="--sizes: the worker counts to run (default 1,2)")
+    ap.add_argument("--scale-copies", type=int, default=1, help="--sizes: N of those runs (default 1)")
+    ap.add_argument("--scale-repeats", type=int, default=1,
+                    help="--sizes: runs of each worker count, interleaved; the fastest counts (default 1)")
+    ap.add_argument("--block-mb", type=float, default=64.0, help="--sizes: the generated block repeated (MB)")
+    ap.add_argument("--out", default=None, help="--sizes: folder of make_data_scale.json (default: the scratch folder)")
     ap.add_argument("--baseline-worker", nargs=4, metavar=("JSONL", "N", "CTX", "SEED"), help=argparse.SUPPRESS)
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -132,6 +371,8 @@ def main() -> None:
     if args.baseline_worker:
         jsonl, n, ctx, seed = args.baseline_worker
         return baseline(jsonl, int(n), int(ctx), int(seed))
+    if args.sizes:
+        return scale(args)
 
     from rwkvlm.data.arithmetic import write_jsonl
 

@@ -9,7 +9,8 @@ from rwkvlm.data.binidx import BinIdx, BinIdxWriter, write_binidx
 from rwkvlm.errors import UserError
 
 # dtype codes from the spec, built by hand here (independent of the module's table)
-SPEC_DTYPES = {1: "u1", 2: "i1", 3: "<i2", 4: "<i4", 5: "<i8", 6: "<f8", 7: "<f8", 8: "<u2"}
+# (1-8: Megatron's MMapIndexedDataset; 9: uint32 as in fairseq's and metaseq's MMIDIDX)
+SPEC_DTYPES = {1: "u1", 2: "i1", 3: "<i2", 4: "<i4", 5: "<i8", 6: "<f8", 7: "<f8", 8: "<u2", 9: "<u4"}
 
 
 def hand_built(path, code, items, doc_idx=None):
@@ -78,6 +79,21 @@ def test_reads_hand_built_files_of_every_dtype(tmp_path, code):
     assert d.num_items == 4 and d.num_tokens == 8
     assert d.doc_idx.tolist() == [0, 2, 4]
     assert [d.get(i).tolist() for i in range(4)] == [np.array(it, dtype).tolist() for it in items]
+
+
+def test_uint32_write_then_read_back(tmp_path):
+    """Token ids past 65535 in a uint32 file: code 9, byte pointers of 4-byte tokens, the spec's bytes."""
+    items = [[70000, 5, 0], [4_000_000_000, 0], [1, 2, 3, 65536, 0]]
+    assert write_binidx(tmp_path / "w", [np.array(x, np.uint32) for x in items], dtype=np.uint32) == (10, 3)
+    expected = hand_built(tmp_path / "spec", 9, items)
+    assert (tmp_path / "w.idx").read_bytes() == expected
+    assert (tmp_path / "w.bin").read_bytes() == (tmp_path / "spec.bin").read_bytes()
+    d = BinIdx(tmp_path / "w")
+    assert d.dtype == np.dtype("<u4") and d.dtype_code == 9
+    assert d.pointers.tolist() == [0, 12, 20]
+    assert [d.get(i).tolist() for i in range(3)] == items
+    with pytest.raises(ValueError):
+        write_binidx(tmp_path / "v", [np.array([2**32], np.int64)], dtype=np.uint32)
 
 
 def test_accepts_path_with_extension(tmp_path):
@@ -162,8 +178,8 @@ def test_errors_name_both_files_and_what_to_do(tmp_path):
     _expect_error(p, "MMIDIDX")
     (tmp_path / "d.idx").write_bytes(good_idx[:9] + struct.pack("<Q", 2) + good_idx[17:])
     _expect_error(p, "version 2")
-    (tmp_path / "d.idx").write_bytes(good_idx[:17] + b"\x09" + good_idx[18:])
-    _expect_error(p, "dtype code 9")
+    (tmp_path / "d.idx").write_bytes(good_idx[:17] + b"\x0c" + good_idx[18:])
+    _expect_error(p, "dtype code 12")
     (tmp_path / "d.idx").write_bytes(good_idx[:-1])
     _expect_error(p, "truncated")
     (tmp_path / "d.idx").write_bytes(good_idx[:20])

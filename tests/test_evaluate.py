@@ -1,5 +1,9 @@
 """Held-out arithmetic evaluation: scoring, tables, checkpoint lists, the CLI."""
 import json
+import re
+from collections import Counter
+from decimal import Decimal
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -7,7 +11,7 @@ import torch
 from rwkvlm.data.arithmetic import KINDS, make_eval_set
 from rwkvlm.errors import UserError
 from rwkvlm.infer.evaluate import (
-    evaluate_with, expand_checkpoints, format_table, labels_for, main, reply_of, score,
+    evaluate_with, expand_checkpoints, format_errors, format_table, labels_for, main, reply_of, score, write_json,
 )
 
 
@@ -17,31 +21,80 @@ def test_reply_is_cut_at_the_blank_line_and_stripped():
     assert reply_of("\n\n3") == ""
 
 
-def test_fake_generator_gives_the_right_table():
-    items = make_eval_set(80, seed=5)
+def _wrong(answer: str) -> str:
+    """A well-formed but wrong answer: the final number off by one."""
+    head, _, last = answer.rpartition(" = ")
+    return f"{head} = {Decimal(last) + 1}"
+
+
+def _cells(table: str, row: str) -> list:
+    """The `correct/n` cells of a table row."""
+    line = next(ln for ln in table.splitlines() if ln.split()[:1] == [row])
+    return re.findall(r"\d+/\d+", line)
+
+
+def test_fake_model_scores_each_kind_on_seen_and_unseen_wordings(tmp_path):
+    """Right answers on every seen wording and on the unseen wordings of three kinds, wrong (off by
+    one, or junk) elsewhere: the per-kind, per-split accuracy reaches the table and the JSON."""
+    items = make_eval_set(160, seed=5)
+    assert Counter((it.kind, it.split) for it in items) == {(k, s): 10 for k in KINDS for s in ("seen", "unseen")}
     answers = {it.question: it for it in items}
     good = {"ascii", "english", "equation"}
 
     def fake(prompts):
         out = []
-        for p in prompts:
-            q = p[len("User: "):-len("\n\nAssistant:")]
-            it = answers[q]
-            out.append(f" {it.answer}\n\nUser: junk" if it.kind in good else " 0 + 0 = 0")
+        for i, p in enumerate(prompts):
+            it = answers[p[len("User: "):-len("\n\nAssistant:")]]
+            if it.split == "seen" or it.kind in good:
+                out.append(f" {it.answer}\n\nUser: junk")
+            else:
+                out.append(" " + _wrong(it.answer) if i % 2 else " 0 + 0 = 0")
         return out
 
     res = evaluate_with(items, fake, label="fake")
     for k in KINDS:
-        assert res.by_kind[k].n == 10
-        assert res.by_kind[k].correct == (10 if k in good else 0)
-    assert res.overall.correct == 30 and res.overall.n == 80
-    assert len(res.errors) == 50 and {e["kind"] for e in res.errors} == set(KINDS) - good
+        assert (res.by_kind[k].n, res.by_kind[k].correct) == (20, 20 if k in good else 10)
+        assert (res.by_split["seen"].by_kind[k].n, res.by_split["seen"].by_kind[k].correct) == (10, 10)
+        assert (res.by_split["unseen"].by_kind[k].n, res.by_split["unseen"].by_kind[k].correct) == \
+            (10, 10 if k in good else 0)
+    assert (res.overall.correct, res.overall.n) == (110, 160)
+    assert (res.by_split["seen"].overall.correct, res.by_split["unseen"].overall.correct) == (80, 30)
+    assert len(res.errors) == 50 and {(e["kind"], e["split"]) for e in res.errors} == \
+        {(k, "unseen") for k in set(KINDS) - good}
+
     table = format_table([res])
     lines = table.splitlines()
-    assert lines[-1].startswith("overall") and "30/80" in lines[-1] and "37.5%" in lines[-1]
-    ascii_line = next(ln for ln in lines if ln.startswith("ascii"))
-    assert "10/10" in ascii_line and "100.0%" in ascii_line
-    assert [ln.split()[0] for ln in lines[2:2 + len(KINDS)]] == list(KINDS)
+    assert lines[0].split() == ["kind", "fake"] and lines[1].split() == ["seen", "unseen", "all"]
+    assert [ln.split()[0] for ln in lines[3:3 + len(KINDS)]] == list(KINDS)
+    assert _cells(table, "ascii") == ["10/10", "10/10", "20/20"]
+    assert _cells(table, "decimal") == ["10/10", "0/10", "10/20"]
+    assert lines[-1].startswith("overall") and _cells(table, "overall") == ["80/80", "30/80", "110/160"]
+    assert "37.5%" in lines[-1] and "68.8%" in lines[-1]
+
+    write_json(tmp_path / "eval.json", [res], len(items), 5, KINDS)
+    doc = json.loads((tmp_path / "eval.json").read_text())
+    assert doc["split"] == "both"
+    ck = doc["checkpoints"][0]
+    assert ck["overall"] == {"n": 160, "correct": 110, "accuracy": 68.75}
+    assert ck["by_split"]["seen"]["overall"] == {"n": 80, "correct": 80, "accuracy": 100.0}
+    assert ck["by_split"]["unseen"]["overall"] == {"n": 80, "correct": 30, "accuracy": 37.5}
+    assert {k: v["accuracy"] for k, v in ck["by_split"]["unseen"]["by_kind"].items()} == \
+        {k: 100.0 if k in good else 0.0 for k in KINDS}
+    assert ck["by_kind"]["chinese"] == {"n": 20, "correct": 10, "accuracy": 50.0}
+    assert all(e["split"] == "unseen" for e in ck["errors"])
+    assert "[decimal, unseen wording]" in format_errors(res, 50)
+
+
+def test_one_split_gives_one_column_and_items_without_a_split_count_as_seen():
+    items = make_eval_set(16, seed=2, split="unseen")
+    assert {it.split for it in items} == {"unseen"}
+    res = score(items, [" " + it.answer for it in items], "rwkv-final")
+    assert list(res.by_split) == ["unseen"] and res.by_split["unseen"].overall.correct == 16
+    lines = format_table([res]).splitlines()
+    assert lines[0].split() == ["kind", "rwkv-final"] and lines[1].split() == ["unseen"]
+    assert _cells(format_table([res]), "overall") == ["16/16"]
+    old = [SimpleNamespace(kind=it.kind, question=it.question, answer=it.answer) for it in items]
+    assert list(score(old, ["no"] * 16).by_split) == ["seen"]
 
 
 def test_two_results_give_two_columns():
@@ -50,7 +103,7 @@ def test_two_results_give_two_columns():
     r2 = score(items, ["nope" for _ in items], "rwkv-final")
     header, *_, last = format_table([r1, r2]).splitlines()
     assert header.split() == ["kind", "rwkv-1", "rwkv-final"]
-    assert "16/16" in last and "0/16" in last
+    assert re.findall(r"\d+/\d+", last) == ["8/8", "8/8", "16/16", "0/8", "0/8", "0/16"]
 
 
 def test_expand_checkpoints(tmp_path):
@@ -86,7 +139,16 @@ def test_cli_one_column_per_checkpoint(tmp_path, capsys):
     header = next(ln for ln in text.splitlines() if ln.startswith("kind"))
     assert header.split() == ["kind", "rwkv-0", "rwkv-final"]
     assert "expected" in text  # --show-errors
+    assert "seen wordings" in text and re.search(r"rwkv-final: \d+/16 = .*\(seen .*%, unseen .*%;", text)
     doc = json.loads(out_json.read_text())
     assert [c["label"] for c in doc["checkpoints"]] == ["rwkv-0", "rwkv-final"]
     assert all(c["overall"]["n"] == 16 for c in doc["checkpoints"])
     assert set(doc["checkpoints"][0]["by_kind"]) == set(KINDS)
+    for c in doc["checkpoints"]:
+        assert {s: v["overall"]["n"] for s, v in c["by_split"].items()} == {"seen": 8, "unseen": 8}
+        assert set(c["by_split"]["unseen"]["by_kind"]) == set(KINDS)
+    rc = main([str(tmp_path / "rwkv-final.pth"), "--n", "8", "--split", "unseen", "--device", "cpu",
+               "--max-tokens", "2", "--json", str(out_json)])
+    assert rc == 0 and "unseen wordings" in capsys.readouterr().out
+    doc = json.loads(out_json.read_text())
+    assert doc["split"] == "unseen" and list(doc["checkpoints"][0]["by_split"]) == ["unseen"]

@@ -1,6 +1,9 @@
-"""make_data: the tutorial command, N shuffled copies, exact tokens, bad input, atomic output."""
+"""make_data: the tutorial command, N shuffled copies, exact tokens, bad input, atomic output,
+workers, uint32."""
+import hashlib
 import json
 import os
+import random
 import re
 import subprocess
 import sys
@@ -15,6 +18,7 @@ from rwkvlm.data.binidx import BinIdx
 from rwkvlm.data.magic_prime import magic_prime
 from rwkvlm.data.make_data import read_meta
 from rwkvlm.data.tokenizer import get_tokenizer
+from rwkvlm.errors import UserError
 from trainkit import run_make_data
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,7 +66,7 @@ def test_every_document_exactly_n_times_each_copy_a_permutation(tmp_path, capsys
     for copy in copies:
         assert sorted(copy) == sorted(DOCS)
     assert len({tuple(c) for c in copies}) == 4  # each copy shuffled afresh
-    orders = list(md.copy_orders(n, 4, 3))  # the documented order (the benchmark's baseline uses it)
+    orders = [o.copy() for o in md.copy_orders(n, 4, 3)]  # the documented order (the benchmark's baseline uses it)
     assert copies == [[DOCS[i] for i in order] for order in orders]
     assert d.doc_idx.tolist() == list(range(4 * n + 1))
 
@@ -116,6 +120,8 @@ def test_printed_numbers_and_meta(tmp_path, capsys):
     assert f"\n--my_exit_tokens {d.num_tokens} --magic_prime {p} --ctx_len 512\n" in out
     assert "Found 400 non-empty lines" in out
     assert f"{d.num_tokens} tokens, {d.num_items} items" in out
+    assert re.search(r"^### Done in [\d.]+ s: [\d.]+ [kM]?B of input at [\d.]+ [kM]?B/s \(tokenizing [\d.]+ s, "
+                     rf"[\d.]+ [kM]?B/s, 1 worker\), {d.num_tokens} tokens written$", out, re.M), out[-300:]
     assert re.search(r"\[big idx 0 sz \d+\]", out) and f"[big idx {d.num_items - 1} sz" in out
     meta = read_meta(tmp_path / "big")
     assert meta["tokens"] == d.num_tokens and meta["items"] == d.num_items == 12000
@@ -356,3 +362,229 @@ def test_stale_temporaries_of_dead_writers_are_removed(tmp_path):
     assert run_make_data(tmp_path, "demo.jsonl", 2, 16, "--seed", "1") == 0
     assert not any(p.exists() for p in stale)
     assert live.exists() and other_host.exists()
+
+
+# ---------------------------------------------------------------- today's bytes, with any number of workers
+
+WORDS = ["the", "data", "RWKV", "模型", "训练数据", "１２３", "👩‍👩‍👧", "tab\t", "new\nline", "  ", "ünïcödé",
+         "العربية", "é", "x" * 40, "def f():\n    return 1\n", "3.14", "\r\n", "¿qué?", "日本語のテキスト", "\\", '"quoted"',
+         "Ω≈ç√∫", "𝔘𝔫𝔦𝔠𝔬𝔡𝔢", "a\u00adb", "\u200b", "Hello, World!"]
+BAD_LINES = [b'{"text": "broken\n', b'{"content": 1}\n', b'{"text": 5}\n', b'[1, 2]\n', b'{"text": "caf\xe9"}\n',
+             b'{"text": "lone \\ud800 s"}\n', b'{"text": "a"} x\n']
+
+
+def golden_jsonl(bad: bool) -> bytes:
+    """A fixed 2.5 MB input: BOM, CRLF, blank lines, extra fields, both JSON escapings, NUL and
+    surrogate-pair texts, one text larger than a tokenizer batch, and (bad) a bad line of each kind."""
+    rng = random.Random(20261203)
+    out = [b"\xef\xbb\xbf"]
+    docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(0, 80))) for _ in range(3000)] + DOCS
+    docs[1000] = "long " * 70_000
+    for i, text in enumerate(docs):
+        obj = {"text": text} if i % 4 else {"id": i, "text": text}
+        out.append(json.dumps(obj, ensure_ascii=bool(i % 3)).encode() + (b"\r\n" if i % 5 == 0 else b"\n"))
+        if i % 97 == 0:
+            out.append(b"\n   \t\n")
+        if i % 211 == 0:
+            out.append(json.dumps({"text": "nul \u0000 inside"}).encode() + b"\n")
+        if i % 307 == 0:
+            out.append(json.dumps({"text": "pair \ud83d\ude00 ok " * (i % 7)}).encode() + b"\n")
+        if bad and i % 173 == 5:
+            out.append(BAD_LINES[i % 7])
+    return b"".join(out)
+
+
+# What make_data wrote for golden_jsonl (3 copies, ctx 512, --seed 11) before it had workers
+# (commit 324b5fc, one process): sha256 of .bin then .idx; with bad lines and --skip-bad the same
+# documents remain, so the same bytes.
+GOLDEN_SHA256 = "ebc32e21cbe1e499ed9929efd626df1fd30c706e14e211249921f83711dfc890"
+GOLDEN_TOKENS = 1765152
+GOLDEN_SKIPPED = ('### Skipped 18 bad lines: 3 does not round-trip (lines 11, 1261, 2515); 3 not an object (lines '
+                  '187, 1441, 2693); 3 no "text" (lines 367, 1621, 2873); 5 invalid JSON (lines 546, 1082, 1798, '
+                  '2336, 3051); 2 invalid UTF-8 (lines 726, 1978); 2 "text" not a string (lines 903, 2156)')
+GOLDEN_ERROR = ("ERROR: g.jsonl, line 11: the text does not survive tokenization: it contains the lone surrogate "
+                "\\ud800 at character 6 (a JSON \\uXXXX escape without its pair), which UTF-8 cannot encode; fix "
+                "the text. Fix or delete that line, or run again with --skip-bad to skip bad lines. Nothing was written.")
+
+
+def _sha256(prefix) -> str:
+    h = hashlib.sha256()
+    for ext in (".bin", ".idx"):
+        h.update(Path(f"{prefix}{ext}").read_bytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def golden_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("golden")
+    (d / "good").mkdir()
+    (d / "bad").mkdir()
+    (d / "good" / "g.jsonl").write_bytes(golden_jsonl(False))
+    (d / "bad" / "g.jsonl").write_bytes(golden_jsonl(True))
+    return d
+
+
+@pytest.mark.parametrize("workers, chunk_bytes, batch_bytes", [
+    (1, None, None),  # the default path of one worker
+    (1, 4096, 1),  # many chunks, each text tokenized alone
+    (2, 65536, None),  # a pool of 2 over 38 chunks
+    (3, 4096, 300),
+])
+def test_output_is_todays_with_any_workers_chunks_and_batches(golden_dir, capsys, monkeypatch, workers,
+                                                              chunk_bytes, batch_bytes):
+    if chunk_bytes:
+        monkeypatch.setattr(md, "CHUNK_BYTES", chunk_bytes)
+    if batch_bytes:
+        monkeypatch.setattr(md, "BATCH_BYTES", batch_bytes)
+    for case, extra in (("good", ()), ("bad", ("--skip-bad",))):
+        folder = golden_dir / case
+        assert run_make_data(folder, "g.jsonl", 3, 512, "--seed", 11, "--workers", workers, *extra) == 0
+        out = capsys.readouterr().out
+        assert _sha256(folder / "g") == GOLDEN_SHA256, (case, workers)
+        assert read_meta(folder / "g")["tokens"] == GOLDEN_TOKENS
+        assert (GOLDEN_SKIPPED in out) == (case == "bad")
+        assert f"{min(workers, -(-len(golden_jsonl(False)) // md.CHUNK_BYTES))} worker" in out
+    assert run_make_data(golden_dir / "bad", "g.jsonl", 3, 512, "--seed", 11, "--workers", workers,
+                         "--out-dir", "none") == 2
+    assert capsys.readouterr().err.strip() == GOLDEN_ERROR
+    assert not (golden_dir / "bad" / "none").exists() or not os.listdir(golden_dir / "bad" / "none")
+
+
+def _random_texts(n: int, seed: int) -> list:
+    """Texts from all Unicode planes (no surrogates, no NUL), whitespace runs, and WORDS."""
+    rng = random.Random(seed)
+    ranges = [(1, 0x7F), (0x80, 0x7FF), (0x800, 0xD7FF), (0xE000, 0xFFFF), (0x10000, 0x10FFFF)]
+    out = []
+    for _ in range(n):
+        kind = rng.random()
+        if kind < 0.4:
+            lo, hi = rng.choice(ranges)
+            out.append("".join(chr(rng.randint(lo, hi)) for _ in range(rng.randint(0, 40))))
+        elif kind < 0.5:
+            out.append(rng.choice([" ", "\n", "\t", "\r\n"]) * rng.randint(1, 300))
+        else:
+            out.append("".join(rng.choice(WORDS) for _ in range(rng.randint(0, 30))))
+    return out
+
+
+def test_batched_tokenization_equals_one_call_per_document():
+    """The texts of a batch, joined with NUL and tokenized in one call, give each text's own tokens."""
+    tok = get_tokenizer()
+    texts = DOCS + _random_texts(3000, 7)
+    for size in (1, 7, 500, len(texts)):
+        for i in range(0, len(texts), size):
+            batch = texts[i : i + size]
+            tokens, lengths = md._encode_batch(tok, batch, "<u2")
+            expected = [t for text in batch for t in tok.encode(text) + [0]]
+            assert tokens.tolist() == expected
+            assert lengths.tolist() == [len(tok.encode(text)) + 1 for text in batch]
+    assert md._encode_batch(tok, ["fine", "lone \ud800"], "<u2") is None  # then one by one
+
+
+def test_copy_orders_are_numpys_permutations():
+    for n in (0, 1, 7, 3_000_000):
+        rng = np.random.default_rng(5)
+        expected = [rng.permutation(np.arange(n, dtype=np.int32)) for _ in range(3)]
+        got = [o.copy() for o in md.copy_orders(n, 3, 5)]
+        assert len(got) == 3 and all(np.array_equal(a, b) for a, b in zip(got, expected)), n
+
+
+def test_bad_line_in_a_later_chunk_gives_the_same_message_with_workers(tmp_path, capsys, monkeypatch):
+    """Every kind of bad line, 300 lines in (a later chunk of 2 workers): the message of one worker."""
+    monkeypatch.setattr(md, "CHUNK_BYTES", 2048)
+    good = b"".join(json.dumps({"text": f"good line {i} " * 3}).encode() + b"\n" for i in range(300))
+    for case, (content, line_no, words) in sorted(BAD_CASES.items()):
+        (tmp_path / "demo.jsonl").write_bytes(good + content + good)
+        errors = []
+        for workers in (1, 2):
+            assert run_make_data(tmp_path, "demo.jsonl", 2, 512, "--workers", workers) == 2
+            errors.append(capsys.readouterr().err)
+            assert sorted(os.listdir(tmp_path)) == ["demo.jsonl"], case
+        assert errors[0] == errors[1], case
+        assert f"line {300 + line_no}" in errors[0] and words in errors[0], errors[0]
+
+
+def test_empty_and_blank_files_with_workers(tmp_path, capsys):
+    (tmp_path / "empty.jsonl").write_bytes(b"")
+    assert run_make_data(tmp_path, "empty.jsonl", 3, 512, "--workers", 4) == 2
+    assert "it is empty" in capsys.readouterr().err
+    (tmp_path / "blank.jsonl").write_bytes(b"\n" * 3_000_000)  # 3 chunks of blank lines
+    assert run_make_data(tmp_path, "blank.jsonl", 3, 512, "--workers", 2) == 2
+    assert "only blank lines" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["blank.jsonl", "empty.jsonl"]
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--workers", "0"], "--workers must be at least 1"),
+    (["--workers", "two"], "--workers must be a whole number"),
+])
+def test_bad_workers(tmp_path, capsys, argv, words):
+    write_jsonl(tmp_path / "demo.jsonl", DOCS)
+    assert run_make_data(tmp_path, "demo.jsonl", 2, 512, *argv) == 2
+    assert words in capsys.readouterr().err
+
+
+def test_progress_bar_on_a_terminal(tmp_path):
+    """On a terminal, pass 1 shows input bytes, MB/s and the time left on stderr; not in a pipe."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    write_jsonl(tmp_path / "demo.jsonl", DOCS * 20)
+    code = ("import sys, rwkvlm.data.make_data as m; from rwkvlm.errors import run_cli;"
+            "m.PROGRESS_MIN_BYTES = 0; m.CHUNK_BYTES = 4096; sys.exit(run_cli(m.main, sys.argv[1:]))")
+    argv = [sys.executable, "-c", code, "demo.jsonl", "2", "512", "--workers", "2"]
+    main_fd, sub_fd = pty.openpty()
+    fcntl.ioctl(sub_fd, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a new pty has 0 columns
+    r = subprocess.run(argv, cwd=tmp_path, stdout=subprocess.PIPE, stderr=sub_fd, timeout=120)
+    os.close(sub_fd)
+    err = b""
+    while True:
+        try:
+            data = os.read(main_fd, 1 << 16)
+        except OSError:
+            break
+        if not data:
+            break
+        err += data
+    os.close(main_fd)
+    assert r.returncode == 0, err
+    err = err.decode(errors="replace")
+    assert "tokenizing" in err and re.search(r"\[\d\d:\d\d<(\?|\d\d:\d\d), ", err) and "B/s" in err, err
+    piped = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert piped.returncode == 0 and "tokenizing" not in piped.stderr
+    assert "### Done in" in piped.stdout
+
+
+# ---------------------------------------------------------------- uint32
+
+def test_token_dtype():
+    assert md.token_dtype(None, 65536) == np.dtype("<u2")
+    assert md.token_dtype(None, 65537) == np.dtype("<u4")
+    assert md.token_dtype("uint32", 65536) == np.dtype("<u4")
+    with pytest.raises(UserError, match="--dtype uint32"):
+        md.token_dtype("uint16", 100_000)
+
+
+def test_uint32_file_gives_the_trainer_the_same_samples(tmp_path):
+    """--dtype uint32 writes the same tokens (dtype code 9); the trainer's dataset reads the same windows."""
+    import torch
+
+    from rwkvlm.train.dataset import MagicPrimeDataset
+
+    write_jsonl(tmp_path / "demo.jsonl", DOCS * 5)
+    (tmp_path / "u32").mkdir()
+    assert run_make_data(tmp_path, "demo.jsonl", 4, 64, "--seed", 2) == 0
+    assert run_make_data(tmp_path, "demo.jsonl", 4, 64, "--seed", 2, "--dtype", "uint32", "--out-dir", "u32") == 0
+    a, b = BinIdx(tmp_path / "demo"), BinIdx(tmp_path / "u32" / "demo")
+    assert (a.dtype, a.dtype_code, b.dtype, b.dtype_code) == (np.dtype("<u2"), 8, np.dtype("<u4"), 9)
+    assert np.array_equal(a.tokens, b.tokens) and np.array_equal(a.sizes, b.sizes)
+    assert np.array_equal(a.pointers * 2, b.pointers) and np.array_equal(a.doc_idx, b.doc_idx)
+    assert (tmp_path / "u32" / "demo.bin").stat().st_size == 2 * (tmp_path / "demo.bin").stat().st_size
+    assert read_meta(tmp_path / "u32" / "demo")["dtype"] == "uint32" and read_meta(tmp_path / "demo")["dtype"] == "uint16"
+    p = magic_prime(a.num_tokens, 64)
+    sets = [MagicPrimeDataset(d.tokens, 64, p, micro_bsz=4, epoch_steps=20, rank=0, world_size=1) for d in (a, b)]
+    for s in range(80):
+        (x1, y1), (x2, y2) = sets[0][s], sets[1][s]
+        assert x1.dtype == x2.dtype == torch.int64 and x1.equal(x2) and y1.equal(y2)

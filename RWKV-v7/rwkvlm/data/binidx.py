@@ -5,6 +5,11 @@ uint8 dtype code, uint64 item count n, uint64 doc-index count m,
 int32 sizes[n], int64 byte pointers[n], int64 doc_idx[m].
 .bin: the items' tokens back to back in that dtype.
 
+Dtype codes 1-8 are Megatron's MMapIndexedDataset table (RWKV-LM's binidx.py has
+the same). It has no uint32: code 9 is uint32 as in fairseq's and metaseq's tables
+(make_data --dtype uint32). Megatron's and RWKV-LM's readers stop at code 8, so
+they cannot open such a file (for them, a vocabulary past 65536 goes in int32, code 4).
+
 `BinIdx` memory-maps both files and only checks what is O(1) to check, so it
 opens multi-GB files instantly. `BinIdxWriter` streams items to disk (memory
 does not grow with the data) under temporary names and puts both files (and
@@ -36,6 +41,7 @@ DTYPES = {
     6: np.dtype("<f8"),
     7: np.dtype("<f8"),
     8: np.dtype("<u2"),
+    9: np.dtype("<u4"),  # fairseq / metaseq; not in Megatron's table
 }
 
 

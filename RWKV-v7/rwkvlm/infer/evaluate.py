@@ -1,10 +1,13 @@
 """Held-out arithmetic accuracy of one or more checkpoints.
 
-Each held-out item (`rwkvlm.data.arithmetic.make_eval_set(n, seed)`, problems that
-never appear in the training corpus in any wording) is asked as
+Each held-out item (`rwkvlm.data.arithmetic.make_eval_set(n, seed, split)`, problems
+that never appear in the training corpus in any wording) is asked as
 `User: {question}\\n\\nAssistant:`; the greedy reply up to the blank line,
 stripped, must equal the item's answer exactly. Results are broken down by
-kind, one column per checkpoint.
+kind and by wording: "seen" items are worded as in training, "unseen" ones
+with at least one held-out part (a prefix, verb, operator word, unknown name,
+frame ... that training never uses). The table has one column group per
+checkpoint: seen, unseen and all items (or the one split asked for).
 
 Prompts are batched: prompts of equal token length are prefilled together,
 then all replies are decoded as one batch (finished rows drop out).
@@ -23,6 +26,7 @@ from rwkvlm.errors import UserError
 DEFAULT_N = 400
 DEFAULT_SEED = 0
 DEFAULT_LAST = 2
+DEFAULT_SPLIT = "both"
 
 
 # ---------------------------------------------------------------- scoring
@@ -46,20 +50,34 @@ class KindScore:
 
 
 @dataclass
+class SplitScore:
+    """The score of the items of one wording split ("seen" or "unseen")."""
+
+    by_kind: dict = field(default_factory=dict)  # kind -> KindScore
+    overall: KindScore = field(default_factory=KindScore)
+
+    def as_dict(self) -> dict:
+        return {"overall": self.overall.as_dict(), "by_kind": {k: v.as_dict() for k, v in self.by_kind.items()}}
+
+
+@dataclass
 class Result:
-    """The score of one checkpoint (or one answering function) on an eval set."""
+    """The score of one checkpoint (or one answering function) on an eval set: all items
+    (by_kind, overall) and each wording split's (by_split)."""
 
     label: str
     path: str = ""
     by_kind: dict = field(default_factory=dict)  # kind -> KindScore
     overall: KindScore = field(default_factory=KindScore)
-    errors: list = field(default_factory=list)  # {"kind", "question", "expected", "got"}
+    by_split: dict = field(default_factory=dict)  # "seen" / "unseen" -> SplitScore
+    errors: list = field(default_factory=list)  # {"kind", "split", "question", "expected", "got"}
     seconds: float = 0.0
     info: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return {"label": self.label, "path": self.path, "overall": self.overall.as_dict(),
                 "by_kind": {k: v.as_dict() for k, v in self.by_kind.items()},
+                "by_split": {s: v.as_dict() for s, v in self.by_split.items()},
                 "seconds": round(self.seconds, 3), "info": self.info, "errors": self.errors}
 
 
@@ -67,20 +85,31 @@ def score(items, replies, label: str = "", kinds=None) -> Result:
     """Exact-match score of `replies` (raw generated texts) against the items' answers."""
     if len(items) != len(replies):
         raise ValueError(f"{len(items)} items but {len(replies)} replies")
+    from rwkvlm.data.arithmetic import SPLITS
+
     if kinds is None:
         from rwkvlm.data.arithmetic import KINDS as kinds
     res = Result(label=label, by_kind={k: KindScore() for k in kinds})
+    for split in SPLITS:  # the splits present, in their order
+        if any(_split_of(it) == split for it in items):
+            res.by_split[split] = SplitScore(by_kind={k: KindScore() for k in kinds})
     for item, text in zip(items, replies):
         got = reply_of(text)
         ok = got == item.answer.strip()
-        ks = res.by_kind.setdefault(item.kind, KindScore())
-        ks.n += 1
-        ks.correct += ok
-        res.overall.n += 1
-        res.overall.correct += ok
+        split = _split_of(item)
+        part = res.by_split.setdefault(split, SplitScore(by_kind={k: KindScore() for k in kinds}))
+        for ks in (res.by_kind.setdefault(item.kind, KindScore()), res.overall,
+                   part.by_kind.setdefault(item.kind, KindScore()), part.overall):
+            ks.n += 1
+            ks.correct += ok
         if not ok:
-            res.errors.append({"kind": item.kind, "question": item.question, "expected": item.answer, "got": got})
+            res.errors.append({"kind": item.kind, "split": split, "question": item.question,
+                               "expected": item.answer, "got": got})
     return res
+
+
+def _split_of(item) -> str:
+    return getattr(item, "split", "seen")  # items without one (an older EvalItem) are training's wordings
 
 
 def evaluate_with(items, answer_fn, label: str = "", kinds=None) -> Result:
@@ -165,30 +194,55 @@ def labels_for(paths) -> list:
 
 # ---------------------------------------------------------------- output
 
+def _columns(res: Result) -> list:
+    """A result's columns: ("seen", SplitScore), ("unseen", ...), then ("all", res) when it has
+    both splits; ("all", res) alone when it has none."""
+    cols = [(name, part) for name, part in res.by_split.items()]
+    return cols + [("all", res)] if len(cols) != 1 else cols
+
+
+def _cell(ks: KindScore) -> str:
+    return f"{ks.correct}/{ks.n} {ks.accuracy:5.1f}%" if ks.n else "-"
+
+
 def format_table(results, kinds=None, title: str = "") -> str:
-    """Rows: kinds then overall; one column per result: `correct/n  acc%`."""
+    """Rows: kinds then overall; per result a column group, headed by its label, of
+    `correct/n acc%` cells: seen wordings, unseen wordings, all items (the splits it has)."""
     if kinds is None:
         from rwkvlm.data.arithmetic import KINDS as kinds
     kinds = list(kinds) + [k for r in results for k in r.by_kind if k not in kinds]
     kinds = list(dict.fromkeys(kinds))
-    cells = {}
+    groups = []  # per result: [(column name, {row: cell}, width)]
     for r in results:
-        for k in kinds:
-            ks = r.by_kind.get(k, KindScore())
-            cells[r.label, k] = f"{ks.correct}/{ks.n} {ks.accuracy:5.1f}%" if ks.n else "-"
-        cells[r.label, "overall"] = f"{r.overall.correct}/{r.overall.n} {r.overall.accuracy:5.1f}%"
+        group = []
+        for name, score in _columns(r):
+            rows = {k: _cell(score.by_kind.get(k, KindScore())) for k in kinds}
+            rows["overall"] = _cell(score.overall)
+            group.append([name, rows, max([len(name)] + [len(c) for c in rows.values()])])
+        spare = len(r.label) - (sum(c[2] for c in group) + 2 * (len(group) - 1))
+        if spare > 0:
+            group[-1][2] += spare
+        groups.append(group)
     w0 = max([len("overall"), len("kind")] + [len(k) for k in kinds])
-    widths = [max([len(r.label)] + [len(cells[r.label, k]) for k in kinds + ["overall"]]) for r in results]
-    lines = []
-    if title:
-        lines.append(title)
-    lines.append("  ".join(["kind".ljust(w0)] + [r.label.rjust(w) for r, w in zip(results, widths)]))
-    lines.append("  ".join(["-" * w0] + ["-" * w for w in widths]))
-    for k in kinds:
-        lines.append("  ".join([k.ljust(w0)] + [cells[r.label, k].rjust(w) for r, w in zip(results, widths)]))
-    lines.append("  ".join(["-" * w0] + ["-" * w for w in widths]))
-    lines.append("  ".join(["overall".ljust(w0)] + [cells[r.label, "overall"].rjust(w)
-                                                    for r, w in zip(results, widths)]))
+    two_rows = any(len(g) > 1 for g in groups) or any(r.by_split for r in results)
+
+    def line(first, cells):
+        return "  ".join([first.ljust(w0)] + cells).rstrip()
+
+    lines = [title] if title else []
+    heads = []
+    for r, g in zip(results, groups):
+        width = sum(c[2] for c in g) + 2 * (len(g) - 1)
+        heads.append(r.label.center(width) if len(g) > 1 else r.label.rjust(width))
+    lines.append(line("kind", heads))
+    if two_rows:
+        lines.append(line("", [name.rjust(w) for g in groups for name, _, w in g]))
+    rule = line("-" * w0, ["-" * w for g in groups for _, _, w in g])
+    lines.append(rule)
+    for k in kinds + ["overall"]:
+        if k == "overall":
+            lines.append(rule)
+        lines.append(line(k, [rows[k].rjust(w) for g in groups for _, rows, w in g]))
     return "\n".join(lines)
 
 
@@ -197,14 +251,17 @@ def format_errors(res: Result, limit: int) -> str:
         return f"{res.label}: no wrong answers" if not res.errors else ""
     lines = [f"{res.label}: {len(res.errors)} wrong, first {min(limit, len(res.errors))}:"]
     for e in res.errors[:limit]:
-        lines.append(f"  [{e['kind']}] {e['question']!r}\n      expected {e['expected']!r}\n      got      {e['got']!r}")
+        tag = f"{e['kind']}, {e['split']} wording" if "split" in e else e["kind"]
+        lines.append(f"  [{tag}] {e['question']!r}\n      expected {e['expected']!r}\n      got      {e['got']!r}")
     return "\n".join(lines)
 
 
-def write_json(path, results, n: int, seed: int, kinds) -> None:
+def write_json(path, results, n: int, seed: int, kinds, split: str = DEFAULT_SPLIT) -> None:
+    """The results as JSON: per checkpoint overall / by_kind (all items) and by_split
+    ({"seen"|"unseen": {"overall", "by_kind"}})."""
     from rwkvlm.atomic import atomic_open, explain_write_errors
 
-    doc = {"n": n, "seed": seed, "kinds": list(kinds), "metric": "exact match of the greedy reply",
+    doc = {"n": n, "seed": seed, "split": split, "kinds": list(kinds), "metric": "exact match of the greedy reply",
            "checkpoints": [r.as_dict() for r in results]}
     with explain_write_errors(Path(path).parent, hint="give another --json FILE"):
         with atomic_open(path, "w") as f:
@@ -217,7 +274,8 @@ def write_json(path, results, n: int, seed: int, kinds) -> None:
 def _parser():
     p = argparse.ArgumentParser(
         prog="evaluate.py",
-        description="Held-out arithmetic accuracy (greedy, exact match) of RWKV-7 checkpoints, by kind.",
+        description="Held-out arithmetic accuracy (greedy, exact match) of RWKV-7 checkpoints, by kind, on "
+                    "training's wordings (seen) and on wordings with held-out parts (unseen).",
     )
     p.add_argument("checkpoints", nargs="+",
                    help="rwkv-*.pth files, or a PROJ_DIR (its newest weights: rwkv-final.pth, rwkv-latest.pth "
@@ -227,6 +285,9 @@ def _parser():
     p.add_argument("--seed", type=int, default=DEFAULT_SEED,
                    help=f"seed of the held-out set (default {DEFAULT_SEED}; the held-out problems never "
                         f"appear in training data, whatever the seed)")
+    p.add_argument("--split", choices=("seen", "unseen", "both"), default=DEFAULT_SPLIT,
+                   help="which wordings: seen (training's), unseen (each with a part training never uses) or "
+                        f"both, alternating (default {DEFAULT_SPLIT})")
     p.add_argument("--last", type=int, default=DEFAULT_LAST,
                    help=f"for a directory: how many of the newest rwkv-N.pth to evaluate (default {DEFAULT_LAST})")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: cuda when available)")
@@ -268,11 +329,12 @@ def main(argv=None) -> int:
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     batch_size = args.batch_size or (512 if device.type == "cuda" else 400)
-    items = make_eval_set(args.n, args.seed)
+    items = make_eval_set(args.n, args.seed, split=args.split)
     tok = get_tokenizer()
     max_tokens = args.max_tokens or default_max_tokens(items, tok)
-    print(f"held-out arithmetic: {len(items)} items (seed {args.seed}), greedy, exact match, "
-          f"max {max_tokens} tokens, {device} {str(dtype).replace('torch.', '')}", flush=True)
+    wordings = {"both": "seen and unseen wordings", "seen": "seen wordings", "unseen": "unseen wordings"}
+    print(f"held-out arithmetic: {len(items)} items (seed {args.seed}, {wordings[args.split]}), greedy, exact "
+          f"match, max {max_tokens} tokens, {device} {str(dtype).replace('torch.', '')}", flush=True)
 
     results = []
     for path, label in zip(paths, labels_for(paths)):
@@ -285,8 +347,9 @@ def main(argv=None) -> int:
         if cfg is not None:
             res.info = {"n_layer": cfg.n_layer, "n_embd": cfg.n_embd, "vocab_size": cfg.vocab_size,
                         "load_seconds": round(time.perf_counter() - t0 - res.seconds, 3)}
-        print(f"  {label}: {res.overall.correct}/{res.overall.n} = {res.overall.accuracy:.1f}% "
-              f"({res.seconds:.1f} s)  [{path}]", flush=True)
+        splits = ", ".join(f"{name} {part.overall.accuracy:.1f}%" for name, part in res.by_split.items())
+        print(f"  {label}: {res.overall.correct}/{res.overall.n} = {res.overall.accuracy:.1f}% ({splits}; "
+              f"{res.seconds:.1f} s)  [{path}]", flush=True)
         results.append(res)
         del model, gen
         if device.type == "cuda":
@@ -300,7 +363,7 @@ def main(argv=None) -> int:
             if text:
                 print("\n" + text)
     if args.json:
-        write_json(args.json, results, len(items), args.seed, KINDS)
+        write_json(args.json, results, len(items), args.seed, KINDS, args.split)
         print(f"\nwrote {args.json}")
     return 0
 

@@ -2,13 +2,16 @@
 
 Reads the trainer's logs in PROJ_DIR:
 - `loss_log.csv`: `step,tokens,loss,lr,kt_s,time`, one row per optimiser step
-  (after a resume a step may appear twice: the last row wins);
+  (after a resume a step may appear twice: the last row wins), with a `val_loss` column
+  when the run validated (--val_every_steps; empty but at validation steps);
 - `train_log.txt`: one line per mini-epoch, `epoch loss ppl lr datetime epoch_in_run`
   (the datetime holds a space: `2026-11-28 01:02:03.123456`), and a header line per run
-  starting with `#` (rwkvlm.train.trainlog), skipped here.
+  starting with `#` (rwkvlm.train.trainlog), skipped here, and a `val step ...` line per
+  validation, read for the validation losses when loss_log.csv has none.
 
 The plot shows the raw per-step loss faintly, a smoothed line over it, the
-mini-epoch mean losses as points, and the learning rate on a second axis;
+mini-epoch mean losses as points, the validation loss (when there is one) as a line
+with markers beside the training loss, and the learning rate on a second axis;
 the x axis is tokens seen (M or G); a mini-epoch mean is drawn at the middle
 of its mini-epoch. Without loss_log.csv the mini-epoch means
 are plotted against the mini-epoch number.
@@ -39,6 +42,11 @@ class StepLog:
     lr: np.ndarray
     path: Path | None = None
     skipped: list = field(default_factory=list)  # [(line number, why)] of the rows left out
+    val: np.ndarray | None = None  # the validation loss of each step, NaN where none was computed
+
+    @property
+    def has_val(self) -> bool:
+        return self.val is not None and bool(np.isfinite(self.val).any())
 
 
 class BadRow(ValueError):
@@ -70,7 +78,8 @@ def _row(rec: dict) -> tuple[int, tuple]:
     lr = _number(rec, "lr", finite=False, default="nan")
     if math.isinf(lr):
         raise BadRow(f"lr {rec['lr']!r} is not a finite number")
-    return int(step), (tokens, loss, lr)
+    val = _number(rec, "val_loss", finite=False, default="nan") if rec.get("val_loss") else math.nan
+    return int(step), (tokens, loss, lr, val)
 
 
 def describe_skipped(log: StepLog, limit: int = 3) -> str:
@@ -123,7 +132,29 @@ def read_loss_csv(path) -> StepLog | None:
         return None
     steps = np.array(sorted(rows), dtype=np.int64)
     vals = np.array([rows[s] for s in steps], dtype=np.float64)
-    return StepLog(step=steps, tokens=vals[:, 0], loss=vals[:, 1], lr=vals[:, 2], path=path, skipped=skipped)
+    return StepLog(step=steps, tokens=vals[:, 0], loss=vals[:, 1], lr=vals[:, 2], path=path, skipped=skipped,
+                   val=vals[:, 3])
+
+
+def read_val_lines(path) -> tuple[np.ndarray, np.ndarray] | None:
+    """(tokens, val_loss) of train_log.txt's validation lines (the last of a repeated step kept),
+    or None when there are none."""
+    from rwkvlm.rundir.layout import validation_fields
+
+    path = Path(path)
+    if not path.is_file():
+        return None
+    rows = {}
+    with open(path, "r", encoding="utf-8", errors="replace") as f:
+        for line in f:
+            v = validation_fields(line)
+            if v is not None and math.isfinite(v[2]):
+                rows[v[0]] = (v[1], v[2])
+    if not rows:
+        return None
+    steps = sorted(rows)
+    return (np.array([rows[s][0] for s in steps], dtype=np.float64),
+            np.array([rows[s][1] for s in steps], dtype=np.float64))
 
 
 def read_train_log(path) -> EpochLog | None:
@@ -236,6 +267,18 @@ def plot_run(proj_dir, out=None, title: str | None = None, log=print) -> Path:
             ax.plot(x, smooth(steps.loss), color="tab:blue", linewidth=1.8, label="loss (smoothed)")
         lr_x, lr_y = x, steps.lr
         summary.append(f"step {int(steps.step[-1])}, last smoothed loss {smooth(steps.loss)[-1]:.4f}")
+        val_x = val_y = None
+        if steps.has_val:
+            keep = np.isfinite(steps.val)
+            val_x, val_y = x[keep], steps.val[keep]
+        elif xlabel != "step":
+            found = read_val_lines(proj / TRAIN_LOG)
+            if found is not None:
+                val_x, val_y = found[0] / scale, found[1]
+        if val_y is not None:
+            ax.plot(val_x, val_y, color="tab:orange", marker="o", markersize=4, linewidth=1.5,
+                    label="validation loss", zorder=6)
+            summary.append(f"last validation loss {val_y[-1]:.4f}")
         if epochs is not None:
             per_epoch = tokens_per_mini_epoch(proj_dir)
             if per_epoch and xlabel != "step":

@@ -6,11 +6,11 @@ the weights the tools load for a path. Training's decisions on top of these (whe
 what it saves) are rwkvlm.train.resume.
 """
 from rwkvlm.rundir.layout import (DIVERGED, DS_DIR, DS_TAG, FINAL, FINAL_INFO, INIT, LATEST, LOSS_LOG, LOSS_LOG_HEADER,
-                                  PROFILE, RESUME, SET_ASIDE, STATE_FILE, STATE_WEIGHTS, TRAIN_CONFIG, TRAIN_LOG,
-                                  TRAINER_FILE, RunDir, RunLock, check_proj_dir, ensure_proj_dir, epoch_name, rng_file,
+                                  LOSS_LOG_VAL_HEADER, PROFILE, RESUME, SET_ASIDE, STATE_FILE, STATE_WEIGHTS, TRAIN_CONFIG, TRAIN_LOG,
+                                  TRAINER_FILE, VOCAB, RunDir, RunLock, check_proj_dir, ensure_proj_dir, epoch_name, rng_file,
                                   state_folder_of, state_name)
 
 __all__ = ["DIVERGED", "DS_DIR", "DS_TAG", "FINAL", "FINAL_INFO", "INIT", "LATEST", "LOSS_LOG", "LOSS_LOG_HEADER",
-           "PROFILE", "RESUME", "SET_ASIDE", "STATE_FILE", "STATE_WEIGHTS", "TRAIN_CONFIG", "TRAIN_LOG", "TRAINER_FILE",
-           "RunDir", "RunLock", "check_proj_dir", "ensure_proj_dir", "epoch_name", "rng_file", "state_folder_of",
+           "LOSS_LOG_VAL_HEADER", "PROFILE", "RESUME", "SET_ASIDE", "STATE_FILE", "STATE_WEIGHTS", "TRAIN_CONFIG", "TRAIN_LOG", "TRAINER_FILE",
+           "VOCAB", "RunDir", "RunLock", "check_proj_dir", "ensure_proj_dir", "epoch_name", "rng_file", "state_folder_of",
            "state_name"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from rwkvlm.errors import UserError
-from rwkvlm.rundir.layout import (FINAL, LATEST, RESUME, STATE_FILE, STATE_WEIGHTS, TRAINER_FILE, RunDir,
+from rwkvlm.rundir.layout import (FINAL, LATEST, RESUME, STATE_FILE, STATE_WEIGHTS, TRAINER_FILE, VOCAB, RunDir,
                                   state_folder_of)
 from rwkvlm.rundir.saves import Save, list_saves, read_state, state_weights
 from rwkvlm.rundir.weights import CorruptCheckpoint, load_trainer_state, load_weights
@@ -151,6 +151,17 @@ def _state_weights_for_tools(d: Path, given: Path) -> tuple[Path, str | None]:
                    f"weights, {w}" + (f" (the same as {proj / LATEST})" if _same_file(proj / LATEST, w, copies=True) else "")
                    + ".")
     return d, f"{given}: using the model weights saved in the exact-resume state {d} (step {state['step']})."
+
+
+def vocab_file_for(path) -> Path | None:
+    """The character vocabulary (PROJ_DIR/vocab.json, rwkvlm.data.charvocab) of the weights at
+    `path` (what find_weights picked): beside the file, or, for a state's file or folder, in its
+    PROJ_DIR. None when there is none: the World vocabulary."""
+    p = Path(path)
+    d = state_folder_of(p)
+    folder = d.parent.parent if d is not None else (p if p.is_dir() else p.parent)
+    f = folder / VOCAB
+    return f if f.is_file() else None
 
 
 def load_tool_weights(path) -> dict:

@@ -6,8 +6,10 @@
     rwkv-final.json        its step and the settings of the run that wrote it
     rwkv-latest.pth        the weights of the newest exact-resume state
     train_log.txt          a header line per run (rwkvlm.train.trainlog), one line per mini-epoch
-    loss_log.csv           one row per step
+    loss_log.csv           one row per step (a val_loss column when the run validates)
     train_config.json      the settings of the latest run
+    vocab.json             a char-level model's vocabulary (--data_type utf-8 --vocab_size 0), written by
+                           the prepare stage: {"0": char, ...} (rwkvlm.data.charvocab)
     profile.txt            --profile_steps
     resume/step-N/         exact-resume states (see saves.py)
     diverged.json          written when a run diverges: the last healthy save
@@ -41,7 +43,9 @@ LATEST = "rwkv-latest.pth"
 TRAIN_LOG = "train_log.txt"
 LOSS_LOG = "loss_log.csv"
 LOSS_LOG_HEADER = "step,tokens,loss,lr,kt_s,time"
+LOSS_LOG_VAL_HEADER = LOSS_LOG_HEADER + ",val_loss"  # --val_every_steps: the loss of the validation windows
 TRAIN_CONFIG = "train_config.json"
+VOCAB = "vocab.json"
 PROFILE = "profile.txt"
 RESUME = "resume"
 DIVERGED = "diverged.json"
@@ -53,6 +57,22 @@ STATE_WEIGHTS = "weights.pth"  # the weights, in the rwkv-N.pth format
 TRAINER_FILE = "trainer.pt"  # model and optimiser state (torch optimisers)
 DS_DIR = "ds"  # a DeepSpeed checkpoint (DeepSpeed strategies)
 DS_TAG = "state"
+
+
+# train_log.txt: a validation's line starts with this word (rwkvlm.train.trainlog writes it):
+# `val step S tokens T val_loss L val_ppl P windows W seconds X <datetime>`
+VAL_MARK = "val"
+
+
+def validation_fields(line: str) -> tuple[int, int, float] | None:
+    """(step, tokens, val_loss) of a train_log.txt validation line, None for any other line."""
+    if not line.lstrip().startswith(VAL_MARK + " "):
+        return None
+    parts = line.split()
+    try:
+        return int(parts[2]), int(parts[4]), float(parts[6])
+    except (IndexError, ValueError):
+        return None
 
 
 def rng_file(rank: int) -> str:
@@ -97,6 +117,7 @@ class RunDir:
     train_log = property(lambda self: self.path / TRAIN_LOG)
     loss_log = property(lambda self: self.path / LOSS_LOG)
     train_config = property(lambda self: self.path / TRAIN_CONFIG)
+    vocab = property(lambda self: self.path / VOCAB)
     profile = property(lambda self: self.path / PROFILE)
     resume_root = property(lambda self: self.path / RESUME)
     diverged = property(lambda self: self.path / DIVERGED)

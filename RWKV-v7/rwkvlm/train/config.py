@@ -126,8 +126,8 @@ class TrainConfig:
     val_every_steps: int = flag(0, "compute the validation loss every N steps and at the last step (0: off)",
                                 group="validation")
     val_tokens: int = flag(0, "tokens of --val_data_file to validate on, in whole CTX_LEN windows, the same "
-                           "windows every time (0: a sixteenth of the tokens trained between two validations, "
-                           "at most 1048576: under 5%% of the training time)", group="validation")
+                           "windows every time (0: one step's tokens per 32 steps between validations, at least "
+                           "one step's, at most 1048576: about 2%% of the training time from --val_every_steps 32 on)", group="validation")
     dump_samples: str = flag("", "diagnostics: append 'step,rank,start' of every sample to <this "
                              "path>.rank<R>.csv", group="diagnostics")
     profile_steps: int = flag(0, "diagnostics: profile this many steps after the run's first 10 (CPU and GPU "
@@ -338,15 +338,18 @@ class TrainConfig:
         if self.val_data_file and self.val_every_steps == 0:
             out.append(f"--val_data_file {self.val_data_file!r} is set but --val_every_steps is 0: no validation "
                        f"loss is computed. Set --val_every_steps N to validate every N steps.")
-        if self.val_every_steps > 0 and self.val_tokens > 0:
-            from rwkvlm.train.validation import estimated_cost
+        if self.val_every_steps > 0 and self.val_data_file:
+            from rwkvlm.train.validation import estimated_cost, val_token_budget
 
-            cost = estimated_cost(self.val_tokens, self.val_every_steps, self.tokens_per_step)
+            tokens = val_token_budget(self)
+            cost = estimated_cost(tokens, self.val_every_steps, self.tokens_per_step)
             if cost > 0.05:
-                out.append(f"validating on --val_tokens {self.val_tokens} every {self.val_every_steps} steps "
-                           f"({self.val_every_steps * self.tokens_per_step} tokens trained between validations) "
-                           f"adds about {cost:.0%} to the training time. Raise --val_every_steps or lower "
-                           f"--val_tokens (0: chosen to stay under 5%).")
+                out.append(f"validating on {tokens} tokens (--val_tokens {self.val_tokens}) every "
+                           f"{self.val_every_steps} steps ({self.val_every_steps * self.tokens_per_step} tokens "
+                           f"trained between validations) adds about {cost:.0%} to the training time (a batch of "
+                           f"validation windows costs about 0.75 of a training step). Raise --val_every_steps "
+                           f"(16 or more keeps one batch under 5%) or lower --val_tokens (0: about 2% from "
+                           f"--val_every_steps 32 on).")
         if self.lr_final > self.lr_init:
             out.append(f"--lr_final {self.lr_final} is above --lr_init {self.lr_init}: the learning rate will rise "
                        f"over the run. Swap them for the usual decay.")

@@ -18,7 +18,8 @@ from torch.utils.data import DataLoader
 from rwkvlm.errors import UserError
 from rwkvlm.rundir import DS_DIR, DS_TAG, RunDir, rng_file
 from rwkvlm.rundir.weights import load_checkpoint_file
-from rwkvlm.train.dataset import MagicPrimeDataset, StepSampler
+from rwkvlm.train.dataset import StepSampler
+from rwkvlm.train.mixset import training_dataset
 from rwkvlm.train.optim import lr_at, make_optimizer, param_groups
 from rwkvlm.train.resume import RECENT_STEPS
 from rwkvlm.train.rng import set_rng_state
@@ -29,7 +30,7 @@ class RWKVTrainModule(pl.LightningModule):
         super().__init__()
         self.cfg = cfg
         self.model = model
-        self.data = data  # BinIdx
+        self.data = data  # BinIdx, TextData or DataMix (rwkvlm.train.data_checks.open_training_data)
         self.start = start  # resume.StartPoint
         self.print_fn = log
         self.seed = seed  # recorded in the states: an exact resume reuses it (run._seed)
@@ -63,11 +64,7 @@ class RWKVTrainModule(pl.LightningModule):
         return value
 
     def train_dataloader(self):
-        self.dataset = ds = MagicPrimeDataset(
-            self.data.tokens, self.cfg.ctx_len, self.cfg.magic_prime, self.cfg.micro_bsz,
-            self.cfg.epoch_steps, rank=self.global_rank, world_size=self.cfg.world_size,
-            mini_epoch_samples=self.cfg.mini_epoch_samples,
-        )
+        self.dataset = ds = training_dataset(self.data, self.cfg, rank=self.global_rank)
         sampler = StepSampler(self.cfg.micro_bsz, self.start.step, self.cfg.total_steps)
         # no pin_memory: pinning each fresh 0.5 MB batch cost 13 ms per tensor on the H200 host,
         # on the step's critical path, far more than the plain copy it would speed up

@@ -103,7 +103,10 @@ def _prepare(cfg: TrainConfig) -> int:
 
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                check_text_data(cfg, text) if text is not None else open_training_data(cfg)
+                if text is not None:  # read already, for its vocabulary
+                    check_text_data(cfg, text)
+                else:
+                    open_training_data(cfg)
         except UserError as e:
             log(f"note: the run script will stop with this unless it is fixed:\n  {e}")
     return 0

@@ -8,7 +8,10 @@
 The mini-epoch lines keep the original trainer's format, `epoch loss ppl lr
 datetime epoch_in_run` (written by rwkvlm.train.lit). A header line starts with '#'
 (the original trainer writes `str(vars(args))` there): readers of mini-epoch
-lines, which take the first field for an integer, skip it. A header is
+lines, which take the first field for an integer, skip it. So do they skip the
+line of each validation (--val_every_steps), which starts with the word `val`:
+
+    val step 40 tokens 10240 val_loss 3.215400 val_ppl 24.9153 windows 16 seconds 0.42 2026-12-03 10:00:09.123456 A header is
 written by rank 0 when a run starts, after the log was cut back to the start
 point (rwkvlm.train.logs.TrainLogs): a resumed run's header follows the lines that
 its state recorded, so no mini-epoch line is ever repeated.
@@ -18,6 +21,8 @@ from __future__ import annotations
 import datetime
 import re
 import shlex
+
+from rwkvlm.rundir.layout import VAL_MARK, validation_fields
 
 HEADER_MARK = "#"
 _AT_STEP = re.compile(r" at step (\d+)\b")
@@ -36,9 +41,10 @@ def _value(v) -> str:
     return shlex.quote(str(v)) if isinstance(v, str) else str(v)
 
 
-def header_line(cfg, start, rd, now=None) -> str:
+def header_line(cfg, start, rd, now=None, extra=None) -> str:
     """The line that opens a run in train_log.txt: how it starts (a new run, an exact resume or a
-    continuation from weights), at which step, from which save, and the main settings."""
+    continuation from weights), at which step, from which save, and the main settings (then the
+    `extra` {key: value} items: the data's kind, a mix's files, the validation set)."""
     epoch_steps = max(1, int(getattr(cfg, "epoch_steps", 1) or 1))
     if start.exact:
         how = "resumed exactly"
@@ -55,6 +61,7 @@ def header_line(cfg, start, rd, now=None) -> str:
             continue
         if v is not None and not callable(v):
             settings.append(f"{key}={_value(v)}")
+    settings += [f"{k}={_value(v)}" for k, v in (extra or {}).items()]
     when = f"{now or datetime.datetime.now():%Y-%m-%d %H:%M:%S}"
     total = getattr(cfg, "total_steps", "?")
     return (f"{HEADER_MARK} {when} {how} at step {start.step} (mini-epoch {start.step // epoch_steps}) "
@@ -63,6 +70,19 @@ def header_line(cfg, start, rd, now=None) -> str:
 
 def is_header(line: str) -> bool:
     return line.lstrip().startswith(HEADER_MARK)
+
+
+def validation_line(step: int, tokens: int, loss: float, windows: int, seconds: float, now=None) -> str:
+    """train_log.txt's line for one validation (see the module's docstring)."""
+    import math
+
+    ppl = math.exp(min(loss, 50)) if math.isfinite(loss) else loss
+    return (f"{VAL_MARK} step {step} tokens {tokens} val_loss {loss:.6f} val_ppl {ppl:.4f} windows {windows} "
+            f"seconds {seconds:.2f} {now or datetime.datetime.now()}\n")
+
+
+def is_validation(line: str) -> bool:
+    return line.lstrip().startswith(VAL_MARK + " ")
 
 
 def header_step(line: str) -> int | None:
@@ -81,9 +101,12 @@ def before_start(line: str, first_epoch: int, step: int) -> bool:
     if is_header(line):
         s = header_step(line)
         return True if s is None else s < step
+    if is_validation(line):  # computed after its step: it belongs to a run that started there or later
+        v = validation_fields(line)
+        return True if v is None else v[0] <= step
     return int(line.split()[0]) < first_epoch
 
 
 def epoch_lines(lines) -> list[str]:
-    """The mini-epoch lines of train_log.txt's lines (headers and blank lines left out)."""
-    return [ln for ln in lines if ln.strip() and not is_header(ln)]
+    """The mini-epoch lines of train_log.txt's lines (headers, validation and blank lines left out)."""
+    return [ln for ln in lines if ln.strip() and not is_header(ln) and not is_validation(ln)]
