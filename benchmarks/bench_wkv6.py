@@ -11,7 +11,7 @@ triton.testing.do_bench (CUDA events), through benchmarks/bench_wkv.py's `bench`
 
 - ours: rwkvlm.ops.wkv6.cuda.wkv6_cuda through autograd, and the bare kernels
   (ops.forward / ops.backward) without it. u goes in as fp32, r, k, v, w as bf16.
-- fla: fla.ops.rwkv6.chunk_rwkv6(r, k, v, w_log, u, scale=1.0) with the layout (B, T, H, N)
+- fla (timed last: its first call compiles and autotunes for minutes): fla.ops.rwkv6.chunk_rwkv6(r, k, v, w_log, u, scale=1.0) with the layout (B, T, H, N)
   (the same tensors viewed) and w_log = -exp(w) in bf16 (fla takes the log-decay); skipped
   with a message when fla does not import. Its first call compiles and autotunes (minutes).
 - RWKV-LM: RWKV-v5/cuda/wkv6_op.cpp + wkv6_cuda.cu from --rwkvlm-cuda, compiled here with its
@@ -189,6 +189,11 @@ def main(argv=None):
         result["timings_ms"].append({"name": name, "fwd": t_f, "fwd_bwd": t_fb})
         print(f"{name}: fwd {t_f:.3f} ms, fwd+bwd {t_fb:.3f} ms", flush=True)
 
+    def save():  # after each part: a run stopped at its time limit keeps what it measured
+        out = args.out / "bench_wkv6.json"
+        out.write_text(json.dumps(result, indent=1))
+        return out
+
     # ---- ours
     t0 = time.time()
     ops = load_extension(N, "default")
@@ -228,6 +233,31 @@ def main(argv=None):
         timed(f"ours wkv6_cuda (autograd, rows {best_rows}, cols {best_cols})", lambda: wkv6_cuda(*leaves, _cfg=cfg),
               lambda: wkv6_cuda(*leaves, _cfg=cfg).backward(dy), leaves)
 
+    save()
+
+    # ---- RWKV-LM's kernel
+    if args.rwkvlm_cuda is None:
+        note("RWKV-LM wkv6: skipped (give --rwkvlm-cuda PATH/TO/RWKV-LM/RWKV-v5/cuda)")
+    else:
+        t0 = time.time()
+        try:
+            rops = load_rwkvlm(args.rwkvlm_cuda, T, args.out / "rwkvlm_wkv6_build")
+        except Exception as e:  # noqa: BLE001
+            rops = None
+            note(f"RWKV-LM wkv6: build failed ({type(e).__name__}: {str(e)[-500:]})")
+        if rops is not None:
+            note(f"RWKV-LM wkv6: build {time.time() - t0:.1f} s")
+            fwd, fwd_bwd = rwkvlm_calls(rops, xs, dy, B, T, H)
+            timed("RWKV-LM wkv6 kernels", fwd, fwd_bwd)
+            yb_r, gb_r = fwd_bwd()
+            result["accuracy"]["RWKV-LM vs ours (bench size)"] = {
+                n: rel_rms(a, b) for n, a, b in zip(("y",) + GRAD_NAMES, [yb_r] + list(gb_r), [yb_o] + gb_o)}
+            if T >= 1024:   # its backward keeps a per-thread array of _T_ - 2 floats: fine for T <= _T_
+                y_r, g_r = rwkvlm_calls(rops, sx, sdy, 2, 1024, 4)[1]()
+                vs_ref("RWKV-LM", y_r, list(g_r))
+
+    save()
+
     # ---- flash-linear-attention
     if args.no_fla:
         note("fla: skipped (--no-fla)")
@@ -260,27 +290,6 @@ def main(argv=None):
                 n: rel_rms(a, b) for n, a, b in zip(("y",) + GRAD_NAMES, [yb_f] + gb_f, [yb_o] + gb_o)}
             del fl, yb_f, gb_f
 
-    # ---- RWKV-LM's kernel
-    if args.rwkvlm_cuda is None:
-        note("RWKV-LM wkv6: skipped (give --rwkvlm-cuda PATH/TO/RWKV-LM/RWKV-v5/cuda)")
-    else:
-        t0 = time.time()
-        try:
-            rops = load_rwkvlm(args.rwkvlm_cuda, T, args.out / "rwkvlm_wkv6_build")
-        except Exception as e:  # noqa: BLE001
-            rops = None
-            note(f"RWKV-LM wkv6: build failed ({type(e).__name__}: {str(e)[-500:]})")
-        if rops is not None:
-            note(f"RWKV-LM wkv6: build {time.time() - t0:.1f} s")
-            fwd, fwd_bwd = rwkvlm_calls(rops, xs, dy, B, T, H)
-            timed("RWKV-LM wkv6 kernels", fwd, fwd_bwd)
-            yb_r, gb_r = fwd_bwd()
-            result["accuracy"]["RWKV-LM vs ours (bench size)"] = {
-                n: rel_rms(a, b) for n, a, b in zip(("y",) + GRAD_NAMES, [yb_r] + list(gb_r), [yb_o] + gb_o)}
-            if T >= 1024:   # its backward keeps a per-thread array of _T_ - 2 floats: fine for T <= _T_
-                y_r, g_r = rwkvlm_calls(rops, sx, sdy, 2, 1024, 4)[1]()
-                vs_ref("RWKV-LM", y_r, list(g_r))
-
     print("")
     print(f"| B{B} T{T} H{H} N{N} bf16 on {card} | forward ms | forward+backward ms |")
     print("|---|---|---|")
@@ -288,9 +297,7 @@ def main(argv=None):
         print(f"| {t['name']} | {t['fwd']:.3f} | {t['fwd_bwd']:.3f} |")
     for k, errs in result["accuracy"].items():
         print(f"{k}: " + " ".join(f"{n}={v:.1e}" for n, v in errs.items()))
-    out = args.out / "bench_wkv6.json"
-    out.write_text(json.dumps(result, indent=1))
-    print(f"wrote {out}")
+    print(f"wrote {save()}")
     return 0
 
 

@@ -14,7 +14,7 @@ set -eu
 cd "$(dirname "$0")/../.."   # the repository root
 PYTHON=${PYTHON:-$(command -v python || command -v python3)}   # the Python that has torch (your venv/conda env; PYTHON=... picks one)
 
-DOCS="1630"        # dialogues in the generated corpus: x COPIES = 408,444 tokens, one pass = 100 steps
+DOCS="1630"        # dialogues in the generated corpus: x COPIES = 402,399 tokens, one pass = 99 steps
 COPIES="3"         # make_data.py's N (duplications)
 CTX_LEN="512"      # a multiple of 512
 N_LAYER="2"        # a tiny model, so that CPU training takes a few minutes
