@@ -5,6 +5,7 @@
     python benchmarks/run.py SCENARIO [SCENARIO ...] --out OUTDIR [--base DIR] [--results benchmarks/RESULTS.md]
                             [--steps N] [--extra "FLAGS"] [--cards 0,1] [--budget S] [--dry-run]
     python benchmarks/run.py --out OUTDIR --report [--results FILE]   # the last call's section again
+    python benchmarks/run.py --out OUTDIR --hwtable                    # the hardware table of its hw-* rows
 
 A training scenario makes the arithmetic demo data the way the tutorial does
 (RWKV-v5/make_arithmetic_data.py, then make_data.py) into OUTDIR/data/ (kept there for later
@@ -12,7 +13,9 @@ calls), runs RWKV-v7/train_temp/demo-training-prepare.sh and demo-training-run.s
 their variables changed (given as flags; later flags win), and reads the run's loss_log.csv:
 steady-state tokens/s and ms/step (median step time after the first 10 steps), MFU, peak
 memory (nvidia-smi, the whole card and the run's own processes; torch's peak allocated when
-the run is profiled), the loss. `--base DIR` runs every scenario a second time with an older
+the run is profiled), the loss; for the hardware table's rows (hw-*) also the prepare time, the time
+from launch to the first step and PyTorch's memory by phase, and a larger M_BSZ planned from the
+M_BSZ 1 row's (`--m-bsz` sets it). `--base DIR` runs every scenario a second time with an older
 copy of the library (DIR holds rwkvlm/, e.g. .base/RWKV-v7) for a before/after comparison.
 
 Every run appends one JSON row to OUTDIR/results.jsonl as soon as it ends; the call's
@@ -82,6 +85,13 @@ class Scenario:
     eval_n: int = 0             # held-out items to evaluate rwkv-final.pth on
     train_s: int = 0            # plan the run's tokens to take this long (from the measured kt/s)
     args: tuple = ()            # the tool's arguments (kinds pytest, step, wkv)
+    warmup: int = WARMUP_STEPS  # steps left out of the steady state (compilation, warm-up)
+    plan_from: str = ""         # M_BSZ: the largest power of two that fits by this M_BSZ 1 scenario's measured
+                                # memory (its row in OUTDIR; else m_bsz); halved and run again on out of memory
+    host_gib: float = 0.0       # host memory the run needs (computed): skipped with a note on a smaller machine
+    budget_s: int = 0           # the estimated time of the whole row (prepare, set-up, steps) on one H200
+    table: tuple = ()           # the hardware table's row: (label, the tutorial's VRAM at M_BSZ 1 in MiB or a
+                                # text, the target in MiB: 0.75x the tutorial's)
 
     def setup(self, devices: int | None = None) -> str:
         d = self.devices if devices is None else devices
@@ -95,7 +105,9 @@ class Scenario:
         steps = f"{self.train_s} s of tokens" if self.train_s else f"{self.steps} steps"
         extra = f", {' '.join(self.flags)}" if self.flags else ""
         prof = f", profile_steps {self.profile_steps}" if self.profile_steps else ""
-        return (f"{where} x M_BSZ {self.m_bsz}, ctx {self.ctx}, L{self.n_layer}-D{self.n_embd}, GRAD_CP "
+        m = (f"the largest power of two that fits (planned from {self.plan_from}; else {self.m_bsz})"
+             if self.plan_from else self.m_bsz)
+        return (f"{where} x M_BSZ {m}, ctx {self.ctx}, L{self.n_layer}-D{self.n_embd}, GRAD_CP "
                 f"{self.grad_cp}, {self.strategy} {self.precision}, compile {self.compile}, {steps}{prof}{extra}")
 
 
@@ -108,7 +120,55 @@ _STRATEGIES = [  # (name, strategy, precision): short runs of the other strategi
     ("strat-s2-fp16", "deepspeed_stage_2", "fp16"), ("strat-s2-tf32", "deepspeed_stage_2", "tf32"),
     ("strat-s2-fp32", "deepspeed_stage_2", "fp32"), ("strat-ddp-bf16", "ddp", "bf16"),
 ]
+# The tutorial's hardware table (ctx 4096; its VRAM at M_BSZ 1, as it states them in MB = MiB): each size at
+# M_BSZ 1 and at the largest power of two that fits, through the tutorial's scripts, bf16, GRAD_CP 1. 7B:
+# deepspeed_stage_2 needs about 20 bytes per parameter (133.6 GiB) before the activations, more than the card
+# has; with the optimiser offloaded the card holds 4 bytes per parameter (26.7 GiB) and the host 16 (106.9 GiB):
+# benchmarks/README.md, "The hardware table". Each row fits one 600 s call (budget_s: the estimate, from a fresh
+# machine: FusedAdam or CPU Adam built, the WKV kernel built, the first step compiled).
+_HW = [  # (name, label, n_layer, n_embd, tutorial MiB (0: a text), strategy, steps, warmup, M_BSZ fallback,
+         #  budget of the M_BSZ 1 row, of the larger row, host GiB)
+    ("0.1b", "0.1B", 12, 768, 6540, "deepspeed_stage_2", 30, 10, 64, 180, 240, 0),
+    ("0.4b", "0.4B", 24, 1024, 12414, "deepspeed_stage_2", 30, 10, 32, 200, 270, 0),
+    ("1.5b", "1.5B", 24, 2048, 42104, "deepspeed_stage_2", 24, 8, 16, 240, 330, 0),
+    ("3b", "3B", 32, 2560, 91354, "deepspeed_stage_2", 20, 6, 8, 300, 420, 0),
+    ("7b", "7B", 32, 4096, 0, "deepspeed_stage_2_offload", 12, 3, 8, 420, 560, 116),
+]
+HW_TUTORIAL_TEXT = {"7b": "4 x RTX 4090: out of memory", "14b": "4 x RTX 4090: out of memory"}
+
+
+def _hw_scenarios():
+    out = []
+    for name, label, L, C, mib, strat, steps, warm, m_fallback, b1, bm, host in _HW:
+        # 3B and 7B: weight files only (--resume_states 0): an exact-resume state of 3B takes ~47 GB, of 7B ~100 GB
+        # (bf16 weights + fp32 master weights + Adam's moments), against the 64 GiB disk of the benchmark machine
+        flags = ("--resume_states", "0") if C >= 2560 else ()
+        common = dict(kind="train", ctx=4096, n_layer=L, n_embd=C, strategy=strat, grad_cp=1, precision="bf16",
+                      compile="1", steps=steps, warmup=warm, ab=False, host_gib=host, data=(20000, 30), flags=flags)
+        tut = mib or HW_TUTORIAL_TEXT[name]
+        target = round(0.75 * mib) if mib else 0
+        fits = f"target <= {target} MiB (0.75x the tutorial's {mib} MB)" if mib else f"the tutorial: {tut}"
+        off = " (optimiser offloaded: ~116 GiB host memory)" if "offload" in strat else ""
+        out.append(S(f"hw-{name}-m1", what=f"the hardware table, {label} L{L}-D{C} at M_BSZ 1{off}: peak memory, "
+                     f"kt/s, MFU, prepare and launch-to-first-step times; {fits}; ~{b1} s", m_bsz=1,
+                     limit_s=b1, budget_s=b1, table=(label, tut, target), **common))
+        out.append(S(f"hw-{name}-mmax", what=f"the hardware table, {label} L{L}-D{C} at the largest power-of-two "
+                     f"M_BSZ that fits (planned from hw-{name}-m1's measured memory, else {m_fallback}){off}; ~{bm} s",
+                     m_bsz=m_fallback, plan_from=f"hw-{name}-m1", limit_s=bm, budget_s=bm, table=(label, tut, 0),
+                     **common))
+    # 14B: stated as computed unless the host has the memory (stage_2_offload: 16 bytes per parameter of
+    # 13.19B parameters = 196.6 GiB of host memory, beside 49.1 GiB of weights and gradients on the card)
+    out.append(S("hw-14b-m1", what="the hardware table, 14B L61-D4096 at M_BSZ 1, deepspeed_stage_2_offload: runs "
+                 "only on a host with >= 210 GiB of memory (one GPU of a larger machine); ~570 s", kind="train",
+                 ctx=4096, n_layer=61, n_embd=4096, strategy="deepspeed_stage_2_offload", grad_cp=1,
+                 precision="bf16", compile="1", steps=10, warmup=3, m_bsz=1, ab=False, host_gib=210,
+                 flags=("--resume_states", "0"),
+                 limit_s=570, budget_s=570, table=("14B", HW_TUTORIAL_TEXT["14b"], 0)))
+    return out
+
+
 SCENARIOS = {s.name: s for s in [
+    *_hw_scenarios(),
     S("matmul", "matmul", "the card's bf16 matmul rate, 8192^3 (benchmarks/matmul_rate.py): the MFU "
       "denominator of the runs after it", ab=False, limit_s=120),
     S("kernels", "pytest", "GPU tests: the WKV CUDA kernel and DeepSpeed kill/resume "
@@ -154,6 +214,8 @@ GROUPS = {
     "check": ["matmul", "kernels", "step-m16", "train-0.1b-m16", "train-0.1b-2gpu", "train-0.1b-2node"],
     "multi": ["train-0.1b-m16", "train-0.1b-2gpu", "train-0.1b-2node"],
     "strategies": [n for n, _, _ in _STRATEGIES],
+    "hwtable": ["matmul"] + [f"hw-{h[0]}-{m}" for h in _HW for m in ("m1", "mmax")],
+    **{f"hw-{h[0]}": [f"hw-{h[0]}-m1", f"hw-{h[0]}-mmax"] for h in _HW},
 }
 # dense bf16 tensor-core peaks (no sparsity), the MFU denominator when no matmul scenario ran
 STATED_PEAKS = (("H200", 989.0, "NVIDIA H200 SXM datasheet"), ("H100 PCIe", 756.0, "NVIDIA H100 PCIe datasheet"),
@@ -168,7 +230,8 @@ def rehearsal(sc: Scenario) -> Scenario:
         sc, accelerator="cpu", precision="fp32", compile="0", n_layer=2, n_embd=64, ctx=128,
         m_bsz=min(sc.m_bsz, 2), steps=min(sc.steps, 12) if sc.steps else 12, train_s=0,
         data=(300, 4), eval_n=min(sc.eval_n, 8), devices=sc.devices or 1, profile_steps=0,
-        strategy="ddp" if sc.devices > 1 else "auto", grad_cp=0, limit_s=300)
+        strategy="ddp" if sc.devices > 1 else "auto", grad_cp=0, limit_s=300, host_gib=0.0,
+        warmup=min(sc.warmup, WARMUP_STEPS))
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -236,11 +299,11 @@ def shell_line(argv, env_changes: dict | None = None, cwd: Path | None = None) -
     return f"{pre} {cmd}".strip()
 
 
-def steady_state(rows: list, exclude=()) -> tuple:
+def steady_state(rows: list, exclude=(), warmup: int = WARMUP_STEPS) -> tuple:
     """(median seconds per step, [first, last] step measured, steps measured) from loss_log.csv rows:
-    a step's time is the time between its end and the previous step's; the first 10 steps (fewer on a
-    short run: all but 3) and the steps in `exclude` are left out."""
-    skip = min(WARMUP_STEPS, max(0, len(rows) - 3))
+    a step's time is the time between its end and the previous step's; the first `warmup` (10) steps
+    (fewer on a short run: all but 3) and the steps in `exclude` are left out."""
+    skip = min(warmup, max(0, len(rows) - 3))
     dts, used = [], []
     for a, b in zip(rows[skip:], rows[skip + 1:]):
         if b["step"] == a["step"] + 1 and b["step"] not in exclude:
@@ -905,16 +968,68 @@ class Driver:
             run += ["--dump_samples", rundir / "samples"]
         return prep, run + list(extra_run) + more
 
-    def prepare(self, prep, env, rundir) -> None:
+    def prepare(self, prep, env, rundir) -> float:
+        """demo-training-prepare.sh; returns its wall time (s)."""
         self.info("demo-training-prepare.sh (rwkv-init.pth)")
-        rcs, _, timed_out = self.launch([(prep, env, REPO, rundir / "prepare.txt")], 600)
+        rcs, wall, timed_out = self.launch([(prep, env, REPO, rundir / "prepare.txt")], 600)
         if rcs[0] != 0 or timed_out:
             raise RunError(f"demo-training-prepare.sh failed (rc {rcs[0]})", rundir / "prepare.txt")
+        return wall
+
+    def host_memory_gib(self) -> float | None:
+        try:
+            for line in open("/proc/meminfo"):
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) / 2**20
+        except (OSError, ValueError, IndexError):
+            pass
+        return None
+
+    def plan_m_bsz(self, sc: Scenario) -> tuple:
+        """(M_BSZ, how it was chosen) for a scenario with plan_from: the largest power of two (at most 128,
+        dividing the 40320 samples of a mini-epoch) for which what the card held before a step plus M_BSZ
+        times the measured memory per sample stays within 92% of the card less 1.5 GiB (nvidia-smi's whole
+        process is PyTorch's allocations plus the CUDA context and workspaces). The per-sample figure is
+        measured at M_BSZ 1 (rwkvlm.train.memory.MemoryProbe) and includes the step's fixed workspaces, so
+        the plan errs small. Without a measured row: the scenario's m_bsz."""
+        if self.args.m_bsz:
+            return self.args.m_bsz, "--m-bsz"
+        one = None
+        for r in reversed(self.previous_rows()):
+            if (r.get("scenario") == sc.plan_from and r.get("status") == "ok" and r.get("rehearsal") == bool(
+                    self.args.rehearse) and (r.get("figures") or {}).get("cuda_memory")):
+                one = r
+                break
+        if one is None:
+            return sc.m_bsz, (f"the scenario's fallback {sc.m_bsz}: no {sc.plan_from} row with measured GPU memory "
+                              f"in {rel(self.out)} (run {sc.plan_from} into the same OUTDIR first, or give --m-bsz)")
+        mem = one["figures"]["cuda_memory"]
+        room = 0.92 * mem["total"] - 1.5
+        m = 1
+        while (m * 2 <= 128 and 40320 % (m * 2) == 0 and mem["held"] + m * 2 * mem["per_sample"] <= room
+               and mem["peak_optimizer"] <= room):
+            m *= 2
+        same = "" if one["library"]["rwkvlm_sha256"] == self.libs[0].sha else " (another version of the library)"
+        return m, (f"{mem['held']:.1f} GiB held + M_BSZ x {mem['per_sample']:.2f} GiB per sample <= {room:.1f} GiB "
+                   f"(92% of {mem['total']:.1f} GiB less 1.5), measured by {sc.plan_from} ({one['run_dir']}){same}")
 
     def run_train(self, sc: Scenario, lib: Library, cards, rundir: Path, row: dict) -> None:
         f = row["figures"]
         devices = sc.devices or self.ngpu
         world = devices * sc.nodes
+        if sc.host_gib:
+            have = self.host_memory_gib()
+            if have is not None and have < sc.host_gib and not self.args.dry_run:
+                raise RunError(f"skipped: needs about {sc.host_gib:.0f} GiB of host memory ({sc.strategy}: computed "
+                               f"in benchmarks/README.md, the hardware table), this machine has {have:.0f} GiB")
+        if sc.plan_from:
+            m, why = self.plan_m_bsz(sc)
+            sc = dataclasses.replace(sc, m_bsz=m)
+            f["m_bsz_plan"] = why
+            row["settings"]["m_bsz"] = m
+            row["setup"] = dataclasses.replace(sc, plan_from="").setup(devices)
+            self.info(f"M_BSZ {m}: {why}")
+        f["m_bsz"], f["strategy"] = sc.m_bsz, sc.strategy
         tok_step = sc.m_bsz * world * sc.ctx
         docs, copies = sc.data
         if sc.train_s:  # plan the tokens from the measured speed
@@ -944,39 +1059,60 @@ class Driver:
             f["data"] = {"path": rel(Path(meta["base"]).parent), "tokens": meta["tokens"], "documents": docs,
                          "copies": copies, "magic_prime": meta["magic_prime"]}
         proj = rundir / "proj"
-        prep, run = self.train_commands(sc, lib, meta, proj, rundir, exit_tokens, devices)
-        cpu = sc.accelerator == "cpu"
-        penv, pchg = self.lib_env(lib, None, cpu=True)
-        procs = []
-        port = str(random.randint(20000, 40000))
-        for node in range(sc.nodes):
-            node_cards = cards[node * devices:(node + 1) * devices]
-            env, chg = self.lib_env(lib, node_cards, cpu=cpu)
-            if sc.nodes > 1:
-                node_env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "NODE_RANK": str(node)}
-                env.update(node_env)
-                chg.update(node_env)
-            log = rundir / (f"train-node{node}.txt" if sc.nodes > 1 else "train.txt")
-            procs.append((run, env, REPO, log, chg))
+        prep, run, procs = self.train_procs(sc, lib, cards, meta, proj, rundir, exit_tokens, devices)
+        # the hardware table's rows draw rwkv-init.pth on the run's GPU (--init_device auto), the others on the
+        # CPU as before (their inits stay comparable with earlier sections)
+        penv, pchg = self.lib_env(lib, cards[:1] if sc.table else None, cpu=not sc.table or sc.accelerator == "cpu")
         row["commands"] = [shell_line(prep, pchg)] + [shell_line(p[0], p[4]) for p in procs]
         row["command"] = row["commands"][-1] if sc.nodes == 1 else " & ".join(row["commands"][1:])
         f["tokens_per_step"], f["steps_planned"] = tok_step, steps
-        self.info(f"{sc.setup(devices)}; {steps} steps of {tok_step:,} tokens; limit {limit:.0f} s")
+        self.info(f"{dataclasses.replace(sc, plan_from='').setup(devices)}; {steps} steps of {tok_step:,} tokens; "
+                  f"limit {limit:.0f} s")
+        self.info("$ " + row["commands"][0])
         self.info("$ " + row["command"])
         if self.args.dry_run:
             return
-        self.prepare(prep, penv, rundir)
-        watch = Watch(self, proj, procs[0][3], steps, cards if not cpu else [], rundir / "gpu_mem.csv")
-        rcs, wall, timed_out = self.launch([p[:4] for p in procs], limit, watch)
-        f["rc"] = max(rcs, key=abs)
-        f["wall_s"] = round(wall)
-        f.update(watch.memory)
-        self.train_figures(sc, proj, rundir, row, devices, tok_step, cards)
+        f["prepare_s"] = round(self.prepare(prep, penv, rundir), 1)
+        m = re.search(r"init ([\d.]+) s, write ([\d.]+) s", (rundir / "prepare.txt").read_text(errors="replace"))
+        if m:
+            f["init_s"], f["write_s"] = float(m.group(1)), float(m.group(2))
+        deadline = time.monotonic() + limit
+        while True:
+            cpu = sc.accelerator == "cpu"
+            watch = Watch(self, proj, procs[0][3], steps, cards if not cpu else [], rundir / "gpu_mem.csv")
+            launched = time.time()
+            rcs, wall, timed_out = self.launch([p[:4] for p in procs], max(60.0, deadline - time.monotonic()), watch)
+            f["rc"] = max(rcs, key=abs)
+            f["wall_s"] = round(wall)
+            f.update(watch.memory)
+            self.train_figures(sc, proj, rundir, row, devices, tok_step, cards, launched=launched)
+            oom = f["rc"] == 2 and "ran out of memory" in "\n".join(tail(procs[0][3], 60))
+            if oom:
+                f.setdefault("out_of_memory_at_m_bsz", []).append(sc.m_bsz)
+            if not (oom and sc.plan_from and sc.m_bsz > 1 and deadline - time.monotonic() > 120):
+                break
+            # planned too large: half the M_BSZ, from the same rwkv-init.pth, in a fresh PROJ_DIR
+            sc = dataclasses.replace(sc, m_bsz=sc.m_bsz // 2)
+            self.info(f"out of memory at M_BSZ {sc.m_bsz * 2}: running again at M_BSZ {sc.m_bsz}")
+            tok_step = sc.m_bsz * world * sc.ctx
+            steps, exit_tokens = sc.steps, sc.steps * tok_step
+            old_proj, proj = proj, rundir / f"proj-m{sc.m_bsz}"
+            proj.mkdir()
+            os.link(old_proj / "rwkv-init.pth", proj / "rwkv-init.pth")
+            prep, run, procs = self.train_procs(sc, lib, cards, meta, proj, rundir, exit_tokens, devices,
+                                                log_suffix=f"-m{sc.m_bsz}")
+            row["commands"].append(shell_line(procs[0][0], procs[0][4]))
+            row["command"] = row["commands"][-1]
+            row["settings"]["m_bsz"] = f["m_bsz"] = sc.m_bsz
+            row["setup"] = dataclasses.replace(sc, plan_from="").setup(devices)
+            f["tokens_per_step"], f["steps_planned"] = tok_step, steps
         last = f.get("steps", 0)
         if timed_out:
             row["status"], row["note"] = "timeout", f"stopped by the time limit ({limit:.0f} s) at step {last} of {steps}"
         elif f["rc"] != 0:
-            row["status"], row["note"] = "failed", f"demo-training-run.sh ended with rc {f['rc']} at step {last} of {steps}"
+            why = " (out of memory: see the log's last lines)" if f.get("out_of_memory_at_m_bsz") else ""
+            row["status"], row["note"] = "failed", (f"demo-training-run.sh ended with rc {f['rc']} at step {last} of "
+                                                    f"{steps}{why}")
         elif last < steps:
             row["status"], row["note"] = "incomplete", f"rc 0 but only {last} of {steps} steps logged"
         else:
@@ -986,22 +1122,49 @@ class Driver:
         if sc.eval_n and (proj / "rwkv-final.pth").is_file():
             self.evaluate(sc, lib, cards, proj, rundir, row)
         if not self.args.keep_weights:
-            for p in list(proj.rglob("*.pth")):
+            for p in list(rundir.rglob("*.pth")):
                 p.unlink()
-            for d in ("resume", "set-aside"):
-                shutil.rmtree(proj / d, ignore_errors=True)
+            for d in rundir.glob("proj*"):
+                for sub in ("resume", "set-aside"):
+                    shutil.rmtree(d / sub, ignore_errors=True)
 
-    def train_figures(self, sc, proj, rundir, row, devices, tok_step, cards) -> None:
+    def train_procs(self, sc, lib, cards, meta, proj, rundir, exit_tokens, devices, log_suffix=""):
+        """(prepare argv, run argv, [(argv, env, cwd, log, env changes)] one per node) of a training run."""
+        prep, run = self.train_commands(sc, lib, meta, proj, rundir, exit_tokens, devices)
+        cpu = sc.accelerator == "cpu"
+        procs = []
+        port = str(random.randint(20000, 40000))
+        for node in range(sc.nodes):
+            node_cards = cards[node * devices:(node + 1) * devices]
+            env, chg = self.lib_env(lib, node_cards, cpu=cpu)
+            if sc.nodes > 1:
+                node_env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "NODE_RANK": str(node)}
+                env.update(node_env)
+                chg.update(node_env)
+            log = rundir / (f"train-node{node}{log_suffix}.txt" if sc.nodes > 1 else f"train{log_suffix}.txt")
+            procs.append((run, env, REPO, log, chg))
+        return prep, run, procs
+
+    def train_figures(self, sc, proj, rundir, row, devices, tok_step, cards, launched=None) -> None:
         f = row["figures"]
         rows = read_loss_log(proj / "loss_log.csv")
         f["steps"] = rows[-1]["step"] if rows else 0
+        try:
+            info = json.loads((proj / "train_config.json").read_text())
+        except (OSError, ValueError):
+            info = {}
+        for key in ("train_start_s", "first_step_s", "cuda_memory"):  # the trainer's: from its process's start
+            if info.get(key) is not None:
+                f[f"trainer_{key}" if key != "cuda_memory" else key] = info[key]
         if not rows:
             return
+        if launched is not None:  # from the launch of demo-training-run.sh to the end of the first step
+            f["launch_to_first_step_s"] = round(rows[0]["time"] - launched, 1)
         f["tokens"] = rows[-1]["tokens"]
         f["loss_first"], f["loss_last"] = rows[0]["loss"], rows[-1]["loss"]
         f["loss_mean_last20"] = round(statistics.fmean(r["loss"] for r in rows[-20:]), 4)
         exclude = set(range(WARMUP_STEPS + 1, WARMUP_STEPS + sc.profile_steps + 2)) if sc.profile_steps else set()
-        med, span, n = steady_state(rows, exclude)
+        med, span, n = steady_state(rows, exclude, warmup=sc.warmup)
         if med:
             world = devices * sc.nodes
             kts = tok_step / med / 1e3
@@ -1357,6 +1520,49 @@ def summarize(row: dict) -> str:
     return ""
 
 
+def hw_table(rows: list) -> str:
+    """The hardware table (the tutorial's beside ours) of the hw-* rows: the newest row of each scenario,
+    in the order of SCENARIOS; markdown, for README.md's "Model size and VRAM"."""
+    newest = {}
+    for r in rows:
+        if r.get("scenario") in SCENARIOS and SCENARIOS[r["scenario"]].table and r.get("status") != "dry run":
+            if r["status"] == "ok" or newest.get(r["scenario"], {}).get("status") != "ok":
+                newest[r["scenario"]] = r
+    if not newest:
+        return ""
+    out = ["| model | N_LAYER-N_EMBD | parameters | the tutorial's VRAM (M_BSZ 1) | strategy | M_BSZ | ours: peak GPU "
+           "memory (nvidia-smi, whole process) | target (0.75x the tutorial's) | kt/s | MFU | host RSS peak | "
+           "prepare (rwkv-init.pth) | launch to the end of step 1 | status | commit |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, sc in SCENARIOS.items():
+        r = newest.get(name)
+        if r is None:
+            continue
+        f, (label, tut, target) = r["figures"], sc.table
+        tut_s = f"{tut} MB" if isinstance(tut, int) else tut
+        mem = f.get("gpu_mem_process_peak_gib") or f.get("gpu_mem_card_peak_gib")
+        mem_s = f"{mem:.2f} GiB ({mem * 1024:.0f} MiB)" if mem else "-"
+        if target and mem:
+            tgt = f"<= {target} MiB: {'met' if mem * 1024 <= target else 'NOT met'}"
+        else:
+            tgt = f"<= {target} MiB" if target else ("fits one card" if sc.m_bsz == 1 and not sc.plan_from else "-")
+        mfu = f"{f['mfu']:.1%}" if f.get("mfu") is not None else "-"
+        host = f"{f['host_rss_peak_gib']:.1f} GiB" if f.get("host_rss_peak_gib") else "-"
+        prep = f"{f['prepare_s']:.0f} s" if f.get("prepare_s") else "-"
+        if f.get("init_s") is not None:
+            prep += f" (init {f['init_s']:.0f} s, write {f['write_s']:.0f} s)"
+        first = f"{f['launch_to_first_step_s']:.0f} s" if f.get("launch_to_first_step_s") is not None else "-"
+        if f.get("trainer_train_start_s") is not None:
+            first += f" (set-up {f['trainer_train_start_s']:.0f} s)"
+        params = f"{f['params'] / 1e9:.2f}B" if f.get("params") else "-"
+        status = r["status"] + (f": {r['note']}" if r["status"] != "ok" and r.get("note") else "")
+        lib = (r.get("library") or {}).get("commit", "-")
+        out.append(f"| {label} | L{sc.n_layer}-D{sc.n_embd} | {params} | {tut_s if sc.m_bsz == 1 and not sc.plan_from else '-'} "
+                   f"| {f.get('strategy', sc.strategy)} | {f.get('m_bsz', r['settings'].get('m_bsz'))} | {mem_s} | {tgt} "
+                   f"| {f.get('kt_s', '-')} | {mfu} | {host} | {prep} | {first} | {status} | {lib} |")
+    return "\n".join(out) + "\n"
+
+
 def pct(a, b) -> str:
     return f" ({(b - a) / a:+.1%})" if isinstance(a, (int, float)) and isinstance(b, (int, float)) and a else ""
 
@@ -1439,6 +1645,10 @@ def section(rows: list, results_note: str = "") -> str:
                            f"{gib(mb)} -> {gib(ma)}{pct(mb, ma)} | {pair('torch_peak_allocated_gib', '{:.2f}')} | "
                            f"{pair('loss_last', '{:.4f}')} |")
             out.append("")
+    hw = hw_table(rows)
+    if hw:
+        out += ["The hardware table (hw-* rows of this call; `python benchmarks/run.py --out OUTDIR --hwtable` "
+                "collects every call's):", "", hw]
     notes = []
     for r in rows:
         if r["kind"] == "train" and r["status"] not in ("skipped",):
@@ -1461,6 +1671,21 @@ def section(rows: list, results_note: str = "") -> str:
                              f"({f.get('kts_planned_from', '--kts')})")
             if f.get("mfu_basis"):
                 extra.append(f"MFU basis: {f['mfu_basis']}")
+            if f.get("m_bsz_plan"):
+                extra.append(f"M_BSZ {f.get('m_bsz')}: {f['m_bsz_plan']}")
+            if f.get("out_of_memory_at_m_bsz"):
+                extra.append(f"out of memory at M_BSZ {', '.join(map(str, f['out_of_memory_at_m_bsz']))}")
+            if f.get("cuda_memory"):
+                c = f["cuda_memory"]
+                extra.append(f"PyTorch's memory at step {c['step']}: {c['held']} GiB held, peak {c['peak_forward_backward']}"
+                             f" GiB in forward + backward, {c['peak_optimizer']} GiB in the optimiser step")
+            if f.get("prepare_s") is not None:
+                extra.append(f"prepare {f['prepare_s']} s" + (f" (init {f['init_s']} s, write {f['write_s']} s)"
+                                                               if f.get("init_s") is not None else ""))
+            if f.get("launch_to_first_step_s") is not None:
+                extra.append(f"launch to the end of step 1: {f['launch_to_first_step_s']} s"
+                             + (f" (the trainer's set-up {f['trainer_train_start_s']} s)"
+                                if f.get("trainer_train_start_s") is not None else ""))
             if extra:
                 notes.append(f"- {r['scenario']}{who(r, ab)}: " + "; ".join(x for x in extra if x))
         elif r["kind"] != "train" and r["status"] not in ("skipped",):
@@ -1508,7 +1733,9 @@ def scenario_table() -> str:
         lines.append(f"{s.name:<18} {s.kind:<7} {s.gpus or 'cpu':>4}  {s.what}")
         if s.kind in ("train", "parity"):
             lines.append(f"{'':<32}{s.setup()}; limit {s.limit_s or 'train_s + 150'} s"
-                         f"{'' if s.ab else '; not run with --base'}")
+                         f"{'' if s.ab else '; not run with --base'}"
+                         + (f"; the whole row ~{s.budget_s} s on one H200" if s.budget_s else "")
+                         + (f"; needs ~{s.host_gib:.0f} GiB host memory" if s.host_gib else ""))
     lines.append("")
     lines += [f"group {g}: {' '.join(v)}" for g, v in GROUPS.items()]
     return "\n".join(lines)
@@ -1549,6 +1776,10 @@ def main(argv=None) -> int:
     ap.add_argument("--kts", type=float, help="arith-0.1b: kt/s of all its GPUs together (default: 97%% of "
                                               "train-0.1b-m16's per-GPU figure in OUTDIR)")
     ap.add_argument("--train-s", type=int, help="arith-0.1b: seconds of training to plan the tokens for")
+    ap.add_argument("--m-bsz", type=int, help="hw-*-mmax: this M_BSZ instead of the one planned from the M_BSZ 1 "
+                                              "row's measured memory")
+    ap.add_argument("--hwtable", action="store_true", help="print the hardware table of every hw-* row in "
+                                                          "OUTDIR/results.jsonl (the newest of each) and exit")
     ap.add_argument("--commit", default="", help="the commit of this tree (default: git; for a copy without .git)")
     ap.add_argument("--base-commit", default="", help="the commit of --base's library (default: git or DIR/COMMIT)")
     ap.add_argument("--data-dir", help="where the prepared data sets are kept (default OUTDIR/data; ~110 MB "
@@ -1567,6 +1798,21 @@ def main(argv=None) -> int:
     if not args.out:
         ap.error("--out OUTDIR is required")
     out = Path(args.out).resolve()
+    if args.hwtable:
+        rows = []
+        try:
+            for line in open(out / "results.jsonl"):
+                try:
+                    rows.append(json.loads(line))
+                except ValueError:
+                    pass
+        except OSError:
+            pass
+        text = hw_table(rows)
+        if not text:
+            raise SystemExit(f"error: no hw-* rows in {out / 'results.jsonl'}")
+        print(text, end="")
+        return 0
     if args.report:
         rows = []
         for line in open(out / "results.jsonl"):

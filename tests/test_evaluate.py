@@ -75,12 +75,12 @@ def test_fake_model_scores_each_kind_on_seen_and_unseen_wordings(tmp_path):
     doc = json.loads((tmp_path / "eval.json").read_text())
     assert doc["split"] == "both"
     ck = doc["checkpoints"][0]
-    assert ck["overall"] == {"n": 160, "correct": 110, "accuracy": 68.75}
-    assert ck["by_split"]["seen"]["overall"] == {"n": 80, "correct": 80, "accuracy": 100.0}
-    assert ck["by_split"]["unseen"]["overall"] == {"n": 80, "correct": 30, "accuracy": 37.5}
+    assert ck["overall"] == {"n": 160, "correct": 110, "accuracy": 68.75, "not_in_vocab": 0}
+    assert ck["by_split"]["seen"]["overall"] == {"n": 80, "correct": 80, "accuracy": 100.0, "not_in_vocab": 0}
+    assert ck["by_split"]["unseen"]["overall"] == {"n": 80, "correct": 30, "accuracy": 37.5, "not_in_vocab": 0}
     assert {k: v["accuracy"] for k, v in ck["by_split"]["unseen"]["by_kind"].items()} == \
         {k: 100.0 if k in good else 0.0 for k in KINDS}
-    assert ck["by_kind"]["chinese"] == {"n": 20, "correct": 10, "accuracy": 50.0}
+    assert ck["by_kind"]["chinese"] == {"n": 20, "correct": 10, "accuracy": 50.0, "not_in_vocab": 0}
     assert all(e["split"] == "unseen" for e in ck["errors"])
     assert "[decimal, unseen wording]" in format_errors(res, 50)
 
@@ -152,3 +152,134 @@ def test_cli_one_column_per_checkpoint(tmp_path, capsys):
     assert rc == 0 and "unseen wordings" in capsys.readouterr().out
     doc = json.loads(out_json.read_text())
     assert doc["split"] == "unseen" and list(doc["checkpoints"][0]["by_split"]) == ["unseen"]
+
+
+# ---------------------------------------------------------------- a char-level model
+
+def _not_in_vocab(items, chars) -> list:
+    """The items whose prompt or answer holds a character outside `chars` (computed here, not by evaluate)."""
+    from rwkvlm.data.arithmetic import format_prompt
+
+    return [it for it in items if set(format_prompt(it.question) + " " + it.answer) - set(chars)]
+
+
+@pytest.fixture(scope="module")
+def arith_char_proj(tmp_path_factory):
+    """A char-level PROJ_DIR (--data_type utf-8 --vocab_size 0: vocab.json, rwkv-init.pth) for a .txt of
+    arithmetic dialogues (documents joined by blank lines), and the text's numbers."""
+    from rwkvlm.data.arithmetic import generate_documents
+    from rwkvlm.train.run import main as train
+    from trainkit import char_args, prepare_args, text_numbers
+
+    root = tmp_path_factory.mktemp("charith")
+    (root / "arith.txt").write_text("".join(d + "\n\n" for d in generate_documents(150, 0)), encoding="utf-8")
+    proj = root / "proj"
+    assert train(char_args(prepare_args(proj, "--data_file", str(root / "arith.txt")))) == 0
+    assert (proj / "rwkv-init.pth").is_file() and (proj / "vocab.json").is_file()
+    return proj, text_numbers(root / "arith.txt")
+
+
+def _check_char_evaluation(weights, label, tmp_path, capsys, n=16):
+    """evaluate.py on a char-level model: the items its vocab.json can write are asked (a normal table),
+    those with other characters (held-out wordings bring new ones) are counted per kind as not in the
+    vocabulary, named under the table and in the JSON. Returns the checkpoint's JSON."""
+    from rwkvlm.data.charvocab import CharVocab
+
+    vocab_file = weights.parent / "vocab.json"
+    vocab = CharVocab.read(vocab_file)
+    items = make_eval_set(n, 0)
+    missing = _not_in_vocab(items, vocab.chars)
+    assert 0 < len(missing) < len(items) and all(it.split == "unseen" for it in missing)
+    out_json = tmp_path / "eval.json"
+    rc = main([str(weights), "--n", str(n), "--device", "cpu", "--max-tokens", "4", "--json", str(out_json)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    asked = n - len(missing)
+    assert re.search(rf"{label}: \d+/{asked} = .*; {len(missing)} of {n} items not in the vocabulary;", text), text
+    assert f"vocabulary char: {vocab.vocab_size} characters ({vocab_file})" in text
+    table = text[text.index("\nkind") + 1:text.index("\n\nwrote")]
+    lines = table.splitlines()
+    assert lines[1].split() == ["seen", "unseen", "all", "not", "in", "vocab"]
+    for k in KINDS:
+        row = next(ln for ln in lines if ln.split()[:1] == [k])
+        assert row.split()[-1] == str(sum(it.kind == k for it in missing)), row
+        asked_k = sum(it.kind == k for it in items) - sum(it.kind == k for it in missing)
+        assert _cells(table, k)[-1].endswith(f"/{asked_k}"), row
+    assert lines[-2].startswith("not in vocab: items whose question or answer holds a character")
+    gone = sorted({c for it in missing for c in set(it.question + it.answer) - set(vocab.chars)})
+    assert all(repr(c) in lines[-1] for c in gone[:12]) and f"{len(missing)} of {n} items" in lines[-1]
+
+    ck = json.loads(out_json.read_text())["checkpoints"][0]
+    assert ck["overall"]["n"] == asked and ck["overall"]["not_in_vocab"] == len(missing)
+    assert ck["by_split"]["seen"]["overall"] == dict(ck["by_split"]["seen"]["overall"], n=n // 2, not_in_vocab=0)
+    assert ck["by_split"]["unseen"]["overall"]["n"] + len(missing) == n // 2
+    assert {k: v["not_in_vocab"] for k, v in ck["by_kind"].items()} == \
+        {k: sum(it.kind == k for it in missing) for k in KINDS}
+    assert ck["not_in_vocab"]["items"] == len(missing) and set(ck["not_in_vocab"]["characters"]) == set(gone)
+    assert ck["vocabulary"].startswith(f"char: {vocab.vocab_size} characters")
+    assert {e["question"] for e in ck["errors"]}.isdisjoint(it.question for it in missing)
+    return ck
+
+
+def test_a_char_vocabulary_asks_what_it_can_write_and_counts_the_rest():
+    """Scoring with a character vocabulary (that of an arithmetic text): right answers on every item asked
+    give 100%; the items with other characters are neither asked nor wrong, counted per kind and split."""
+    from rwkvlm.data.arithmetic import format_prompt, generate_documents
+    from rwkvlm.data.charvocab import CharVocab
+
+    vocab = CharVocab.build(["".join(d + "\n\n" for d in generate_documents(150, 0))])
+    items = make_eval_set(32, 0)
+    missing = _not_in_vocab(items, vocab.chars)
+    assert 0 < len(missing) < len(items)
+    asked_prompts = []
+
+    def right(prompts):
+        asked_prompts.extend(prompts)
+        by_prompt = {format_prompt(it.question): it for it in items}
+        return [f" {by_prompt[p].answer}\n\n" for p in prompts]
+
+    res = evaluate_with(items, right, "fake", tokenizer=vocab)
+    assert asked_prompts == [format_prompt(it.question) for it in items if it not in missing]
+    assert (res.overall.n, res.overall.correct, res.overall.not_in_vocab) == (32 - len(missing),) * 2 + (len(missing),)
+    for k in KINDS:
+        assert res.by_kind[k].not_in_vocab == sum(it.kind == k for it in missing)
+        for split in ("seen", "unseen"):
+            ks = res.by_split[split].by_kind[k]
+            assert ks.n + ks.not_in_vocab == sum(it.kind == k and it.split == split for it in items)
+            assert ks.not_in_vocab == sum(it.kind == k and it.split == split for it in missing)
+    assert res.errors == [] and res.overall.accuracy == 100.0
+    assert res.vocabulary == f"char: {vocab.vocab_size} characters (vocab.json)"
+    table = format_table([res])
+    assert table.splitlines()[1].split() == ["seen", "unseen", "all", "not", "in", "vocab"]
+    assert _cells(table, "overall")[-1] == f"{32 - len(missing)}/{32 - len(missing)}"
+    assert table.splitlines()[-1].startswith(f"  fake: {len(missing)} of 32 items; vocabulary char:")
+
+
+@pytest.mark.slow
+def test_char_model_trained_on_arithmetic_text_is_evaluated_in_its_vocabulary(arith_char_proj, tmp_path, capsys):
+    """evaluate.py on a PROJ_DIR of a char-level model trained for 6 steps on arithmetic text; --eod-prefix,
+    which feeds the World vocabulary's end-of-document token, is refused for it."""
+    import shutil
+
+    from rwkvlm.errors import run_cli
+    from trainkit import char_args, run_args, train_main
+
+    src, meta = arith_char_proj
+    proj = tmp_path / "proj"
+    shutil.copytree(src, proj)
+    assert train_main(char_args(run_args(meta, proj, "--my_exit_tokens", str(6 * 4 * 64)))) == 0
+    capsys.readouterr()
+    ck = _check_char_evaluation(proj / "rwkv-final.pth", "rwkv-final", tmp_path, capsys)
+    assert ck["info"]["vocab_size"] == len(json.loads((proj / "vocab.json").read_text()))
+    rc = main([str(proj), "--last", "0", "--n", "16", "--device", "cpu", "--max-tokens", "4"])  # the PROJ_DIR
+    assert rc == 0 and "rwkv-final: " in capsys.readouterr().out
+    assert run_cli(main, [str(proj), "--n", "4", "--device", "cpu", "--eod-prefix"]) == 2
+    err = capsys.readouterr().err
+    assert "--eod-prefix" in err and "char-level model" in err and "id 0 is the character '\\n'" in err
+
+
+def test_a_world_tokenizer_asks_every_item():
+    items = make_eval_set(8, 0)
+    res = evaluate_with(items, lambda ps: [""] * len(ps), "w")
+    assert res.overall.n == 8 and res.overall.not_in_vocab == 0 and "not in vocab" not in format_table([res])
+    assert res.vocabulary == "World"

@@ -14,7 +14,6 @@
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
@@ -409,6 +408,134 @@ def test_sigkill_mid_export_never_leaves_a_partial_folder(tmp_path, cpu_env, mom
     assert_same(load(tmp_path / "back.pth"), load(tmp_path / "b.pth"))
 
 
+# ---------------------------------------------------------------- char-level models (vocab.json)
+
+CHAR_TEXTS = ["User: 12 + 7 = ?\n\nAssistant: 12 + 7 = 19", "壹贰叁 １２３ e\u0301 👩‍👩‍👧\ttabs  \n\n\n", " ", ""]
+
+
+def char_proj(folder: Path, vocab_size=None, ascii_json=True):
+    """A PROJ_DIR of a char-level model: rwkv-final.pth (trained-style, fp32) and a vocab.json of the
+    characters of CHAR_TEXTS (written escaped, as json.dumps writes by default: not CharVocab's own
+    bytes, so that a byte-for-byte copy shows). Returns (state dict, vocab, the vocab.json bytes)."""
+    from rwkvlm.data.charvocab import CharVocab
+
+    vocab = CharVocab.build(CHAR_TEXTS)
+    folder.mkdir(parents=True, exist_ok=True)
+    sd = trained_style(folder / "rwkv-final.pth", torch.float32, vocab=vocab_size or vocab.vocab_size)
+    text = json.dumps({str(i): c for i, c in enumerate(vocab.chars)}, ensure_ascii=ascii_json)
+    (folder / "vocab.json").write_text(text)
+    return sd, vocab, (folder / "vocab.json").read_bytes()
+
+
+def test_char_model_exports_its_vocabulary_as_a_tokenizer_and_imports_back_bit_exact(tmp_path):
+    from rwkvlm.hf.chartok import TOKENIZER_FILE, VOCAB_COPY
+
+    sd, vocab, raw = char_proj(tmp_path / "proj")
+    res = export_hf(tmp_path / "proj", tmp_path / "hf", **QUIET)  # the PROJ_DIR: rwkv-final.pth and vocab.json
+    hf = tmp_path / "hf"
+    assert res.vocabulary == "char" and res.char_vocab == vocab
+    names = set(os.listdir(hf))
+    assert {TOKENIZER_FILE, "tokenizer_config.json", VOCAB_COPY} <= names
+    assert not {"rwkv_vocab_v20230424.txt", "tokenization_rwkv_world.py"} & names
+    marker = json.loads((hf / MARKER).read_text())
+    assert sorted(marker["files"]) == sorted(names)
+    assert (marker["vocabulary"], marker["vocab_chars"]) == ("char", vocab.vocab_size)
+    assert (hf / VOCAB_COPY).read_bytes() == raw
+    config = json.loads((hf / "config.json").read_text())
+    assert (config["vocab_size"], config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == \
+        (vocab.vocab_size, None, None, None)  # id 0 is a character, no end of document
+    assert json.loads((hf / "generation_config.json").read_text()) == \
+        {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
+    tok_config = json.loads((hf / "tokenizer_config.json").read_text())
+    assert tok_config["tokenizer_class"] == "PreTrainedTokenizerFast" and "auto_map" not in tok_config
+    assert not {"bos_token", "eos_token", "pad_token", "unk_token"} & set(tok_config)
+    table = json.loads((hf / TOKENIZER_FILE).read_text(encoding="utf-8"))["model"]["vocab"]
+    assert table == {c: i for i, c in enumerate(vocab.chars)}
+    readme = (hf / "README.md").read_text()
+    assert "char-level model" in readme and "stop_strings" in readme and any("char-level" in n for n in res.notes)
+
+    (tmp_path / "back").mkdir()
+    import_hf(hf, tmp_path / "back" / "rwkv-imported.pth", **QUIET)
+    assert_same(load(tmp_path / "back" / "rwkv-imported.pth"), sd)
+    assert (tmp_path / "back" / "vocab.json").read_bytes() == raw  # byte for byte, beside the .pth
+    from rwkvlm.infer.generate import load_model
+
+    model = load_model(tmp_path / "back" / "rwkv-imported.pth", "cpu", log=lambda m: None)
+    assert model.tokenizer == vocab  # chat.py and evaluate.py read it there
+    import_hf(hf, tmp_path / "back" / "again.pth", **QUIET)  # the same vocab.json there: kept, not refused
+    assert (tmp_path / "back" / "vocab.json").read_bytes() == raw
+
+
+def test_tokenizer_json_encodes_as_the_char_vocabulary(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    from rwkvlm.hf.chartok import TOKENIZER_FILE
+
+    _, vocab, _ = char_proj(tmp_path / "proj")
+    export_hf(tmp_path / "proj" / "rwkv-final.pth", tmp_path / "hf", **QUIET)
+    tok = tokenizers.Tokenizer.from_file(str(tmp_path / "hf" / TOKENIZER_FILE))
+    for t in CHAR_TEXTS + ["".join(reversed(vocab.chars))]:
+        ids = tok.encode(t).ids
+        assert ids == vocab.encode(t).tolist(), t
+        assert tok.decode(ids) == t
+    assert tok.get_vocab_size() == vocab.vocab_size
+    with pytest.raises(Exception, match="Missing \\[UNK\\] token"):  # a character the model does not know
+        tok.encode("xyz")
+
+
+def test_char_import_rebuilds_the_vocabulary_from_tokenizer_json_and_refuses_a_clash(tmp_path):
+    from rwkvlm.data.charvocab import CharVocab
+    from rwkvlm.hf.chartok import TOKENIZER_FILE, VOCAB_COPY
+
+    sd, vocab, raw = char_proj(tmp_path / "proj")
+    export_hf(tmp_path / "proj", tmp_path / "hf", **QUIET)
+    hf = tmp_path / "hf"
+    # a folder re-saved elsewhere may keep tokenizer.json only: the vocabulary comes back in vocab.json's format
+    (hf / VOCAB_COPY).rename(tmp_path / "copy.json")
+    (tmp_path / "b").mkdir()
+    import_hf(hf, tmp_path / "b" / "m.pth", **QUIET)
+    assert CharVocab.read(tmp_path / "b" / "vocab.json") == vocab
+    assert (tmp_path / "b" / "vocab.json").read_text(encoding="utf-8") == vocab.to_json()
+    (tmp_path / "copy.json").rename(hf / VOCAB_COPY)
+
+    def refused(out: Path, *needles):
+        before = sorted(p.name for p in out.parent.iterdir())
+        with pytest.raises(UserError) as e:
+            import_hf(hf, out, **QUIET)
+        for n in needles:
+            assert n in str(e.value), str(e.value)
+        assert sorted(p.name for p in out.parent.iterdir()) == before  # nothing written
+
+    other = tmp_path / "other"  # another model's vocab.json where the .pth would go
+    other.mkdir()
+    (other / "vocab.json").write_text(CharVocab(list("ab")).to_json())
+    refused(other / "m.pth", "would read the imported model with it", "Nothing was written")
+    world = tmp_path / "world"  # a World-vocabulary import beside a vocab.json
+    trained_style(tmp_path / "w.pth", vocab=65536, n_embd=64)
+    export_hf(tmp_path / "w.pth", world, **QUIET)
+    with pytest.raises(UserError, match="no character vocabulary"):
+        import_hf(world, other / "w.pth", **QUIET)
+    assert not (other / "w.pth").exists()
+    # tokenizer.json and rwkvlm_vocab.json that disagree
+    t = json.loads((hf / TOKENIZER_FILE).read_text(encoding="utf-8"))
+    chars = list(t["model"]["vocab"])
+    t["model"]["vocab"] = {c: i for i, c in enumerate(chars[:-1])}
+    (hf / TOKENIZER_FILE).write_text(json.dumps(t, ensure_ascii=False), encoding="utf-8")
+    (tmp_path / "c").mkdir()
+    refused(tmp_path / "c" / "m.pth", "hold different character vocabularies")
+
+
+def test_char_export_refuses_a_vocab_json_of_another_model(tmp_path):
+    char_proj(tmp_path / "proj", vocab_size=8)  # 8 rows, more characters than that
+    with pytest.raises(UserError, match="belongs to another model"):
+        export_hf(tmp_path / "proj", tmp_path / "hf", **QUIET)
+    assert not (tmp_path / "hf").exists() and leftovers(tmp_path) == []
+    # without vocab.json a small vocabulary exports weights only, and says how to ship a char vocabulary
+    (tmp_path / "proj" / "vocab.json").unlink()
+    res = export_hf(tmp_path / "proj", tmp_path / "hf", **QUIET)
+    assert res.vocabulary == "none" and not (tmp_path / "hf" / "tokenizer.json").exists()
+    assert any("no vocab.json beside" in n and "export its PROJ_DIR" in n for n in res.notes)
+
+
 # ---------------------------------------------------------------- fla and transformers, where installed
 
 def _fla_importable() -> bool:
@@ -425,68 +552,9 @@ def _fla_importable() -> bool:
 needs_fla = pytest.mark.skipif(not _fla_importable(), reason="needs flash-linear-attention and transformers")
 
 
-def _token_shift(x, cu_seqlens=None, cache=None, output_cache=False, **kw):
-    """fla's token_shift (delta = previous token - this one, the cache the last token) in PyTorch."""
-    assert cu_seqlens is None
-    prev = torch.zeros_like(x[:, :1]) if cache is None else cache.reshape(x.shape[0], 1, -1).to(x.dtype)
-    delta = torch.cat([prev, x[:, :-1]], 1) - x
-    return (delta, x[:, -1].clone()) if output_cache else delta
-
-
-def _wkv(r, w, k, v, a, b, initial_state=None, output_final_state=False):
-    """The RWKV-7 recurrence in float64, in fla's conventions: (B, T, H, D) inputs, w = log decay,
-    state (B, H, K, V)."""
-    B, T, H, D = r.shape
-    dt = r.dtype
-    r, w, k, v, a, b = (t.double() for t in (r, w, k, v, a, b))
-    S = torch.zeros(B, H, v.shape[-1], D, dtype=torch.float64) if initial_state is None \
-        else initial_state.double().transpose(-1, -2)  # (B, H, V, K) here
-    out = []
-    for t in range(T):
-        S = (S * w[:, t].exp()[:, :, None, :] + (S @ a[:, t, :, :, None]) * b[:, t, :, None, :]
-             + v[:, t, :, :, None] * k[:, t, :, None, :])
-        out.append((S @ r[:, t, :, :, None])[..., 0])
-    final = S.transpose(-1, -2).float().contiguous() if output_final_state else None
-    return torch.stack(out, 1).to(dt), final
-
-
-@contextlib.contextmanager
-def fla_on_cpu():
-    """fla's RWKV7 with its Triton kernels replaced: by fla's own PyTorch reference functions where
-    it ships them (token mix, k update, output correction), by _wkv for the recurrence (chunked and
-    recurrent paths) and by PyTorch token shift; load models with fuse_norm=False (nn.LayerNorm /
-    nn.GroupNorm) and pass them through cpu_ready (the squared ReLU is torch.compile'd in fla)."""
-    import fla.layers.rwkv7 as layer
-    import fla.models.rwkv7.modeling_rwkv7 as modeling
-    from fla.ops.rwkv7.fused_addcmul import torch_addcmul_rwkv7
-    from fla.ops.rwkv7.fused_k_update import k_update_ref
-    from fla.ops.rwkv7.gate_output_correction import gate_output_correction_ref
-
-    def chunk(r, w, k, v, a, b, scale=1.0, initial_state=None, output_final_state=False, cu_seqlens=None, **kw):
-        return _wkv(r, w, k, v, a, b, initial_state, output_final_state)
-
-    def recurrent(r, w, k, v, kk, a, scale=1.0, initial_state=None, output_final_state=False, cu_seqlens=None,
-                  **kw):
-        return _wkv(r, w, k, v, -kk, kk * a, initial_state, output_final_state)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(layer, "token_shift", _token_shift)
-        mp.setattr(modeling, "token_shift", _token_shift)
-        mp.setattr(layer, "fused_addcmul_rwkv7", torch_addcmul_rwkv7)
-        mp.setattr(layer, "fused_k_rwkv7", k_update_ref)
-        mp.setattr(layer, "gate_output_correction", gate_output_correction_ref)
-        mp.setattr(layer, "chunk_rwkv7", chunk)
-        mp.setattr(layer, "fused_mul_recurrent_rwkv7", recurrent)
-        yield
-
-
-def cpu_ready(model):
-    import fla.models.rwkv7.modeling_rwkv7 as modeling
-
-    for m in model.modules():
-        if isinstance(m, modeling.RWKV7FeedForward):
-            m.act_fn = lambda x: torch.relu(x) ** 2
-    return model
+# fla's model code on the CPU: its Triton kernels replaced by PyTorch (rwkvlm/hf/cpu.py); load models with
+# fuse_norm=False (nn.LayerNorm / nn.GroupNorm) inside the context
+from rwkvlm.hf.cpu import cpu_ready, fla_on_cpu  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -611,6 +679,38 @@ def test_tokenizer_loads_with_remote_code_and_matches_ours(world_folder):
     assert tok.decode([65535]) == "\ufffd"
 
 
+@needs_fla
+def test_char_export_loads_with_auto_tokenizer_and_fla_gives_our_logits(tmp_path):
+    from transformers import AutoTokenizer
+
+    from fla.models.rwkv7 import RWKV7ForCausalLM
+
+    _, vocab, _ = char_proj(tmp_path / "proj")
+    sd = {k: v.float() for k, v in perturbed_model(2, 128, vocab.vocab_size, seed=3).state_dict().items()}
+    torch.save(sd, tmp_path / "proj" / "rwkv-final.pth")
+    export_hf(tmp_path / "proj", tmp_path / "hf", **QUIET)
+    for trust in (True, False):
+        tok = AutoTokenizer.from_pretrained(tmp_path / "hf", trust_remote_code=trust)
+        assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (None, None, None) and len(tok) == \
+            vocab.vocab_size
+        for t in CHAR_TEXTS:
+            assert tok(t).input_ids == vocab.encode(t).tolist(), t
+            assert tok.decode(tok(t).input_ids) == t
+            assert tok.decode(tok(t).input_ids, skip_special_tokens=True) == t  # no character is special
+    ours = RWKV7(ModelConfig.from_state_dict(sd))
+    ours.load_state_dict(sd)
+    ours.eval()
+    idx = tok(CHAR_TEXTS[0], return_tensors="pt").input_ids
+    with fla_on_cpu(), torch.no_grad():
+        model = cpu_ready(RWKV7ForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32,
+                                                           fuse_norm=False)).eval()
+        want = ours(idx)
+        got = model(idx, use_cache=False).logits
+        assert (got - want).abs().max().item() < 1e-5 * want.abs().max().item()
+        gen = model.generate(idx[:, :8], max_new_tokens=6, do_sample=False, attention_mask=torch.ones_like(idx[:, :8]))
+        assert gen.shape[1] == 14  # no eos: all 6 tokens, through id 0 (a character)
+
+
 # ---------------------------------------------------------------- the lm-eval task of the held-out set
 
 def test_lmeval_task_folder_holds_evaluate_pys_prompts_and_answers(tmp_path):
@@ -640,3 +740,11 @@ def test_lmeval_task_folder_holds_evaluate_pys_prompts_and_answers(tmp_path):
     import re
 
     assert re.findall(regex["regex_pattern"], " 52.9 + 89.2 = 142.1")[-1] == "142.1"
+
+
+def test_a_one_layer_export_says_fla_cannot_load_it(tmp_path):
+    torch.save(perturbed_model(1, 64, 300).state_dict(), tmp_path / "a.pth")
+    res = export_hf(tmp_path / "a.pth", tmp_path / "hf", **QUIET)
+    assert any("one layer: fla 0.6.0 cannot load it" in n for n in res.notes)
+    import_hf(tmp_path / "hf", tmp_path / "back.pth", **QUIET)
+    assert_same(load(tmp_path / "back.pth"), load(tmp_path / "a.pth"))

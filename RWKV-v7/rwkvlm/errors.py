@@ -23,3 +23,25 @@ def run_cli(main, argv=None) -> int:
         print("\nInterrupted.", file=sys.stderr, flush=True)
         return 130
     return 0 if rc is None else int(rc)
+
+
+OOM_MARKS = ("out of memory", "can't allocate memory", "cudaerrormemoryallocation", "cublas_status_alloc_failed",
+             "cannot allocate memory")
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """Whether `e`, or an exception it was raised from, is an out-of-memory error: torch's
+    OutOfMemoryError (CUDA), a RuntimeError saying "out of memory" (CUDA, DeepSpeed, NCCL) or that
+    the CPU allocator "can't allocate memory", a MemoryError. Compiler and library wrappers keep
+    the original as __cause__ / __context__, which is followed."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
+            return True
+        if isinstance(e, RuntimeError) and not isinstance(e, UserError):
+            msg = str(e).lower()
+            if any(m in msg for m in OOM_MARKS):
+                return True
+        e = e.__cause__ or e.__context__
+    return False

@@ -7,7 +7,8 @@ EXPORT_EPILOG = """examples:
   python RWKV-v7/export_hf.py out/L12-D768-x070/rwkv-final.pth hf/L12-D768
   python RWKV-v7/export_hf.py out/L12-D768-x070 hf/L12-D768     # the PROJ_DIR's newest weights
 
-OUT_DIR gets config.json, model.safetensors, the World tokenizer and a README; load it with
+OUT_DIR gets config.json, model.safetensors, the tokenizer (the World one, or a char-level model's
+vocab.json, found beside the weights, as tokenizer.json) and a README; load it with
 flash-linear-attention 0.6.0 (AutoModelForCausalLM.from_pretrained(OUT_DIR, trust_remote_code=True)).
 See RWKV-v7/docs/huggingface.md."""
 
@@ -15,7 +16,8 @@ IMPORT_EPILOG = """example:
   python RWKV-v7/import_hf.py hf/L12-D768 rwkv-imported.pth
 
 The .pth loads in train.py --load_model, chat.py, evaluate.py and the rwkv pip package; for a folder
-export_hf.py wrote it is the original checkpoint, bit for bit. See RWKV-v7/docs/huggingface.md."""
+export_hf.py wrote it is the original checkpoint, bit for bit. A char-level model's vocab.json is
+written beside it (refused if another vocab.json is there). See RWKV-v7/docs/huggingface.md."""
 
 
 def export_main(argv=None) -> int:

@@ -5,11 +5,14 @@
 
 An export folder holds config.json, generation_config.json, model.safetensors (fla's names, the
 checkpoint's dtype), rwkvlm_extra.safetensors (only for checkpoints holding blocks.0.att.v0/v1/v2,
-which fla's layer 0 has no place for), the World tokenizer (rwkv_vocab_v20230424.txt,
-tokenization_rwkv_world.py, tokenizer_config.json), two stub modules that let transformers load
+which fla's layer 0 has no place for), the tokenizer: the World one (rwkv_vocab_v20230424.txt,
+tokenization_rwkv_world.py, tokenizer_config.json) for a 65536-row vocabulary, or a char-level
+model's own (tokenizer.json, tokenizer_config.json and rwkvlm_vocab.json, its vocab.json: chartok.py)
+when a vocab.json lies beside the weights, two stub modules that let transformers load
 the model with trust_remote_code=True (configuration_rwkv7.py, modeling_rwkv7.py: they import fla),
 README.md, and rwkvlm_export.json (what was exported from where; written last, and the mark of an
-export). Export then import gives back the same keys, shapes, dtypes and values.
+export). Export then import gives back the same keys, shapes, dtypes and values, and a char-level
+model's vocab.json byte for byte (written beside the imported .pth).
 
 Crash safety: the folder is written under a temporary name beside OUT_DIR and renamed onto it when
 complete, so OUT_DIR is never a partial export; an earlier export there is replaced whole (moved
@@ -36,11 +39,15 @@ import torch
 
 from rwkvlm.atomic import (atomic_open, atomic_path, atomic_torch_save, check_output_dir, check_output_path,
                            explain_write_errors, fsync_dir)
+from rwkvlm.data.charvocab import CharVocab
 from rwkvlm.errors import UserError
+from rwkvlm.hf.chartok import TOKENIZER_FILE, VOCAB_COPY, tokenizer_config as char_tokenizer_config
+from rwkvlm.hf.chartok import tokenizer_json as char_tokenizer_json, vocab_from_tokenizer_json
 from rwkvlm.hf.layout import (EXTRA_KEYS, FLA_VERSION, config_from_hf, fla_shapes, from_fla, hf_config, to_fla)
 from rwkvlm.model.config import ModelConfig, state_dict_shapes
 
-from rwkvlm.rundir.find import find_weights, load_tool_weights
+from rwkvlm.rundir.find import find_weights, load_tool_weights, vocab_file_for
+from rwkvlm.rundir.layout import VOCAB as VOCAB_JSON
 from rwkvlm.rundir.weights import CorruptCheckpoint, load_weights
 
 __all__ = ["export_hf", "import_hf", "ExportResult", "MARKER", "MODEL_FILE", "EXTRA_FILE", "is_export"]
@@ -84,6 +91,9 @@ class ExportResult:
     dtype: torch.dtype
     files: list = field(default_factory=list)
     notes: list = field(default_factory=list)  # what a user should know (e.g. no tokenizer)
+    vocabulary: str = "world"  # "world", "char" (vocab.json: tokenizer.json) or "none" (no tokenizer files)
+    char_vocab: CharVocab | None = None
+    vocab_file: Path | None = None  # the vocab.json of a char-level model
 
 
 # ============================================================================================
@@ -202,12 +212,25 @@ def _save_safetensors(tensors: dict, path: Path) -> None:
 def _readme(res: ExportResult, has_tokenizer: bool, has_extra: bool) -> str:
     cfg = res.cfg
     Dw, Da, Dv, Dg = cfg.lora_sizes
+    char = res.vocabulary == "char"
+    if char:
+        vocab_line = (f"vocabulary {cfg.vocab_size} (a char-level model: {res.char_vocab.vocab_size} characters, "
+                      f"its vocab.json)")
+        prompt = next((t for t in ("User: 12 + 7 = ?\n\nAssistant:", "The old king")
+                       if set(t) <= set(res.char_vocab.chars)), "".join(res.char_vocab.chars[-3:]))
+        prompt = prompt.replace("\n", "\\n")  # as written in the README's Python line
+        gen = ("model.generate(ids, max_new_tokens=64, do_sample=False, stop_strings=[\"\\n\\n\"], "
+               "tokenizer=tok)")
+    else:
+        vocab_line = f"vocabulary {cfg.vocab_size}"
+        prompt = "User: 12 + 7 = ?\\n\\nAssistant:"
+        gen = "model.generate(ids, max_new_tokens=16, do_sample=False)"
     lines = [
         f"# RWKV-7 (x070) {cfg.describe()}, in flash-linear-attention's layout",
         "",
         f"Exported by rwkvlm's `RWKV-v7/export_hf.py` from `{res.source}` on "
         f"{datetime.date.today().isoformat()}: {cfg.n_layer} layers, n_embd {cfg.n_embd}, head size "
-        f"{cfg.head_size}, vocabulary {cfg.vocab_size}, LoRA sizes decay/a/value/gate {Dw}/{Da}/{Dv}/{Dg}, "
+        f"{cfg.head_size}, {vocab_line}, LoRA sizes decay/a/value/gate {Dw}/{Da}/{Dv}/{Dg}, "
         f"weights in {str(res.dtype).removeprefix('torch.')}.",
         "",
         "## Load it",
@@ -223,15 +246,35 @@ def _readme(res: ExportResult, has_tokenizer: bool, has_extra: bool) -> str:
         "path = \"THIS_FOLDER\"",
         "model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=torch.bfloat16).cuda()",
         "tok = AutoTokenizer.from_pretrained(path, trust_remote_code=True)",
-        "ids = tok(\"User: 12 + 7 = ?\\n\\nAssistant:\", return_tensors=\"pt\").input_ids.cuda()",
-        "print(tok.decode(model.generate(ids, max_new_tokens=16, do_sample=False)[0]))",
+        f"ids = tok(\"{prompt}\", return_tensors=\"pt\").input_ids.cuda()",
+        f"print(tok.decode({gen}[0]))",
         "```",
         "",
-        "`trust_remote_code=True` runs `configuration_rwkv7.py` / `modeling_rwkv7.py` here, which only import",
-        "the classes of `fla.models.rwkv7`, and the tokenizer in `tokenization_rwkv_world.py`. Without it,",
-        "`import fla` first (fla registers `rwkv7` with transformers' Auto classes); the tokenizer always",
-        "needs it.",
-        "",
+    ]
+    if char:
+        lines += [
+            "`trust_remote_code=True` runs `configuration_rwkv7.py` / `modeling_rwkv7.py` here, which only import",
+            "the classes of `fla.models.rwkv7`; without it, `import fla` first (fla registers `rwkv7` with",
+            "transformers' Auto classes). The tokenizer is a plain `tokenizer.json` with no code of its own",
+            "(`PreTrainedTokenizerFast.from_pretrained(path)` loads it too); AutoTokenizer reads config.json,",
+            "whose `auto_map` makes it ask about remote code unless `trust_remote_code` is given (True or False).",
+            "",
+            "A char-level model has no end-of-document token (id 0 is a character, "
+            f"{res.char_vocab.chars[0]!r}): there is no",
+            "bos, eos or pad token, and generation runs to `max_new_tokens` or a stop string. Each character",
+            "is one token; a character the vocabulary lacks cannot be encoded (tokenizers raises",
+            "`Missing [UNK] token from the vocabulary`): the model knows only the characters it was trained on.",
+            "",
+        ]
+    else:
+        lines += [
+            "`trust_remote_code=True` runs `configuration_rwkv7.py` / `modeling_rwkv7.py` here, which only import",
+            "the classes of `fla.models.rwkv7`, and the tokenizer in `tokenization_rwkv_world.py`. Without it,",
+            "`import fla` first (fla registers `rwkv7` with transformers' Auto classes); the tokenizer always",
+            "needs it.",
+            "",
+        ]
+    lines += [
         "## Files",
         "",
         "- `config.json`: fla's `RWKV7Config`; the shapes come from the checkpoint, the rest are fla's defaults.",
@@ -241,13 +284,23 @@ def _readme(res: ExportResult, has_tokenizer: bool, has_extra: bool) -> str:
         lines.append(f"- `{EXTRA_FILE}`: `blocks.0.att.v0/v1/v2`, which this checkpoint holds but never uses "
                      "(layer 0 has no value residual) and fla's layer 0 has no place for; kept for a bit-exact "
                      "import.")
-    if has_tokenizer:
+    if has_tokenizer and char:
+        lines += [
+            f"- `{TOKENIZER_FILE}`, `tokenizer_config.json`: the model's character vocabulary as a fast tokenizer "
+            "(one id per character, vocab.json's ids; no special tokens).",
+            f"- `{VOCAB_COPY}`: the run's vocab.json (`{{\"0\": char, ...}}`), which `import_hf.py` writes back "
+            "beside the .pth.",
+            "- `generation_config.json`: no eos or pad token.",
+        ]
+    elif has_tokenizer:
         lines += [
             f"- `{VOCAB_FILE}`, `{TOKENIZER_CODE}`, `tokenizer_config.json`: the RWKV World tokenizer "
             "(greedy longest match over UTF-8 bytes; id 0 = end of document = `<|endoftext|>`, no bos added).",
+            "- `generation_config.json`: token 0 ends a document (eos) and pads.",
         ]
+    else:
+        lines.append("- `generation_config.json`: token 0 ends a document (eos) and pads.")
     lines += [
-        "- `generation_config.json`: token 0 ends a document (eos) and pads.",
         f"- `{MARKER}`: what was exported, from where (the mark of an export: a new export may replace this folder).",
         "",
         "## Back to a .pth",
@@ -259,6 +312,8 @@ def _readme(res: ExportResult, has_tokenizer: bool, has_extra: bool) -> str:
         "gives the original state dict (same keys, shapes, dtypes and values), which `train.py --load_model`,",
         "`chat.py`, `evaluate.py` and the `rwkv` pip package load.",
     ]
+    if char:
+        lines.append("The vocab.json is written beside it (chat.py and evaluate.py read it there).")
     if res.notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in res.notes]
     return "\n".join(lines) + "\n"
@@ -286,6 +341,21 @@ def _write_json(obj, path: Path) -> None:
 def _write_text(text: str, path: Path) -> None:
     with atomic_open(path, "w") as f:
         f.write(text)
+
+
+def _write_bytes(data: bytes, path: Path) -> None:
+    with atomic_open(path, "wb") as f:
+        f.write(data)
+
+
+def _char_vocab(vocab_file: Path, src: Path, cfg: ModelConfig) -> CharVocab:
+    """The vocab.json beside the weights, checked against the model (UserError: nothing written)."""
+    vocab = CharVocab.read(vocab_file)
+    if vocab.vocab_size > cfg.vocab_size:
+        raise UserError(f"{vocab_file} lists {vocab.vocab_size} characters, but the model {src} has a vocabulary of "
+                        f"{cfg.vocab_size} tokens: the vocab.json beside it belongs to another model. Move it away, "
+                        f"or export the weights of the model it belongs to. Nothing was written.")
+    return vocab
 
 
 def _copy(src: Path, path: Path) -> None:
@@ -334,25 +404,44 @@ def export_hf(weights_path, out_dir, log=print) -> ExportResult:
     dtype = sd["emb.weight"].dtype
     res = ExportResult(out_dir=out, source=src, cfg=cfg, dtype=dtype)
     vocab = None
-    if cfg.vocab_size >= WORLD_VOCAB_ROWS:
+    res.vocab_file = vocab_file_for(src)
+    if res.vocab_file is not None:  # a char-level model: its vocab.json is its tokenizer, as for chat.py
+        res.vocabulary, res.char_vocab = "char", _char_vocab(res.vocab_file, src, cfg)
+        res.notes.append(f"a char-level model: its vocabulary ({res.char_vocab.vocab_size} characters, "
+                         f"{res.vocab_file}) is the tokenizer ({TOKENIZER_FILE}, a fast tokenizer with no code of "
+                         f"its own); it has no end-of-document token, so config.json and generation_config.json "
+                         f"name no bos / eos / pad token.")
+    elif cfg.vocab_size >= WORLD_VOCAB_ROWS:
         vocab = _vocab_source()
         if vocab is None:
             raise UserError("cannot find the World vocabulary file rwkv_vocab_v20230424.txt to ship with the export; "
                             "install it with `pip install pyrwkv-tokenizer` (or `pip install -e .` in the repository "
                             "root).")
     else:
-        res.notes.append(f"vocab_size is {cfg.vocab_size}, not the World vocabulary's {WORLD_VOCAB_ROWS}: no "
-                         f"tokenizer files were written; load a tokenizer that fits this model yourself.")
+        res.vocabulary = "none"
+        res.notes.append(f"vocab_size is {cfg.vocab_size}, not the World vocabulary's {WORLD_VOCAB_ROWS}, and there is "
+                         f"no {VOCAB_JSON} beside {src}: no tokenizer files were written. For a char-level model, "
+                         f"export its PROJ_DIR (or put the run's {VOCAB_JSON} beside the .pth) to ship its vocabulary; "
+                         f"otherwise load a tokenizer that fits this model yourself.")
     if cfg.head_size != 64:
         res.notes.append(f"head size {cfg.head_size}: fla's GroupNorm (attn.g_norm) uses eps = head_dim * norm_eps = "
                          f"{cfg.head_size * 1e-5:g}, where RWKV-LM and the rwkv package use 64e-5; its outputs differ "
                          f"slightly from ours.")
+    if cfg.n_layer == 1:
+        res.notes.append("one layer: fla 0.6.0 cannot load it (RWKV7Attention's weight init divides by "
+                         "num_hidden_layers - 1, a ZeroDivisionError in from_pretrained); the export is still "
+                         "complete and imports back.")
     if any(sd[k].dtype != dtype for k in sd):
         res.notes.append("the checkpoint mixes dtypes; each tensor keeps its own in model.safetensors.")
 
+    config = hf_config(cfg, dtype)
+    special = {"bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0}
+    if res.char_vocab is not None:  # no end-of-document token: id 0 is a character
+        config.update(bos_token_id=None, eos_token_id=None)
+        special = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
     plan = [  # (file name, writer); the marker goes last
-        ("config.json", lambda p: _write_json(hf_config(cfg, dtype), p)),
-        ("generation_config.json", lambda p: _write_json({"bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0}, p)),
+        ("config.json", lambda p: _write_json(config, p)),
+        ("generation_config.json", lambda p: _write_json(special, p)),
         (MODEL_FILE, lambda p: _save_safetensors(fla, p)),
     ]
     if extra:
@@ -361,14 +450,22 @@ def export_hf(weights_path, out_dir, log=print) -> ExportResult:
         plan += [(VOCAB_FILE, lambda p: _copy(vocab, p)),
                  (TOKENIZER_CODE, lambda p: _copy(Path(__file__).with_name(TOKENIZER_CODE), p)),
                  ("tokenizer_config.json", lambda p: _write_json(_tokenizer_config(), p))]
+    if res.char_vocab is not None:
+        vocab_bytes = res.vocab_file.read_bytes()  # read now: the copy is the file CharVocab.read checked
+        plan += [(TOKENIZER_FILE, lambda p: _write_json(char_tokenizer_json(res.char_vocab), p)),
+                 ("tokenizer_config.json", lambda p: _write_json(char_tokenizer_config(), p)),
+                 (VOCAB_COPY, lambda p: _write_bytes(vocab_bytes, p))]
     plan += [("configuration_rwkv7.py", lambda p: _write_text(_CONFIG_STUB.format(fla=FLA_VERSION), p)),
              ("modeling_rwkv7.py", lambda p: _write_text(_MODEL_STUB.format(fla=FLA_VERSION), p)),
-             ("README.md", lambda p: _write_text(_readme(res, vocab is not None, bool(extra)), p))]
+             ("README.md", lambda p: _write_text(_readme(res, res.vocabulary != "none", bool(extra)), p))]
     res.files = [name for name, _ in plan] + [MARKER]
     marker = {"format": MARKER_FORMAT, "version": 1, "source": str(src.resolve()), "model": cfg.describe(),
               "n_layer": cfg.n_layer, "n_embd": cfg.n_embd, "head_size": cfg.head_size, "vocab_size": cfg.vocab_size,
               "lora": "/".join(map(str, cfg.lora_sizes)), "layer0_v": cfg.layer0_v,
               "dtype": str(dtype).removeprefix("torch."), "fla_version": FLA_VERSION, "files": res.files,
+              "vocabulary": res.vocabulary,
+              **({"vocab_chars": res.char_vocab.vocab_size, "vocab_json": str(res.vocab_file.resolve())}
+                 if res.char_vocab is not None else {}),
               "written": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
 
     kept = (f"OUT_DIR {out} was not changed" if out.exists() else f"OUT_DIR {out} was not written")
@@ -448,8 +545,11 @@ def import_hf(hf_dir, out_path, log=print) -> Path:
     """Convert a Hugging Face folder of fla's RWKV7ForCausalLM (an export of export_hf, or any fla
     RWKV7 save with our layout's features) back to an x070 .pth that train.py --load_model,
     chat.py, evaluate.py and the rwkv pip package load. An export comes back bit-exact (keys,
-    shapes, dtypes, values). Raises UserError for anything else (naming the field or tensor,
-    what was found and what was expected), with nothing written. Returns the path written.
+    shapes, dtypes, values). A char-level model's vocabulary (rwkvlm_vocab.json byte for byte, else
+    rebuilt from a character tokenizer.json) is written as vocab.json beside the .pth, before it;
+    a vocab.json already there must be the same one (and none may be there for a model without
+    one). Raises UserError for anything else (naming the field or tensor, what was found and what
+    was expected), with nothing written. Returns the path of the .pth.
     """
     hf = Path(hf_dir)
     where = str(hf)
@@ -502,9 +602,64 @@ def import_hf(hf_dir, out_path, log=print) -> Path:
             raise UserError(f"{where}: {EXTRA_FILE}: {name} has shape {tuple(t.shape)}; expected {shape} ({summary}).")
         ordered[name] = _own_storage(t)
     ModelConfig.from_state_dict(ordered, out)  # the same check every loader of ours makes
+    vocab, vocab_bytes, vocab_note = _import_vocab(hf, where, cfg)
+    vocab_dest = _vocab_destination(out, vocab, cfg)
     kept = f"The file {out.name} was not changed" if out.exists() else f"The file {out.name} was not written"
     with explain_write_errors(out.absolute().parent, hint="choose another OUT.pth path on a disk with room for it",
                               kept=kept):
+        if vocab_dest is not None:  # first: a vocab.json without weights is read by nothing
+            with atomic_open(vocab_dest, "wb") as f:
+                f.write(vocab_bytes)
         atomic_torch_save(ordered, out)
     log(f"imported {hf} ({cfg.describe()}) to {out}")
+    if vocab is not None:
+        where_vocab = vocab_dest or out.absolute().parent / VOCAB_JSON
+        log(f"a char-level model: its vocabulary ({vocab.vocab_size} characters, {vocab_note}) is "
+            f"{where_vocab}{'' if vocab_dest is not None else ' (already there, the same)'}")
     return out
+
+
+def _import_vocab(hf: Path, where: str, cfg: ModelConfig):
+    """(CharVocab, the bytes of its vocab.json, where it came from) of an export's char-level vocabulary:
+    rwkvlm_vocab.json (byte for byte), else a character tokenizer.json (rebuilt, in vocab.json's format);
+    (None, None, "") for the World vocabulary or none. UserError for a damaged or disagreeing one."""
+    from_tok = None
+    if (hf / TOKENIZER_FILE).is_file():
+        from_tok = vocab_from_tokenizer_json(hf / TOKENIZER_FILE, where)
+    if (hf / VOCAB_COPY).is_file():
+        vocab = CharVocab.read(hf / VOCAB_COPY)
+        if from_tok is not None and from_tok != vocab:
+            raise UserError(f"{where}: {VOCAB_COPY} and {TOKENIZER_FILE} hold different character vocabularies "
+                            f"({vocab.describe_difference(from_tok)}); export the model again. Nothing was written.")
+        data, note = (hf / VOCAB_COPY).read_bytes(), f"{VOCAB_COPY}, byte for byte"
+    elif from_tok is not None:
+        vocab, note = from_tok, f"rebuilt from {TOKENIZER_FILE}"
+        data = vocab.to_json().encode("utf-8")
+    else:
+        return None, None, ""
+    if vocab.vocab_size > cfg.vocab_size:
+        raise UserError(f"{where}: its character vocabulary ({note}) lists {vocab.vocab_size} characters, but the model "
+                        f"has a vocabulary of {cfg.vocab_size} tokens (config.json vocab_size). Nothing was written.")
+    return vocab, data, note
+
+
+def _vocab_destination(out: Path, vocab: CharVocab | None, cfg: ModelConfig) -> Path | None:
+    """Where the imported vocab.json goes (beside OUT.pth, where chat.py and evaluate.py look), or None
+    when nothing is to be written. UserError when a vocab.json already there is another model's (or the
+    imported model has none): the tools would read the .pth with it."""
+    existing = vocab_file_for(out.absolute().parent)
+    if existing is None:
+        return out.absolute().parent / VOCAB_JSON if vocab is not None else None
+    try:
+        there = CharVocab.read(existing)
+    except UserError:
+        there = None
+    if vocab is not None and there == vocab:
+        return None
+    what = (f"its own character vocabulary of {vocab.vocab_size} characters ({there.describe_difference(vocab)})"
+            if vocab is not None and there is not None else
+            "its own character vocabulary" if vocab is not None else
+            f"no character vocabulary (vocab_size {cfg.vocab_size})")
+    raise UserError(f"{existing} lies in the folder of {out.name}, and chat.py, evaluate.py and train.py would read the "
+                    f"imported model with it, but the model has {what}. Import into a folder of its own (or move that "
+                    f"vocab.json away). Nothing was written.")

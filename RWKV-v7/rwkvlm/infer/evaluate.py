@@ -9,6 +9,12 @@ with at least one held-out part (a prefix, verb, operator word, unknown name,
 frame ... that training never uses). The table has one column group per
 checkpoint: seen, unseen and all items (or the one split asked for).
 
+A char-level model (PROJ_DIR/vocab.json beside its weights) is asked in its own vocabulary. An item
+whose prompt or answer holds a character that vocabulary lacks cannot be asked (its question cannot
+be encoded, or its answer cannot be written): it is counted as "not in the vocabulary", per kind and
+split, left out of the accuracy, and the table has a column for these counts with a note naming the
+missing characters. A World-vocabulary model asks every item.
+
 Prompts are batched: prompts of equal token length are prefilled together,
 then all replies are decoded as one batch (finished rows drop out).
 """
@@ -38,15 +44,20 @@ def reply_of(text: str) -> str:
 
 @dataclass
 class KindScore:
+    """n items asked, `correct` of them right; `not_in_vocab` more that could not be asked (characters
+    the model's vocabulary lacks), outside n and the accuracy."""
+
     n: int = 0
     correct: int = 0
+    not_in_vocab: int = 0
 
     @property
     def accuracy(self) -> float:
         return 100.0 * self.correct / self.n if self.n else 0.0
 
     def as_dict(self) -> dict:
-        return {"n": self.n, "correct": self.correct, "accuracy": round(self.accuracy, 2)}
+        return {"n": self.n, "correct": self.correct, "accuracy": round(self.accuracy, 2),
+                "not_in_vocab": self.not_in_vocab}
 
 
 @dataclass
@@ -73,59 +84,111 @@ class Result:
     errors: list = field(default_factory=list)  # {"kind", "split", "question", "expected", "got"}
     seconds: float = 0.0
     info: dict = field(default_factory=dict)
+    vocabulary: str = "World"  # or e.g. "char: 43 characters (out/x/vocab.json)"
+    missing: dict = field(default_factory=dict)  # character the vocabulary lacks -> items it kept out
 
     def as_dict(self) -> dict:
-        return {"label": self.label, "path": self.path, "overall": self.overall.as_dict(),
+        return {"label": self.label, "path": self.path, "vocabulary": self.vocabulary,
+                "overall": self.overall.as_dict(),
                 "by_kind": {k: v.as_dict() for k, v in self.by_kind.items()},
                 "by_split": {s: v.as_dict() for s, v in self.by_split.items()},
+                "not_in_vocab": {"items": self.overall.not_in_vocab, "characters": self.missing},
                 "seconds": round(self.seconds, 3), "info": self.info, "errors": self.errors}
 
 
-def score(items, replies, label: str = "", kinds=None) -> Result:
-    """Exact-match score of `replies` (raw generated texts) against the items' answers."""
+def score(items, replies, label: str = "", kinds=None, not_asked=()) -> Result:
+    """Exact-match score of `replies` (raw generated texts) against the items' answers; `not_asked`:
+    (item, missing characters) of the items the vocabulary could not ask (counted, not scored)."""
     if len(items) != len(replies):
         raise ValueError(f"{len(items)} items but {len(replies)} replies")
     from rwkvlm.data.arithmetic import SPLITS
 
     if kinds is None:
         from rwkvlm.data.arithmetic import KINDS as kinds
+    not_asked = list(not_asked)
     res = Result(label=label, by_kind={k: KindScore() for k in kinds})
     for split in SPLITS:  # the splits present, in their order
-        if any(_split_of(it) == split for it in items):
+        if any(_split_of(it) == split for it in list(items) + [it for it, _ in not_asked]):
             res.by_split[split] = SplitScore(by_kind={k: KindScore() for k in kinds})
+
+    def scores_of(item):
+        part = res.by_split.setdefault(_split_of(item), SplitScore(by_kind={k: KindScore() for k in kinds}))
+        return (res.by_kind.setdefault(item.kind, KindScore()), res.overall,
+                part.by_kind.setdefault(item.kind, KindScore()), part.overall)
+
     for item, text in zip(items, replies):
         got = reply_of(text)
         ok = got == item.answer.strip()
-        split = _split_of(item)
-        part = res.by_split.setdefault(split, SplitScore(by_kind={k: KindScore() for k in kinds}))
-        for ks in (res.by_kind.setdefault(item.kind, KindScore()), res.overall,
-                   part.by_kind.setdefault(item.kind, KindScore()), part.overall):
+        for ks in scores_of(item):
             ks.n += 1
             ks.correct += ok
         if not ok:
-            res.errors.append({"kind": item.kind, "split": split, "question": item.question,
+            res.errors.append({"kind": item.kind, "split": _split_of(item), "question": item.question,
                                "expected": item.answer, "got": got})
+    for item, missing in not_asked:
+        for ks in scores_of(item):
+            ks.not_in_vocab += 1
+        for c in missing:
+            res.missing[c] = res.missing.get(c, 0) + 1
+    res.missing = dict(sorted(res.missing.items(), key=lambda kv: (-kv[1], kv[0])))
     return res
+
+
+def missing_characters(item, chars) -> str:
+    """The characters of the item's prompt and answer that the set `chars` lacks, sorted ('' when none)."""
+    from rwkvlm.data.arithmetic import format_prompt
+
+    return "".join(sorted(set(format_prompt(item.question) + " " + item.answer) - chars))
+
+
+def split_by_vocabulary(items, tokenizer):
+    """(items the tokenizer can ask, [(item, missing characters)] of those it cannot). A tokenizer with a
+    character list (`chars`: a char-level vocabulary) cannot ask an item whose prompt or answer holds
+    another character; any other tokenizer (the World one, which encodes every text) asks all."""
+    chars = getattr(tokenizer, "chars", None)
+    if chars is None:
+        return list(items), []
+    chars = set(chars)
+    asked, not_asked = [], []
+    for it in items:
+        missing = missing_characters(it, chars)
+        if missing:
+            not_asked.append((it, missing))
+        else:
+            asked.append(it)
+    return asked, not_asked
 
 
 def _split_of(item) -> str:
     return getattr(item, "split", "seen")  # items without one (an older EvalItem) are training's wordings
 
 
-def evaluate_with(items, answer_fn, label: str = "", kinds=None) -> Result:
-    """Score `answer_fn(prompts) -> list of generated texts` on the items."""
+def evaluate_with(items, answer_fn, label: str = "", kinds=None, tokenizer=None) -> Result:
+    """Score `answer_fn(prompts) -> list of generated texts` on the items; with a char-level
+    `tokenizer` (a CharVocab) only on those it can ask, the others counted as not in the vocabulary."""
     from rwkvlm.data.arithmetic import format_prompt
 
     t0 = time.perf_counter()
-    replies = answer_fn([format_prompt(it.question) for it in items])
-    res = score(items, list(replies), label, kinds)
+    asked, not_asked = split_by_vocabulary(items, tokenizer)
+    replies = answer_fn([format_prompt(it.question) for it in asked]) if asked else []
+    res = score(asked, list(replies), label, kinds, not_asked)
+    res.vocabulary = describe_vocabulary(tokenizer, getattr(tokenizer, "source", None))
     res.seconds = time.perf_counter() - t0
     return res
 
 
+def describe_vocabulary(tokenizer, where=None) -> str:
+    """'World', or 'char: N characters (WHERE)' for a char-level vocabulary (WHERE: its vocab.json)."""
+    if getattr(tokenizer, "chars", None) is None:
+        return "World"
+    return f"char: {len(tokenizer.chars)} characters ({where or 'vocab.json'})"
+
+
 def default_max_tokens(items, tokenizer) -> int:
-    """Enough tokens for the longest expected answer plus its blank line, and some slack."""
-    longest = max((len(tokenizer.encode(" " + it.answer + "\n\n")) for it in items), default=16)
+    """Enough tokens for the longest expected answer plus its blank line, and some slack (over the
+    items the tokenizer can ask)."""
+    asked, _ = split_by_vocabulary(items, tokenizer)
+    longest = max((len(tokenizer.encode(" " + it.answer + "\n\n")) for it in asked), default=16)
     return longest + 8
 
 
@@ -205,9 +268,34 @@ def _cell(ks: KindScore) -> str:
     return f"{ks.correct}/{ks.n} {ks.accuracy:5.1f}%" if ks.n else "-"
 
 
+NOT_IN_VOCAB = "not in vocab"  # the column of the items a char-level vocabulary could not ask
+
+
+def _shown(chars, limit: int = 12) -> str:
+    shown = ", ".join(repr(c) for c in list(chars)[:limit])
+    return shown + (f" and {len(chars) - limit} more" if len(chars) > limit else "")
+
+
+def vocabulary_note(results) -> str:
+    """The lines under the table on the items not asked: what the column means, and per result with
+    such items its vocabulary and the characters it lacks (most items first)."""
+    hit = [r for r in results if r.overall.not_in_vocab]
+    if not hit:
+        return ""
+    lines = [f"{NOT_IN_VOCAB}: items whose question or answer holds a character the model's vocabulary lacks; "
+             f"not asked, and not in the accuracy (n counts the items asked)."]
+    for r in hit:
+        total = r.overall.n + r.overall.not_in_vocab
+        lines.append(f"  {r.label}: {r.overall.not_in_vocab} of {total} items; vocabulary {r.vocabulary}; "
+                     f"lacking {_shown(list(r.missing))}")
+    return "\n".join(lines)
+
+
 def format_table(results, kinds=None, title: str = "") -> str:
     """Rows: kinds then overall; per result a column group, headed by its label, of
-    `correct/n acc%` cells: seen wordings, unseen wordings, all items (the splits it has)."""
+    `correct/n acc%` cells: seen wordings, unseen wordings, all items (the splits it has), and, for a
+    result with items its vocabulary could not ask, their count (all splits) in a `not in vocab`
+    column (vocabulary_note explains it)."""
     if kinds is None:
         from rwkvlm.data.arithmetic import KINDS as kinds
     kinds = list(kinds) + [k for r in results for k in r.by_kind if k not in kinds]
@@ -219,6 +307,10 @@ def format_table(results, kinds=None, title: str = "") -> str:
             rows = {k: _cell(score.by_kind.get(k, KindScore())) for k in kinds}
             rows["overall"] = _cell(score.overall)
             group.append([name, rows, max([len(name)] + [len(c) for c in rows.values()])])
+        if r.overall.not_in_vocab:
+            rows = {k: str(r.by_kind.get(k, KindScore()).not_in_vocab) for k in kinds}
+            rows["overall"] = str(r.overall.not_in_vocab)
+            group.append([NOT_IN_VOCAB, rows, max([len(NOT_IN_VOCAB)] + [len(c) for c in rows.values()])])
         spare = len(r.label) - (sum(c[2] for c in group) + 2 * (len(group) - 1))
         if spare > 0:
             group[-1][2] += spare
@@ -243,7 +335,8 @@ def format_table(results, kinds=None, title: str = "") -> str:
         if k == "overall":
             lines.append(rule)
         lines.append(line(k, [rows[k].rjust(w) for g in groups for _, rows, w in g]))
-    return "\n".join(lines)
+    note = vocabulary_note(results)
+    return "\n".join(lines + ([note] if note else []))
 
 
 def format_errors(res: Result, limit: int) -> str:
@@ -304,6 +397,33 @@ def _parser():
     return p
 
 
+def _check_eod_prefix(paths, vocab_files) -> None:
+    """UserError for --eod-prefix with a char-level model: it has no end-of-document token."""
+    from rwkvlm.data.charvocab import CharVocab
+
+    for path, f in zip(paths, vocab_files):
+        if f is not None:
+            first = CharVocab.read(f).chars[0]
+            raise UserError(f"--eod-prefix feeds token 0, the World vocabulary's end of document, before each prompt; "
+                            f"{path} is a char-level model (its vocabulary is {f}), which has no such token: its "
+                            f"id 0 is the character {first!r}. Leave --eod-prefix out for it.")
+
+
+def _summary(res: Result, char_max_tokens=None) -> str:
+    """The line printed after each checkpoint."""
+    ov = res.overall
+    total = ov.n + ov.not_in_vocab
+    tail = f"  [{res.path}]"
+    if char_max_tokens is not None:
+        tail = f"  [{res.path}; vocabulary {res.vocabulary}, max {char_max_tokens} tokens]"
+    if ov.n == 0:
+        return f"  {res.label}: no item asked: all {total} hold characters its vocabulary lacks{tail}"
+    splits = ", ".join(f"{name} {part.overall.accuracy:.1f}%" for name, part in res.by_split.items()
+                       if part.overall.n)
+    skipped = f"; {ov.not_in_vocab} of {total} items not in the vocabulary" if ov.not_in_vocab else ""
+    return f"  {res.label}: {ov.correct}/{ov.n} = {ov.accuracy:.1f}% ({splits}{skipped}; {res.seconds:.1f} s){tail}"
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     if args.n < 1:
@@ -325,31 +445,41 @@ def main(argv=None) -> int:
     from rwkvlm.data.arithmetic import KINDS, make_eval_set
     from rwkvlm.infer.generate import Generator, load_model, resolve_device, resolve_dtype
     from rwkvlm.data.tokenizer import get_tokenizer
+    from rwkvlm.rundir.find import vocab_file_for
 
+    vocab_files = [vocab_file_for(p) for p in paths]  # None: the World vocabulary
+    if args.eod_prefix:
+        _check_eod_prefix(paths, vocab_files)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     batch_size = args.batch_size or (512 if device.type == "cuda" else 400)
     items = make_eval_set(args.n, args.seed, split=args.split)
-    tok = get_tokenizer()
-    max_tokens = args.max_tokens or default_max_tokens(items, tok)
+    world = get_tokenizer()
+    if args.max_tokens or not any(vocab_files):
+        limit = f"max {args.max_tokens or default_max_tokens(items, world)} tokens"
+    else:
+        limit = "max tokens: the longest answer + 8 in each model's vocabulary"
     wordings = {"both": "seen and unseen wordings", "seen": "seen wordings", "unseen": "unseen wordings"}
     print(f"held-out arithmetic: {len(items)} items (seed {args.seed}, {wordings[args.split]}), greedy, exact "
-          f"match, max {max_tokens} tokens, {device} {str(dtype).replace('torch.', '')}", flush=True)
+          f"match, {limit}, {device} {str(dtype).replace('torch.', '')}", flush=True)
 
     results = []
-    for path, label in zip(paths, labels_for(paths)):
+    for path, label, vocab_file in zip(paths, labels_for(paths), vocab_files):
         t0 = time.perf_counter()
         model = load_model(path, device, dtype, log=lambda msg: None)  # said by expand_checkpoints
+        tok = model.tokenizer if model.tokenizer is not None else world  # a char-level model's vocab.json
+        max_tokens = args.max_tokens or default_max_tokens(items, tok)
         gen = Generator(model, tok)
-        res = evaluate_with(items, model_answerer(gen, max_tokens, batch_size, args.eod_prefix), label, KINDS)
+        res = evaluate_with(items, model_answerer(gen, max_tokens, batch_size, args.eod_prefix), label, KINDS,
+                            tokenizer=tok)
         res.path = str(path)
+        res.vocabulary = describe_vocabulary(tok, vocab_file)
         cfg = getattr(model, "cfg", None)
         if cfg is not None:
             res.info = {"n_layer": cfg.n_layer, "n_embd": cfg.n_embd, "vocab_size": cfg.vocab_size,
                         "load_seconds": round(time.perf_counter() - t0 - res.seconds, 3)}
-        splits = ", ".join(f"{name} {part.overall.accuracy:.1f}%" for name, part in res.by_split.items())
-        print(f"  {label}: {res.overall.correct}/{res.overall.n} = {res.overall.accuracy:.1f}% ({splits}; "
-              f"{res.seconds:.1f} s)  [{path}]", flush=True)
+        res.info["max_tokens"] = max_tokens
+        print(_summary(res, max_tokens if model.tokenizer is not None else None), flush=True)
         results.append(res)
         del model, gen
         if device.type == "cuda":

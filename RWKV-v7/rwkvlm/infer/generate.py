@@ -407,7 +407,7 @@ class _Row:
 
 def _check_fits(model, tokenizer) -> None:
     """UserError when the tokenizer's vocabulary is larger than the model's (its ids would not fit
-    the embedding): a char-level model given the World tokenizer, as by evaluate.py."""
+    the embedding): a char-level model given the World tokenizer."""
     size = getattr(getattr(model, "cfg", None), "vocab_size", None)
     tok_size = getattr(tokenizer, "vocab_size", None)
     if isinstance(size, int) and isinstance(tok_size, int) and tok_size > size:
@@ -416,8 +416,8 @@ def _check_fits(model, tokenizer) -> None:
                 if own is not None else f"a model with a vocabulary of {size} tokens")
         raise UserError(f"{getattr(model, 'source_path', 'the model')} is {what}, but this tool tokenizes with "
                         f"the {getattr(tokenizer, 'vocab_name', 'given')} vocabulary of {tok_size} tokens, which "
-                        f"needs a model with the World vocabulary (such as evaluate.py's arithmetic test). Test a "
-                        f"char-level model with chat.py, which reads its vocab.json.")
+                        f"needs a model with the World vocabulary. Give no tokenizer (Generator(model)): chat.py, "
+                        f"evaluate.py and the Generator then use the vocab.json beside the weights.")
 
 
 class Generator:

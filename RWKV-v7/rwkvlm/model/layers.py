@@ -14,10 +14,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from rwkvlm.errors import UserError
+from rwkvlm.errors import UserError, is_out_of_memory
 
 __all__ = ["Norm", "HeadGroupNorm", "shift", "linear", "layer_norm", "group_norm", "param_tuple",
-           "orthogonal_", "orthogonal_spec_", "zero_linear", "compile_once"]
+           "orthogonal_", "orthogonal_spec_", "put", "filled", "zeros", "run_steps", "zero_linear", "compile_once"]
 
 
 # ============================================================================================
@@ -25,7 +25,14 @@ __all__ = ["Norm", "HeadGroupNorm", "shift", "linear", "layer_norm", "group_norm
 # ============================================================================================
 
 def orthogonal_(p: torch.Tensor, gain: float) -> None:
-    """torch's orthogonal init with exactly `gain` (drawn in fp32, copied in p's dtype)."""
+    """torch's orthogonal init with exactly `gain` (drawn in fp32, copied in p's dtype).
+
+    An fp32 p is drawn into directly (the same values as through an fp32 copy, without the
+    copy's memory). On the CPU the values also depend on the number of threads (the QR
+    factorisation's blocking); on a GPU they are the GPU's own (another generator and QR)."""
+    if p.dtype == torch.float32 and p.is_contiguous():
+        nn.init.orthogonal_(p, gain=gain)
+        return
     t = torch.empty(p.shape, dtype=torch.float32, device=p.device)
     nn.init.orthogonal_(t, gain=gain)
     p.copy_(t)
@@ -37,8 +44,39 @@ def orthogonal_spec_(p: torch.Tensor, g: float) -> None:
     orthogonal_(p, g * math.sqrt(rows / cols) if rows > cols else g)
 
 
+# The init as steps: a fill sets one tensor in place, given only that tensor (a parameter of the
+# model, or a fresh tensor of its shape: rwkvlm.model.lm.RWKVLM.init_steps).
+
+def put(values: torch.Tensor):
+    """The fill that copies `values` (a CPU tensor of as many elements, e.g. (C,) float64) into
+    the tensor in its shape and dtype."""
+    return lambda t: t.copy_(values.reshape(t.shape).to(t.dtype))
+
+
+def filled(value: float):
+    """The fill that sets every element to `value`."""
+    return lambda t: t.fill_(value)
+
+
+def zeros(t: torch.Tensor) -> torch.Tensor:
+    """The fill of zeros."""
+    return t.zero_()
+
+
+@torch.no_grad()
+def run_steps(module: nn.Module, steps) -> None:
+    """Run [(name, fill)] on `module`'s parameters of those names (nothing on the meta device)."""
+    params = dict(module.named_parameters())
+    for name, fill in steps:
+        p = params[name]
+        if not p.is_meta:
+            fill(p)
+
+
 def zero_linear(n_in: int, n_out: int) -> nn.Linear:
-    lin = nn.utils.skip_init(nn.Linear, n_in, n_out, bias=False)
+    """A linear layer of zeros (no bias), on the default device (torch.device("meta") builds
+    a model without memory: rwkvlm.model.lm)."""
+    lin = nn.utils.skip_init(nn.Linear, n_in, n_out, bias=False, device=torch.get_default_device())
     with torch.no_grad():
         lin.weight.zero_()
     return lin
@@ -140,7 +178,7 @@ def compile_once(fn):
             try:
                 return compiled(*args)
             except Exception as e:
-                if not _is_compiler_error(e):
+                if not _is_compiler_error(e) or is_out_of_memory(e):  # memory: the trainer's message
                     raise
                 first = (str(e).strip().splitlines() or [""])[0][:300]
                 raise UserError(

@@ -14,15 +14,21 @@ state, (att shift x (B, C), WKV state (B, H, N, N) fp32, ffn shift x (B, C)).
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from rwkvlm.model.head import Head
-from rwkvlm.model.layers import orthogonal_
+from rwkvlm.model.layers import filled, orthogonal_, zeros
 
 __all__ = ["RWKVLM"]
+
+
+def _owns_storage(t: torch.Tensor) -> bool:
+    """Whether t is all of its storage (not a view of a larger tensor)."""
+    return t.is_contiguous() and t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size()
 
 
 class RWKVLM(nn.Module):
@@ -34,12 +40,13 @@ class RWKVLM(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
-        self.emb = nn.utils.skip_init(nn.Embedding, cfg.vocab_size, cfg.n_embd)
+        here = torch.get_default_device()  # torch.device("meta"): a model without memory (from_weights)
+        self.emb = nn.utils.skip_init(nn.Embedding, cfg.vocab_size, cfg.n_embd, device=here)
         with torch.no_grad():
             self.emb.weight.zero_()
         self.blocks = nn.ModuleList(self.block_cls(cfg, i) for i in range(cfg.n_layer))
         self.ln_out = nn.LayerNorm(cfg.n_embd)
-        self.head = nn.utils.skip_init(Head, cfg.n_embd, cfg.vocab_size, bias=False)
+        self.head = nn.utils.skip_init(Head, cfg.n_embd, cfg.vocab_size, bias=False, device=here)
         with torch.no_grad():
             self.head.weight.zero_()
 
@@ -73,33 +80,92 @@ class RWKVLM(nn.Module):
 
         Layer norms 1 / 0; each block's table values (and its random LoRA parts); then emb
         uniform(+-1e-4), head orthogonal (gain 0.5 * sqrt(V / C) when V > C, else 0.5), and each
-        block matrix orthogonal with the family's gain (matrix_gain), in state-dict order."""
+        block matrix orthogonal with the family's gain (matrix_gain), in state-dict order
+        (init_steps)."""
+        params = dict(self.named_parameters())
+        for name, fill in self.init_steps():
+            fill(params[name])
+
+    def init_steps(self) -> list:
+        """The init pass as [(parameter name, fill)], in the order it draws random numbers: fill(t)
+        sets a tensor t of that parameter's shape in place, from the generator of t's device.
+        init_weights runs them on the model's parameters; initial_state_dict on fresh tensors, one
+        at a time (the model may then live on the meta device: the steps read its config and
+        names only). Every parameter has exactly one step."""
         cfg = self.cfg
+        steps = []
         for block in self.blocks:
-            for ln in (block.ln1, block.ln2) + ((block.ln0,) if block.layer_id == 0 else ()):
-                ln.weight.fill_(1.0)
-                ln.bias.zero_()
-            block.att.init_table(randomize=True)  # also sets ln_x.weight = ((1 + l) / L) ** 0.7
-            block.ffn.init_table()
-        self.ln_out.weight.fill_(1.0)
-        self.ln_out.bias.zero_()
+            b = f"blocks.{block.layer_id}."
+            for ln in ("ln1", "ln2") + (("ln0",) if block.layer_id == 0 else ()):
+                steps += [(f"{b}{ln}.weight", filled(1.0)), (f"{b}{ln}.bias", zeros)]
+            steps += [(f"{b}att.{n}", fill) for n, fill in block.att.table_steps(randomize=True)]
+            steps += [(f"{b}ffn.{n}", fill) for n, fill in block.ffn.table_steps()]
+        steps += [("ln_out.weight", filled(1.0)), ("ln_out.bias", zeros)]
 
         V, C = cfg.vocab_size, cfg.n_embd
         for name, p in self.named_parameters():
             if "ln_" in name or ".ln" in name or ".weight" not in name:
-                continue  # table value (set above)
+                continue  # table value (above)
             if name == "emb.weight":
-                p.uniform_(-1e-4, 1e-4)
+                steps.append((name, lambda t: t.uniform_(-1e-4, 1e-4)))
             elif name == "head.weight":
-                orthogonal_(p, 0.5 * math.sqrt(V / C) if V > C else 0.5)
+                steps.append((name, partial(orthogonal_, gain=0.5 * math.sqrt(V / C) if V > C else 0.5)))
             elif p.dim() == 2:
                 gain = self.matrix_gain(name)
-                if gain == 0:
-                    p.zero_()
-                else:
-                    orthogonal_(p, gain)
+                steps.append((name, zeros if gain == 0 else partial(orthogonal_, gain=gain)))
             else:
                 raise AssertionError(f"init_weights: no rule for {name} {tuple(p.shape)}")
+        return steps
+
+    @classmethod
+    @torch.no_grad()
+    def initial_state_dict(cls, cfg, dtype: torch.dtype = torch.float32, device="cpu") -> dict:
+        """The state dict of a freshly initialised model (what init_weights() then state_dict()
+        give, in `dtype`), made tensor by tensor: each parameter is drawn in fp32 on `device`,
+        converted to `dtype` on the CPU, and its fp32 tensor freed. No model is held beside the
+        result, so the host memory is the dict in `dtype` plus one parameter's init at a time.
+
+        On the CPU the values are init_weights' bit for bit (its fp32 values, rounded to `dtype`
+        as the saves round them), for the same seed and number of CPU threads. On a GPU
+        (device "cuda") the random values come from the GPU's generator and QR: deterministic
+        for a seed, but not the CPU's values."""
+        with torch.device("meta"):
+            model = cls(cfg)
+        shapes = {k: v.shape for k, v in model.state_dict().items()}
+        out = {}
+        for name, fill in model.init_steps():
+            t = torch.empty(shapes[name], dtype=torch.float32, device=device)
+            fill(t)
+            out[name] = t.to("cpu", dtype)
+            del t
+        if set(out) != set(shapes):
+            raise AssertionError(f"init_steps: no step for {sorted(set(shapes) - set(out))[:3]}")
+        return {k: out[k] for k in shapes}  # state-dict order
+
+    @classmethod
+    @torch.no_grad()
+    def from_weights(cls, cfg, sd: dict, check=None) -> "RWKVLM":
+        """A model holding `sd`'s weights in fp32, built without an init pass: its modules are made
+        on the meta device and take the weights as their parameters (an fp32 tensor of `sd` as it
+        is; others converted one at a time, each dropped from `sd` once converted, so the host
+        holds about one copy). `check(model)` runs on the empty model first (names and shapes:
+        rwkvlm.rundir.weights.check_weights_fit). The result equals building the model, then
+        load_state_dict({k: v.float()}) (`sd` is emptied)."""
+        with torch.device("meta"):
+            model = cls(cfg)
+        if check is not None:
+            check(model)
+        fp32, seen = {}, set()
+        for k in list(sd):
+            v = sd.pop(k)
+            if v.dtype != torch.float32:
+                v = v.float()
+            elif not _owns_storage(v) or v.untyped_storage().data_ptr() in seen:
+                v = v.clone()  # a view or a tensor shared with another name: a parameter of its own
+            seen.add(v.untyped_storage().data_ptr())
+            fp32[k] = v
+        model.load_state_dict(fp32, assign=True)
+        return model
 
     # ---------------------------------------------------------------------------------------
     # training forward

@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from rwkvlm.errors import UserError
-from rwkvlm.model.layers import (HeadGroupNorm, Norm, compile_once, group_norm, layer_norm, linear, param_tuple, shift,
-                                 zero_linear)
+from rwkvlm.model.layers import (HeadGroupNorm, Norm, compile_once, filled, group_norm, layer_norm, linear, param_tuple,
+                                 put, run_steps, shift, zero_linear, zeros)
 from rwkvlm.model.lm import RWKVLM
 from rwkvlm.ops.wkv6 import wkv6
 
@@ -310,32 +310,28 @@ class TimeMix(nn.Module):
     def init_table(self, randomize: bool = False) -> None:
         """RWKV-LM's x060 values: token-shift mixes, decay speeds and the bonus by channel and
         layer; the LoRA "up" matrices uniform(+-0.01) only when randomize (zeros otherwise)."""
+        run_steps(self, self.table_steps(randomize))
+
+    def table_steps(self, randomize: bool = False) -> list:
+        """init_table as [(parameter name, fill)], in the order it draws random numbers (values
+        computed on the CPU in float64)."""
         cfg, l = self.cfg, self.layer_id
         C, L = cfg.n_embd, cfg.n_layer
-        n = torch.arange(C, dtype=torch.float64, device=self.time_decay.device)
+        n = torch.arange(C, dtype=torch.float64)
         r0 = l / (L - 1) if L > 1 else 0.0  # 0 .. 1
         r1 = 1.0 - l / L                    # 1 .. almost 0
         ddd = n / C
 
-        def put(p, values):
-            p.copy_(values.reshape(p.shape).to(p.dtype))  # (C,) -> (1, 1, C) or (H, N)
-
-        for p in (self.time_maa_x, self.time_maa_w, self.time_maa_k):
-            put(p, 1.0 - ddd ** r1)
-        put(self.time_maa_v, 1.0 - (ddd ** r1 + 0.3 * r0))
-        put(self.time_maa_r, 1.0 - ddd ** (0.5 * r1))
-        put(self.time_maa_g, 1.0 - ddd ** (0.5 * r1))
-        put(self.time_decay, -6 + 5 * (n / (C - 1)) ** (0.7 + 1.3 * r0))
-        put(self.time_faaaa, r0 * (1 - n / (C - 1)) + ((n + 1) % 3 - 1) * 0.1)
-        self.time_maa_w1.zero_()
-        self.time_decay_w1.zero_()
-        for p in (self.time_maa_w2, self.time_decay_w2):
-            if randomize:
-                p.uniform_(-0.01, 0.01)
-            else:
-                p.zero_()
-        self.ln_x.weight.fill_(((1 + l) / L) ** 0.7)
-        self.ln_x.bias.zero_()
+        steps = [(f"time_maa_{x}", put(1.0 - ddd ** r1)) for x in ("x", "w", "k")]
+        steps += [("time_maa_v", put(1.0 - (ddd ** r1 + 0.3 * r0))), ("time_maa_r", put(1.0 - ddd ** (0.5 * r1))),
+                  ("time_maa_g", put(1.0 - ddd ** (0.5 * r1))),
+                  ("time_decay", put(-6 + 5 * (n / (C - 1)) ** (0.7 + 1.3 * r0))),
+                  ("time_faaaa", put(r0 * (1 - n / (C - 1)) + ((n + 1) % 3 - 1) * 0.1)),
+                  ("time_maa_w1", zeros), ("time_decay_w1", zeros)]
+        for name in ("time_maa_w2", "time_decay_w2"):
+            steps.append((name, (lambda t: t.uniform_(-0.01, 0.01)) if randomize else zeros))
+        steps += [("ln_x.weight", filled(((1 + l) / L) ** 0.7)), ("ln_x.bias", zeros)]
+        return steps
 
     def params(self, as_modules: bool = False) -> TimeMixParams:
         return param_tuple(self, TimeMixParams, as_modules)
@@ -360,11 +356,14 @@ class ChannelMix(nn.Module):
 
     @torch.no_grad()
     def init_table(self) -> None:
+        run_steps(self, self.table_steps())
+
+    def table_steps(self) -> list:
+        """init_table as [(parameter name, fill)] (no random numbers)."""
         C, L = self.cfg.n_embd, self.cfg.n_layer
         r1 = 1.0 - self.layer_id / L
-        ddd = torch.arange(C, dtype=torch.float64, device=self.time_maa_k.device) / C
-        for p in (self.time_maa_k, self.time_maa_r):
-            p.copy_((1.0 - ddd ** (r1 ** 3)).view(1, 1, C).to(p.dtype))  # (1, 1, C)
+        ddd = torch.arange(C, dtype=torch.float64) / C
+        return [(name, put(1.0 - ddd ** (r1 ** 3))) for name in ("time_maa_k", "time_maa_r")]  # (1, 1, C)
 
     def params(self, as_modules: bool = False) -> ChannelMixParams:
         return param_tuple(self, ChannelMixParams, as_modules)

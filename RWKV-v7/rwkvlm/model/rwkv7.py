@@ -27,8 +27,8 @@ from torch.utils.checkpoint import checkpoint
 
 from rwkvlm.model.config import ModelConfig, count_params
 from rwkvlm.model.lm import RWKVLM
-from rwkvlm.model.layers import (HeadGroupNorm, Norm, compile_once, group_norm, layer_norm, linear, orthogonal_spec_,
-                                 param_tuple, shift, zero_linear)
+from rwkvlm.model.layers import (HeadGroupNorm, Norm, compile_once, filled, group_norm, layer_norm, linear,
+                                 orthogonal_spec_, param_tuple, put, run_steps, shift, zero_linear, zeros)
 from rwkvlm.ops.wkv7 import wkv7
 from rwkvlm.ops.wkv7.cuda import wkv7_op
 
@@ -217,10 +217,14 @@ class TimeMix(nn.Module):
     @torch.no_grad()
     def init_table(self, randomize: bool = False) -> None:
         """The spec's per-parameter table values; random LoRA w2/a2/v2/g2 only when randomize."""
+        run_steps(self, self.table_steps(randomize))
+
+    def table_steps(self, randomize: bool = False) -> list:
+        """init_table as [(parameter name, fill)], in the order it draws random numbers (fill(t) sets
+        a tensor of that parameter's shape in place; the values are computed on the CPU in float64)."""
         cfg, l = self.cfg, self.layer_id
         C, L, N = cfg.n_embd, cfg.n_layer, cfg.head_size
-        dev = self.x_r.device
-        n = torch.arange(C, dtype=torch.float64, device=dev)
+        n = torch.arange(C, dtype=torch.float64)
         d = n / C                                   # (C,)
         lin = n / (C - 1) - 0.5                     # (C,)
         z = ((n % N) - (N - 1) / 2) / ((N - 1) / 2)
@@ -229,31 +233,19 @@ class TimeMix(nn.Module):
         r1 = 1.0 - l / L                            # 1 .. almost 0
         www = -6 + 6 * (n / (C - 1)) ** (1 + r0 ** 0.3)
 
-        def put(p, values):
-            p.copy_(values.view(p.shape).to(p.dtype))  # (C,) -> (1, 1, C)
-
-        for p, e in ((self.x_r, 0.2), (self.x_w, 0.9), (self.x_k, 0.7),
-                     (self.x_v, 0.7), (self.x_a, 0.9), (self.x_g, 0.2)):
-            put(p, 1.0 - d ** (e * r1))
-        put(self.w0, www + 0.5 + 2.5 * zig)
-        put(self.a0, -0.19 + 0.3 * zig + 0.4 * lin)
+        steps = [(name, put(1.0 - d ** (e * r1))) for name, e in (
+            ("x_r", 0.2), ("x_w", 0.9), ("x_k", 0.7), ("x_v", 0.7), ("x_a", 0.9), ("x_g", 0.2))]
+        steps.append(("w0", put(www + 0.5 + 2.5 * zig)))
+        steps.append(("a0", put(-0.19 + 0.3 * zig + 0.4 * lin)))
         if self.v0 is not None:
-            put(self.v0, 0.73 - 0.4 * lin)
-        put(self.k_k, 0.71 - 0.1 * lin)
-        self.k_a.fill_(1.02)
-        self.r_k.fill_(-0.04)
-        for p in (self.w1, self.a1, self.v1, self.g1):
-            if p is not None:
-                p.zero_()
-        for p in (self.w2, self.a2, self.v2, self.g2):
-            if p is None:
-                continue
-            if randomize:
-                orthogonal_spec_(p, 0.1)
-            else:
-                p.zero_()
-        self.ln_x.weight.fill_(((1 + l) / L) ** 0.7)
-        self.ln_x.bias.zero_()
+            steps.append(("v0", put(0.73 - 0.4 * lin)))
+        steps += [("k_k", put(0.71 - 0.1 * lin)), ("k_a", filled(1.02)), ("r_k", filled(-0.04))]
+        steps += [(name, zeros) for name in ("w1", "a1", "v1", "g1") if getattr(self, name) is not None]
+        for name in ("w2", "a2", "v2", "g2"):
+            if getattr(self, name) is not None:
+                steps.append((name, (lambda t: orthogonal_spec_(t, 0.1)) if randomize else zeros))
+        steps += [("ln_x.weight", filled(((1 + l) / L) ** 0.7)), ("ln_x.bias", zeros)]
+        return steps
 
     def params(self, as_modules: bool = False) -> TimeMixParams:
         return param_tuple(self, TimeMixParams, as_modules)
@@ -277,10 +269,14 @@ class ChannelMix(nn.Module):
 
     @torch.no_grad()
     def init_table(self) -> None:
+        run_steps(self, self.table_steps())
+
+    def table_steps(self) -> list:
+        """init_table as [(parameter name, fill)] (no random numbers)."""
         C, L = self.cfg.n_embd, self.cfg.n_layer
         r1 = 1.0 - self.layer_id / L
-        d = torch.arange(C, dtype=torch.float64, device=self.x_k.device) / C
-        self.x_k.copy_((1.0 - d ** (r1 ** 4)).view(1, 1, C).to(self.x_k.dtype))  # (1, 1, C)
+        d = torch.arange(C, dtype=torch.float64) / C
+        return [("x_k", put(1.0 - d ** (r1 ** 4)))]  # (1, 1, C)
 
     def params(self, as_modules: bool = False) -> ChannelMixParams:
         return param_tuple(self, ChannelMixParams, as_modules)

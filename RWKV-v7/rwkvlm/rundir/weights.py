@@ -7,6 +7,7 @@ the safe load refuses, damaged or unsafe alike, raises CorruptCheckpoint with on
 """
 from __future__ import annotations
 
+import contextlib
 import re
 import warnings
 import zipfile
@@ -25,8 +26,17 @@ SAVE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.floa
 PROJ_HINT = "choose another --proj_dir (PROJ_DIR in the demo-training scripts) on a disk with room for the saves"
 
 
+# a state dict of GPU tensors at least this large is written through one CPU copy at a time (stream_from_gpu)
+STREAM_BYTES = 4 * 2**30
+
+
 def save_weights(sd: dict, path, precision: str) -> None:
     """Write a weight file (rwkv-*.pth): a plain CPU state dict in the training precision, crash-safely.
+
+    Weights on a GPU that are already in that precision and take STREAM_BYTES or more (a 7B model
+    in bf16: 14 GB) are not copied to the host as a whole first: each tensor goes through a CPU copy
+    of its own as it is written (stream_from_gpu), so the host needs one tensor's memory beside the
+    optimiser state it holds under an offload strategy. The file is the same plain CPU state dict.
 
     A full disk or an unwritable PROJ_DIR raises WriteError (a UserError); the file
     under `path`, if any, is then unchanged."""
@@ -34,9 +44,34 @@ def save_weights(sd: dict, path, precision: str) -> None:
     dtype = SAVE_DTYPES[precision]
     kept = (f"The file {path.name} was not changed" if path.exists() else f"The file {path.name} was not written") + \
         "; the other saves there are untouched"
+
+    def want(v):
+        return dtype if v.is_floating_point() else v.dtype
+
+    on_gpu = [v for v in sd.values() if v.device.type != "cpu"]
+    stream = (on_gpu and len(on_gpu) == len(sd) and all(v.dtype == want(v) for v in on_gpu)
+              and sum(v.numel() * v.element_size() for v in on_gpu) >= STREAM_BYTES)
     with explain_write_errors(path.parent, hint=PROJ_HINT, kept=kept):
-        atomic_torch_save({k: v.detach().to("cpu", dtype=dtype if v.is_floating_point() else v.dtype).contiguous()
-                           for k, v in sd.items()}, path)
+        if stream:
+            with stream_from_gpu():
+                atomic_torch_save({k: v.detach().contiguous() for k, v in sd.items()}, path)
+        else:
+            atomic_torch_save({k: v.detach().to("cpu", dtype=want(v)).contiguous() for k, v in sd.items()}, path)
+
+
+@contextlib.contextmanager
+def stream_from_gpu():
+    """While torch.save runs inside: every storage is recorded as a CPU one. torch.save copies each
+    non-CPU storage to the CPU just before writing its bytes (one at a time); with the location
+    recorded as "cpu" the file is what saving CPU copies gives, and loads without map_location."""
+    from torch import serialization
+
+    entry = (-1000, lambda storage: "cpu", lambda storage, location: None)
+    serialization._package_registry.insert(0, entry)
+    try:
+        yield
+    finally:
+        serialization._package_registry.remove(entry)
 
 
 class CorruptCheckpoint(Exception):

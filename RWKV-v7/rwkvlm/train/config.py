@@ -99,6 +99,10 @@ class TrainConfig:
                         "steps; the first step waits for the compiler, under a minute). auto: on GPU (not "
                         "with deepspeed_stage_3); 0: off; 1: always, also on CPU",
                         group="model", choices=["auto", "0", "1"])
+    init_device: str = flag("auto", "where demo-training-prepare.sh draws rwkv-init.pth: auto (a CUDA GPU when one "
+                            "is visible, else the CPU), cuda (much faster for large models; its random values are "
+                            "the GPU's, not the CPU's for the same seed), or cpu (the same file for the same seed "
+                            "and number of CPU threads)", group="model", choices=["auto", "cpu", "cuda"])
     # --- hardware
     accelerator: str = flag("gpu", "gpu (CPU with a note when no GPU is visible), cpu or auto",
                             group="hardware", choices=["gpu", "cuda", "cpu", "auto"])
@@ -114,6 +118,11 @@ class TrainConfig:
     save_every_minutes: float = flag(0.0, "also write an exact-resume state every N minutes (0: off)",
                                      group="saving")
     keep_resume: int = flag(2, "keep the last K exact-resume states", group="saving")
+    resume_states: int = flag(1, "1: write exact-resume states (weights, optimiser state, RNG) and make the weight "
+                              "files from them; 0: the weight files only (rwkv-N.pth, rwkv-final.pth), for a model "
+                              "whose optimiser state does not fit the disk (7B: about 100 GB per state); a stopped "
+                              "run then continues from the newest weight file, not exactly", group="saving",
+                              choices=[0, 1])
     resume_from: str = flag("", "continue from this save in PROJ_DIR instead of the newest: step-N (an "
                             "exact-resume state), rwkv-N.pth or rwkv-init.pth; the saves after it are "
                             "moved to PROJ_DIR/set-aside/", group="saving")
@@ -259,6 +268,9 @@ class TrainConfig:
             )
         if self.epoch_save < 0 or self.keep_resume < 1:
             raise UserError("--epoch_save must be >= 0 and --keep_resume >= 1.")
+        if not self.resume_states and (self.save_every_steps or self.save_every_minutes):
+            raise UserError("--save_every_steps / --save_every_minutes write exact-resume states, which "
+                            "--resume_states 0 turns off: leave them at 0, or use --resume_states 1.")
         if self.epoch_begin < 0:
             raise UserError(f"--epoch_begin is {self.epoch_begin}; it counts mini-epochs from 0, so use 0 or more.")
         for name in ("save_every_steps", "profile_steps"):

@@ -46,6 +46,7 @@ class RWKVTrainModule(pl.LightningModule):
         self.lr_now = 0.0
         self.rd = RunDir(cfg.proj_dir)
         self._loss = (None, 0.0)  # (global_step, loss) of the step last read by step_loss
+        self.batch_step = None  # the step being run, from its start (None: no step started yet)
 
     # ------------------------------------------------------------ steps
     @property
@@ -92,6 +93,7 @@ class RWKVTrainModule(pl.LightningModule):
 
     def on_train_batch_start(self, batch, batch_idx):
         step = self.step
+        self.batch_step = step + 1  # the step being run (counted from 1), for the messages of its errors
         self.lr_now = lr_at(step, step - self.run_start_step, self.cfg)
         for g in self.trainer.optimizers[0].param_groups:
             g["lr"] = self.lr_now * g.get("lr_scale", 1.0)

@@ -41,11 +41,30 @@ def append(path, text: str, hint: str = PROJ_HINT) -> None:
             f.write(text)
 
 
+def process_started() -> float:
+    """The wall-clock time (time.time()) at which this process started: /proc/self/stat's start
+    time after boot plus the boot time; where /proc is not there, the time this module was loaded."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime "))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return _LOADED
+
+
+_LOADED = time.time()
+
+
 class TrainLogs(pl.Callback):
     """Writes the logs of a run (see the module's docstring)."""
 
     def __init__(self, log=print):
         self.say = log
+        self.launched = process_started()
+        self.first_step_s = None  # seconds from the launch to the end of this run's first step
+        self.t_train_start = None
         self.t_last = None
         self.wandb_run = None
         self.held_row = None  # (step, loss, kt_s) of a validation step, written by log_validation
@@ -61,6 +80,7 @@ class TrainLogs(pl.Callback):
             self._write_run_config(pl_module)
             if pl_module.cfg.wandb:
                 self._start_wandb(pl_module)
+        self.t_train_start = time.time()
         self.t_last = time.perf_counter()
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -88,6 +108,9 @@ class TrainLogs(pl.Callback):
         mini_epoch = (step - 1) // cfg.epoch_steps
         m.log_dict({"loss": loss, "lr": m.lr_now, "Kt/s": m.kt_s, "ep": float(mini_epoch)},
                    prog_bar=True, logger=False, on_step=True, on_epoch=False)
+        if self.first_step_s is None:
+            self.first_step_s = time.time() - self.launched
+            self._first_step_line(m, step)
         if trainer.global_rank == 0:
             from rwkvlm.train.validation import due
 
@@ -97,6 +120,19 @@ class TrainLogs(pl.Callback):
                 self._log_step(m, step, loss, kt_s)
         if step % cfg.epoch_steps == 0:
             self._end_mini_epoch(trainer, m, mini_epoch)
+
+    def _first_step_line(self, m, step: int) -> None:
+        """When this run's first step ended, counted from the launch of the process (also in
+        train_config.json as first_step_s, with launched_at): start-up + the first step."""
+        setup = self.t_train_start - self.launched if self.t_train_start else None
+        self.say(f"step {step} done {self.first_step_s:.1f} s after launch (set-up {setup:.1f} s, then the "
+                 f"first step {self.first_step_s - setup:.1f} s)" if setup is not None else
+                 f"step {step} done {self.first_step_s:.1f} s after launch")
+        if m.trainer.global_rank == 0:
+            from rwkvlm.train.memory import update_run_config
+
+            update_run_config(m.rd.train_config, launched_at=self.launched, first_step_s=round(self.first_step_s, 2),
+                              train_start_s=round(setup, 2) if setup is not None else None)
 
     def on_train_end(self, trainer, pl_module):
         if self.wandb_run is not None:

@@ -66,8 +66,9 @@ def _start_from(save: Save, cfg, payload, log) -> StartPoint:
         from rwkvlm.model import other_type
 
         raise other_type(save.path, saved_type, cfg.my_testing)
-    if save.kind == "init":
-        return StartPoint(step=0, weights=load_weights(save.path), source=save.path)
+    if save.kind == "init":  # read whole already to check it (_checked)
+        return StartPoint(step=0, weights=payload if payload is not None else load_weights(save.path),
+                          source=save.path)
     if save.kind == "state":
         changes = changed_settings(save.fingerprint, cfg)
         if not changes:
@@ -160,10 +161,13 @@ def write_final_info(rd: RunDir, step: int, samples: int, fingerprint: dict, sou
 
 
 def _checked(save: Save):
-    """Check the save's files; returns trainer.pt's content for torch states (else None)."""
+    """Check the save's files; returns trainer.pt's content for torch states, and rwkv-init.pth's
+    weights (read whole to check it; _start_from uses them), else None."""
     if save.kind == "state":
         return check_state_files(save)
-    check_complete(save.path) if save.kind != "init" else load_weights(save.path)
+    if save.kind == "init":
+        return load_weights(save.path)
+    check_complete(save.path)
     return None
 
 

@@ -14,10 +14,11 @@ import logging
 import os
 import random
 import sys
+import time
 import warnings
 
 from rwkvlm.train.config import TrainConfig, parse_args
-from rwkvlm.errors import UserError, run_cli
+from rwkvlm.errors import UserError, is_out_of_memory, run_cli
 
 
 def log(msg: str) -> None:
@@ -77,22 +78,26 @@ def prepare(cfg: TrainConfig) -> int:
 
 def _prepare(cfg: TrainConfig) -> int:
     from rwkvlm.rundir.weights import SAVE_DTYPES, save_weights
-    from rwkvlm.model import build_model
+    from rwkvlm.model import MODEL_TYPES
     from rwkvlm.rundir import RunDir
 
     cfg, vocab, text = _prepare_vocab(cfg)  # reads and checks only
+    device = _init_device(cfg)
     seed, _ = _seed(cfg)
     proj = cfg.proj_path
     proj.mkdir(parents=True, exist_ok=True)
     _write_vocab(cfg, vocab)
     mcfg = cfg.model_config()
-    model = build_model(mcfg)
+    model_cls = MODEL_TYPES[mcfg.model_type][2]
     log(f"initialising {mcfg.family} {mcfg.describe()}, vocab {cfg.vocab_size} "
-        f"({model.count_params(mcfg):,} parameters), seed {seed}")
-    model.init_weights()
+        f"({model_cls.count_params(mcfg):,} parameters), seed {seed}, on {_describe_device(device)}")
+    t0 = time.monotonic()
+    sd = _initial_weights(model_cls, mcfg, SAVE_DTYPES[cfg.precision], device, seed)
+    t1 = time.monotonic()
     out = RunDir(proj).init
-    save_weights(model.state_dict(), out, cfg.precision)
-    log(f"wrote {out} ({SAVE_DTYPES[cfg.precision]})")
+    save_weights(sd, out, cfg.precision)
+    del sd
+    log(f"wrote {out} ({SAVE_DTYPES[cfg.precision]}): init {t1 - t0:.1f} s, write {time.monotonic() - t1:.1f} s")
     later = RunDir(proj).epoch_checkpoints()
     if later:
         log(f"note: {proj} already holds {later[0][1].name}; `sh demo-training-run.sh` resumes from it, not "
@@ -110,6 +115,48 @@ def _prepare(cfg: TrainConfig) -> int:
         except UserError as e:
             log(f"note: the run script will stop with this unless it is fixed:\n  {e}")
     return 0
+
+
+def _init_device(cfg: TrainConfig) -> str:
+    """"cuda" or "cpu": where prepare draws the init (--init_device; auto: a visible CUDA GPU)."""
+    import torch
+
+    if cfg.init_device == "cpu":
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    if cfg.init_device == "cuda":
+        raise UserError("--init_device cuda, but no CUDA GPU is visible to PyTorch (check CUDA_VISIBLE_DEVICES "
+                        "and that torch is a CUDA build); use --init_device cpu or auto. Nothing was written.")
+    return "cpu"
+
+
+def _describe_device(device: str) -> str:
+    import torch
+
+    if device == "cuda":
+        return (f"the GPU ({torch.cuda.get_device_name(0)}; its random values are not the CPU's for the same seed: "
+                f"--init_device cpu for those)")
+    return f"the CPU ({torch.get_num_threads()} threads)"
+
+
+def _initial_weights(model_cls, mcfg, dtype, device: str, seed: int) -> dict:
+    """The init's state dict in `dtype` on the CPU (RWKVLM.initial_state_dict). A GPU without the room for
+    the largest tensor's init falls back to the CPU, re-seeded, with a note."""
+    import torch
+
+    if device == "cuda":
+        try:
+            return model_cls.initial_state_dict(mcfg, dtype, device="cuda")
+        except torch.cuda.OutOfMemoryError:
+            free, total = torch.cuda.mem_get_info()
+            log(f"note: the GPU has {free / 2**30:.1f} of {total / 2**30:.1f} GiB free, too little for the init; "
+                f"drawing it on the CPU instead (slower).")
+            torch.cuda.empty_cache()
+            import pytorch_lightning as pl
+
+            pl.seed_everything(seed, workers=True, verbose=False)
+    return model_cls.initial_state_dict(mcfg, dtype, device="cpu")
 
 
 def _prepare_vocab(cfg: TrainConfig):
@@ -198,12 +245,7 @@ def run(cfg: TrainConfig) -> int:
 
 def _train(cfg: TrainConfig, data, accelerator, strategy, precision, val=None) -> int:
     """Train with `cfg` as it runs on this machine (rwkvlm.train.hardware's Hardware.config)."""
-    import pytorch_lightning as pl
-
-    from rwkvlm.rundir.weights import check_weights_fit
     from rwkvlm.train.resume import find_start
-    from rwkvlm.train.lit import RWKVTrainModule
-    from rwkvlm.model import build_model
     from rwkvlm.rundir import RunDir
 
     rd = RunDir(cfg.proj_dir)
@@ -219,11 +261,90 @@ def _train(cfg: TrainConfig, data, accelerator, strategy, precision, val=None) -
             f"continues exactly from there), or use a new PROJ_DIR.")
         return 0
     seed, said = _seed(cfg, start)
-    model = build_model(cfg.model_config())
-    if start.weights is not None:
-        check_weights_fit(start.weights, model, start.source)
-        model.load_state_dict({k: v.float() for k, v in start.weights.items()})
-        start.weights = None  # free the host copy
+    run = {"where": "the set-up (the model's weights in host memory)", "module": None}
+    try:
+        return _fit(cfg, data, accelerator, strategy, precision, val, start, seed, said, run)
+    except BaseException as e:
+        if isinstance(e, UserError):
+            raise
+        from rwkvlm.train.memory import describe_cfg, is_peer_failure, out_of_memory, peer_stopped
+
+        oom = is_out_of_memory(e)
+        if not oom and not (cfg.world_size > 1 and is_peer_failure(e)):
+            raise
+        where = run["where"]
+        m = run["module"]
+        if m is not None and getattr(m, "batch_step", None):
+            first = " (this run's first step: torch.compile, the optimiser state's first allocation)" \
+                if m.batch_step == start.step + 1 else ""
+            where = f"step {m.batch_step}{first}"
+        node, local = _ranks()
+        rank = node * cfg.devices + local
+        if not oom:  # another rank ended (its own message says why): this one stops with a line, not a traceback
+            err = peer_stopped(e, where, rank)
+        else:
+            from rwkvlm.model import MODEL_TYPES
+
+            mcfg = cfg.model_config()
+            params = MODEL_TYPES[mcfg.model_type][2].count_params(mcfg)
+            err = out_of_memory(e, cfg, params, describe_cfg(cfg), where, rank=rank)
+        if cfg.world_size > 1:
+            _stop_together(local)
+        raise err from None
+
+
+def _stop_together(local_rank: int) -> None:
+    """Several processes, one of which stops with a message: make the others stop with theirs too.
+
+    Each process leaves the process group, so that the collectives the others wait in fail (each then
+    says that another process ended, or gives its own error once the one it waits for has exited). A
+    process Lightning launched (local rank > 0) waits at its exit for the launching process to end
+    first: Lightning's launcher kills every process as soon as one of its children ends with an error,
+    which would cut the launching process's message."""
+    import atexit
+    import time as _time
+
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            world = dist.group.WORLD
+            for end in ("abort", "shutdown"):  # NCCL: the others' pending collectives fail at once
+                try:
+                    getattr(world, end)()
+                    break
+                except Exception:
+                    continue
+            dist.destroy_process_group()
+    except Exception:  # the group may be broken already
+        pass
+    if local_rank > 0:
+        parent = os.getppid()
+
+        def wait_for_parent(deadline_s: float = 15.0) -> None:
+            end = _time.monotonic() + deadline_s
+            while _time.monotonic() < end and os.getppid() == parent:
+                _time.sleep(0.1)
+
+        atexit.register(wait_for_parent)
+
+
+def _fit(cfg, data, accelerator, strategy, precision, val, start, seed, said, run) -> int:
+    """_train's model, module, callbacks and trainer.fit; `run` says how far the set-up got."""
+    import pytorch_lightning as pl
+
+    from rwkvlm.rundir.weights import check_weights_fit
+    from rwkvlm.train.lit import RWKVTrainModule
+    from rwkvlm.model import MODEL_TYPES, build_model
+    from rwkvlm.rundir import RunDir
+
+    mcfg = cfg.model_config()
+    if start.weights is not None:  # built around the weights: no init pass, about one copy of them in memory
+        model = MODEL_TYPES[mcfg.model_type][2].from_weights(
+            mcfg, start.weights, check=lambda m: check_weights_fit(start.weights, m, start.source))
+        start.weights = None  # (emptied) the host copy is the model's
+    else:  # a DeepSpeed state loads the weights into the model later (lit.restore_resume_state)
+        model = build_model(mcfg)
     if accelerator == "gpu" and cfg.wkv_impl != "torch":
         _build_kernel_early(cfg)
     compiled = cfg.compile_on(accelerator)
@@ -237,6 +358,7 @@ def _train(cfg: TrainConfig, data, accelerator, strategy, precision, val=None) -
         f"{cfg.total_steps}, mini-epoch {start.step // cfg.epoch_steps}, from {start.source}, {said}, "
         f"{accelerator} {cfg.strategy} {cfg.precision}{' compiled' if compiled else ''}")
     module = RWKVTrainModule(cfg, model, data, start, log=log, seed=seed)
+    run["module"] = module
     from rwkvlm.train.callbacks import StepProfiler, StopOnSignal
     from rwkvlm.train.guard import DivergenceGuard
     from rwkvlm.train.logs import TrainLogs
@@ -250,6 +372,10 @@ def _train(cfg: TrainConfig, data, accelerator, strategy, precision, val=None) -
         from rwkvlm.train.validation import Validation
 
         callbacks.append(Validation(val, logs, log=log))
+    if accelerator == "gpu":
+        from rwkvlm.train.memory import MemoryProbe
+
+        callbacks.append(MemoryProbe(log=log))
     callbacks += [SaveStates(guard), StopOnSignal()]
     if cfg.profile_steps > 0:
         callbacks.append(StepProfiler(cfg.profile_steps, RunDir(cfg.proj_dir).profile, log=log))
@@ -265,6 +391,8 @@ def _train(cfg: TrainConfig, data, accelerator, strategy, precision, val=None) -
         num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=cfg.proj_dir,
         log_every_n_steps=1000000, callbacks=callbacks,
     )
+    run["where"] = (f"the set-up (the model moved to the {'GPU' if accelerator == 'gpu' else 'CPU'}, "
+                    f"{'DeepSpeed' if cfg.is_deepspeed else 'the strategy'}'s buffers, the optimiser)")
     trainer.fit(module)
     return 0
 

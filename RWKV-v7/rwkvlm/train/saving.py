@@ -51,13 +51,18 @@ class SaveStates(pl.Callback):
             stop = bool(trainer.strategy.reduce_boolean_decision(stop, all=False))
         if want_state or stop:
             pending = ([epoch_file] if epoch_file else []) + ([FINAL] if final else [])
-            self.save(trainer, m, step, pending=pending, final=final)
+            if cfg.resume_states:
+                self.save(trainer, m, step, pending=pending, final=final)
+            elif pending:
+                self.save_weights_only(trainer, m, step, pending, final)
         if final:
             m.end_message = f"reached --my_exit_tokens ({cfg.my_exit_tokens}): wrote {m.rd.final}"
             return
         if stop:
             m.end_message = (f"stopped at step {step} on request; saved an exact-resume state. "
-                             f"Re-run the script to continue.")
+                             f"Re-run the script to continue." if cfg.resume_states else
+                             f"stopped at step {step} on request; --resume_states 0: no state was saved, and "
+                             f"re-running the script continues from the newest weight file (rwkv-N.pth).")
             trainer.should_stop = True
 
     @staticmethod
@@ -67,6 +72,20 @@ class SaveStates(pl.Callback):
         if epoch_save > 0 and (mini_epoch - m.start.epoch_begin) % epoch_save == 0:
             return epoch_name(mini_epoch)
         return None
+
+    def save_weights_only(self, trainer, m, step: int, pending: list, final: bool):
+        """--resume_states 0: the weight files of this step (rwkv-N.pth, rwkv-final.pth with its
+        rwkv-final.json) written directly, without an exact-resume state; collective."""
+        self.guard.check_weights(trainer, m)
+        sd = m.gathered_state_dict()  # rank 0 (collective under ZeRO-3)
+        if trainer.global_rank == 0:
+            for name in pending:
+                save_weights(sd, m.rd / name, m.cfg.precision)
+            if final:
+                write_final_info(m.rd, step, step * m.cfg.real_bsz, run_fingerprint(m.cfg), source=FINAL)
+        del sd
+        trainer.strategy.barrier()
+        self.last_save_time = time.monotonic()
 
     def save(self, trainer, m, step: int, pending: list, final: bool):
         """An exact-resume state of this step, then the weight files made from it (`pending`:
