@@ -24,7 +24,8 @@ Also the per-core rates of pass 1's parts on a sample of the input (JSON,
 tokenizer per line and per batch, the round-trip check). JSON goes to OUTDIR
 (--out; default: the scratch folder); the generated files are deleted after.
 On a shared machine, --scale-repeats R interleaves R runs of each worker count and
-takes the fastest of each.
+takes the fastest of each, and --wait-idle S waits (up to S s) for idle cores before each run;
+each row records the CPU-seconds that other work took while it ran (others_cpu_s).
 
     python benchmarks/bench_make_data.py --sizes 1,4 --out OUTDIR
 """
@@ -58,7 +59,7 @@ def baseline(jsonl: str, copies: int, ctx_len: int, seed: int) -> None:
     from rwkv.rwkv_tokenizer import TRIE_TOKENIZER
 
     from rwkvlm.data.magic_prime import magic_prime
-    from rwkvlm.data.make_data import copy_orders  # only for the same document order as ours
+    from rwkvlm.data.shuffle import copy_orders  # only for the same document order as ours
 
     tokenizer = TRIE_TOKENIZER(str(Path(rwkv.__file__).parent / "rwkv_vocab_v20230424.txt"))
     name = os.path.splitext(os.path.basename(jsonl))[0]
@@ -222,12 +223,13 @@ def make_big_jsonl(path: Path, gb: float, block: Path) -> tuple:
 
 def part_rates(sample: Path) -> dict:
     """MB per CPU-second of pass 1's parts on `sample`, one core: what bounds the per-core rate."""
-    from rwkvlm.data import make_data as md
+    from rwkvlm.data import tokenize_jsonl as tj
+    from rwkvlm.data.tokenizer import get_tokenizer
 
-    tok = md.get_tokenizer()
-    md._vocab_bytes(tok)
+    tok = get_tokenizer()
+    tj._vocab_bytes(tok)
     raw = [line.strip() for line in open(sample, "rb")]
-    texts = [md._parse_line(r, i) for i, r in enumerate(raw, 1) if r]
+    texts = [tj._parse_line(r, i) for i, r in enumerate(raw, 1) if r]
     mb = sum(map(len, raw)) / 1e6
 
     def rate(fn) -> float:
@@ -238,20 +240,45 @@ def part_rates(sample: Path) -> dict:
     batches = []
     for i in range(0, len(texts), 1000):
         batches.append(texts[i : i + 1000])
-    jobs = [md.ChunkJob(str(sample), a, b, 16_000_000, False, "<u2") for a, b in md.plan_chunks(sample, md.CHUNK_BYTES)]
+    jobs = [tj.ChunkJob(str(sample), a, b, 16_000_000, False, "<u2") for a, b in tj.plan_chunks(sample, tj.CHUNK_BYTES)]
+    chunks = [sample.read_bytes()[a:b] for a, b in tj.plan_chunks(sample, tj.CHUNK_BYTES)]
+
+    def scan_chunk(data: bytes) -> list:  # what pass 1's fast path does before tokenizing
+        return [tj._scanstring(line, 10, True)[0] for line in data.decode("utf-8").split("\n") if line]
+
     return {
         "sample_mb": mb,
-        "json_parse": rate(lambda: [md._parse_line(r, 1) for r in raw if r]),
+        "json_parse": rate(lambda: [tj._parse_line(r, 1) for r in raw if r]),
+        "json_parse_chunk_decode_split_scan": rate(lambda: [scan_chunk(c) for c in chunks]),
         "tokenizer_encode_per_line": rate(lambda: [tok.encode(t) for t in texts]),
-        "tokenizer_encode_batched": rate(lambda: [tok.encode(md._SEP.join(b) + md._SEP) for b in batches]),
-        "encode_batch_with_check": rate(lambda: [md._encode_batch(tok, b, "<u2") for b in batches]),
-        "pass1_one_core": rate(lambda: [md.tokenize_chunk(j) for j in jobs]),
+        "tokenizer_encode_batched": rate(lambda: [tok.encode(tj._SEP.join(b) + tj._SEP) for b in batches]),
+        "encode_batch_with_check": rate(lambda: [tj._encode_batch(tok, b, "<u2") for b in batches]),
+        "pass1_one_core": rate(lambda: [tj.tokenize_chunk(j) for j in jobs]),
     }
 
 
 def _load() -> str:
     with open("/proc/loadavg") as f:
         return " ".join(f.read().split()[:3])
+
+
+def _cpu_busy_s() -> float:
+    """CPU-seconds the whole machine has spent busy (all cores; /proc/stat, not idle or iowait)."""
+    with open("/proc/stat") as f:
+        ticks = [int(x) for x in f.readline().split()[1:]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def _wait_idle(limit_s: float, busy_max: float = 0.1) -> tuple:
+    """Wait (up to limit_s) until the machine's cores are busy less than busy_max of the time over
+    3 s (the 1-minute load average still counts the previous run): (seconds waited, that share)."""
+    t0 = time.perf_counter()
+    while True:
+        b0, w0 = _cpu_busy_s(), time.perf_counter()
+        time.sleep(3)
+        share = (_cpu_busy_s() - b0) / ((time.perf_counter() - w0) * len(os.sched_getaffinity(0)))
+        if share < busy_max or time.perf_counter() - t0 > limit_s:
+            return time.perf_counter() - t0, share
 
 
 def _cpu_model() -> str:
@@ -296,11 +323,15 @@ def scale(args) -> None:
         for _, w in ((k, w) for k in range(args.scale_repeats) for w in workers):  # interleaved repeats
             cmd = [sys.executable, MAKE_DATA, big, args.scale_copies, args.ctx, "--seed", args.seed, "--no-progress",
                    "--workers", w, "--out-dir", work / "out"]
-            load = _load()
+            waited, busy = _wait_idle(args.wait_idle) if args.wait_idle else (0.0, None)
+            load, busy0 = _load(), _cpu_busy_s()
             r = run_tree(cmd, work)
             r.update(_done_line(r.pop("stdout")))
+            # CPU the machine spent on other work while this ran (its own: cpu_s)
+            others = _cpu_busy_s() - busy0 - r["cpu_s"]
             row = {"gb": gb, "input_bytes": size, "documents": docs, "workers": w, "load_before": load,
-                   "load_after": _load(), **r}
+                   "load_after": _load(), "idle_wait_s": waited, "busy_share_before": busy,
+                   "others_cpu_s": others, **r}
             row["mb_s"] = size / 1e6 / r["wall_s"]
             row["tokenize_mb_s"] = size / 1e6 / r["tokenize_s"] if r.get("tokenize_s") else None
             row["mb_per_cpu_s"] = size / 1e6 / r["cpu_s"]
@@ -316,13 +347,10 @@ def scale(args) -> None:
     print(f"wrote {path}")
 
 
-INDEX_BYTES_PER_DOC = 12  # make_data's per-document arrays in pass 2 (see its docstring)
-
-
 def _scale_summary(result: dict, workers: list, sizes: list) -> None:
-    """Speed-up of each worker count over the first; memory growth of each size over the first,
-    as measured and without make_data's per-document arrays (INDEX_BYTES_PER_DOC). Of repeated
-    runs, the fastest (the least disturbed by other load on the machine) counts."""
+    """Speed-up of each worker count over the first; memory growth of each size over the first.
+    Of repeated runs, the fastest (the least disturbed by other load on the machine) counts for
+    the speed; memory and CPU-seconds are the largest and the smallest seen."""
     runs = {}
     for r in sorted(result["runs"], key=lambda r: -r["wall_s"]):
         runs[r["gb"], r["workers"]] = r
@@ -330,15 +358,15 @@ def _scale_summary(result: dict, workers: list, sizes: list) -> None:
     result["speedup"] = {f"{gb:g}GB x{w}": {k: runs[gb, w][k] / runs[gb, w0][k] for k in ("mb_s", "tokenize_mb_s")}
                          for gb in sizes for w in workers[1:]}
 
-    def growth(gb, w, key, index):
-        minus = (lambda r: r[key] - INDEX_BYTES_PER_DOC * r["documents"] / 2**20) if index else (lambda r: r[key])
-        return minus(runs[gb, w]) / minus(runs[s0, w]) - 1
+    def most(gb, w, key, pick=max):
+        return pick(r[key] for r in result["runs"] if (r["gb"], r["workers"]) == (gb, w))
 
     result["memory_growth"] = {f"{w} workers {gb:g}GB": {
-        **{k: growth(gb, w, k, False) for k in ("peak_rss_tree_mib", "peak_pss_tree_mib")},
-        **{f"{k} without index": growth(gb, w, k, True) for k in ("peak_rss_tree_mib", "peak_pss_tree_mib")}}
+        k: most(gb, w, k) / most(s0, w, k) - 1 for k in ("peak_rss_tree_mib", "peak_pss_tree_mib")}
         for w in workers for gb in sizes[1:]}
-    print("speed-up:", json.dumps(result["speedup"]), "\nmemory growth:", json.dumps(result["memory_growth"]))
+    result["best_mb_per_cpu_s"] = {f"{gb:g}GB x{w}": most(gb, w, "mb_per_cpu_s") for gb in sizes for w in workers}
+    print("speed-up:", json.dumps(result["speedup"]), "\nmemory growth:", json.dumps(result["memory_growth"]),
+          "\nMB per CPU-s:", json.dumps(result["best_mb_per_cpu_s"]))
 
 
 def exit_line(stdout: str) -> str:
@@ -362,6 +390,10 @@ def main() -> None:
     ap.add_argument("--scale-repeats", type=int, default=1,
                     help="--sizes: runs of each worker count, interleaved; the fastest counts (default 1)")
     ap.add_argument("--block-mb", type=float, default=64.0, help="--sizes: the generated block repeated (MB)")
+    ap.add_argument("--wait-idle", type=float, default=0.0,
+                    help="--sizes: before each run wait up to this many seconds for the machine's cores to be "
+                         "less than 10%% busy (a shared machine); each row records the wait, the busy share and "
+                         "the CPU-seconds other work took while it ran (others_cpu_s)")
     ap.add_argument("--out", default=None, help="--sizes: folder of make_data_scale.json (default: the scratch folder)")
     ap.add_argument("--baseline-worker", nargs=4, metavar=("JSONL", "N", "CTX", "SEED"), help=argparse.SUPPRESS)
     ap.add_argument("--child", help=argparse.SUPPRESS)

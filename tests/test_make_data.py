@@ -13,10 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import rwkvlm.data.copies as copies
 import rwkvlm.data.make_data as md
+import rwkvlm.data.tokenize_jsonl as tj
 from rwkvlm.data.binidx import BinIdx
 from rwkvlm.data.magic_prime import magic_prime
 from rwkvlm.data.make_data import read_meta
+from rwkvlm.data.shuffle import copy_orders
 from rwkvlm.data.tokenizer import get_tokenizer
 from rwkvlm.errors import UserError
 from trainkit import run_make_data
@@ -66,7 +69,7 @@ def test_every_document_exactly_n_times_each_copy_a_permutation(tmp_path, capsys
     for copy in copies:
         assert sorted(copy) == sorted(DOCS)
     assert len({tuple(c) for c in copies}) == 4  # each copy shuffled afresh
-    orders = [o.copy() for o in md.copy_orders(n, 4, 3)]  # the documented order (the benchmark's baseline uses it)
+    orders = list(copy_orders(n, 4, 3))  # the documented order (the benchmark's baseline uses it)
     assert copies == [[DOCS[i] for i in order] for order in orders]
     assert d.doc_idx.tolist() == list(range(4 * n + 1))
 
@@ -97,16 +100,21 @@ def test_same_seed_same_bytes_other_seed_other_order(tmp_path):
 
 
 def test_chunked_and_file_read_paths_give_identical_bytes(tmp_path, monkeypatch):
+    """Pass 2's token file in memory or read by document, in pieces of any size, its copies put in
+    order in one segment or in many (through the file of records): the same bytes."""
     write_jsonl(tmp_path / "demo.jsonl", DOCS)
     assert run_make_data(tmp_path, "demo.jsonl", 3, 512, "--seed", 9) == 0
     expected = (tmp_path / "demo.bin").read_bytes(), (tmp_path / "demo.idx").read_bytes()
-    for in_memory, chunk_docs, chunk_tokens in ((0, 5, 40), (1 << 30, 1, 1), (0, 2048, 1 << 20)):
-        monkeypatch.setattr(md, "IN_MEMORY_BYTES", in_memory)
-        monkeypatch.setattr(md, "CHUNK_DOCS", chunk_docs)
-        monkeypatch.setattr(md, "CHUNK_TOKENS", chunk_tokens)
+    for in_memory, chunk_docs, chunk_tokens, segment, scan in ((0, 5, 40, 1 << 19, 1 << 17), (1 << 30, 1, 1, 7, 5),
+                                                                (0, 2048, 1 << 20, 16, 100), (0, 3, 1 << 20, 1, 1)):
+        monkeypatch.setattr(copies, "IN_MEMORY_BYTES", in_memory)
+        monkeypatch.setattr(copies, "CHUNK_DOCS", chunk_docs)
+        monkeypatch.setattr(copies, "CHUNK_TOKENS", chunk_tokens)
+        monkeypatch.setattr(copies, "SEGMENT_DOCS", segment)
+        monkeypatch.setattr(copies, "SCAN_DOCS", scan)
         assert run_make_data(tmp_path, "demo.jsonl", 3, 512, "--seed", 9) == 0
         got = (tmp_path / "demo.bin").read_bytes(), (tmp_path / "demo.idx").read_bytes()
-        assert got == expected, (in_memory, chunk_docs, chunk_tokens)
+        assert got == expected, (in_memory, chunk_docs, chunk_tokens, segment, scan)
 
 
 def test_printed_numbers_and_meta(tmp_path, capsys):
@@ -394,10 +402,13 @@ def golden_jsonl(bad: bool) -> bytes:
     return b"".join(out)
 
 
-# What make_data wrote for golden_jsonl (3 copies, ctx 512, --seed 11) before it had workers
-# (commit 324b5fc, one process): sha256 of .bin then .idx; with bad lines and --skip-bad the same
-# documents remain, so the same bytes.
-GOLDEN_SHA256 = "ebc32e21cbe1e499ed9929efd626df1fd30c706e14e211249921f83711dfc890"
+# What make_data writes for golden_jsonl (3 copies, ctx 512, --seed 11): sha256 of .bin then .idx;
+# with bad lines and --skip-bad the same documents remain, so the same bytes. The tokens are those
+# make_data wrote before it had workers (commit 324b5fc, one process): that output, each copy's
+# documents put back in input order (it shuffled with numpy's rng.permutation), hashes to
+# GOLDEN_INPUT_ORDER_SHA256, and so does this one (each copy in the order of copy_orders).
+GOLDEN_SHA256 = "d1f7e9b2e441deba1769c1015733679759f1154f483e0bb357482834b93a4bd9"
+GOLDEN_INPUT_ORDER_SHA256 = "94c4a2098b1b1f0e67110940a0246706b136685820b01e401cbccf22e4ad19d0"
 GOLDEN_TOKENS = 1765152
 GOLDEN_SKIPPED = ('### Skipped 18 bad lines: 3 does not round-trip (lines 11, 1261, 2515); 3 not an object (lines '
                   '187, 1441, 2693); 3 no "text" (lines 367, 1621, 2873); 5 invalid JSON (lines 546, 1082, 1798, '
@@ -411,6 +422,19 @@ def _sha256(prefix) -> str:
     h = hashlib.sha256()
     for ext in (".bin", ".idx"):
         h.update(Path(f"{prefix}{ext}").read_bytes())
+    return h.hexdigest()
+
+
+def _input_order_sha256(prefix, n_copies: int, seed: int) -> str:
+    """sha256 of each copy's documents (tokens) in input order, copy after copy."""
+    d = BinIdx(prefix)
+    n = d.num_items // n_copies
+    h = hashlib.sha256()
+    for c, order in enumerate(copy_orders(n, n_copies, seed)):
+        place = np.empty(n, np.int64)
+        place[order] = np.arange(n)
+        for doc in range(n):
+            h.update(np.ascontiguousarray(d.get(c * n + int(place[doc]))).tobytes())
     return h.hexdigest()
 
 
@@ -433,17 +457,19 @@ def golden_dir(tmp_path_factory):
 def test_output_is_todays_with_any_workers_chunks_and_batches(golden_dir, capsys, monkeypatch, workers,
                                                               chunk_bytes, batch_bytes):
     if chunk_bytes:
-        monkeypatch.setattr(md, "CHUNK_BYTES", chunk_bytes)
+        monkeypatch.setattr(tj, "CHUNK_BYTES", chunk_bytes)
     if batch_bytes:
-        monkeypatch.setattr(md, "BATCH_BYTES", batch_bytes)
+        monkeypatch.setattr(tj, "BATCH_BYTES", batch_bytes)
     for case, extra in (("good", ()), ("bad", ("--skip-bad",))):
         folder = golden_dir / case
         assert run_make_data(folder, "g.jsonl", 3, 512, "--seed", 11, "--workers", workers, *extra) == 0
         out = capsys.readouterr().out
         assert _sha256(folder / "g") == GOLDEN_SHA256, (case, workers)
+        if case == "good" and workers == 1:
+            assert _input_order_sha256(folder / "g", 3, 11) == GOLDEN_INPUT_ORDER_SHA256
         assert read_meta(folder / "g")["tokens"] == GOLDEN_TOKENS
         assert (GOLDEN_SKIPPED in out) == (case == "bad")
-        assert f"{min(workers, -(-len(golden_jsonl(False)) // md.CHUNK_BYTES))} worker" in out
+        assert f"{min(workers, -(-len(golden_jsonl(False)) // tj.CHUNK_BYTES))} worker" in out
     assert run_make_data(golden_dir / "bad", "g.jsonl", 3, 512, "--seed", 11, "--workers", workers,
                          "--out-dir", "none") == 2
     assert capsys.readouterr().err.strip() == GOLDEN_ERROR
@@ -474,24 +500,55 @@ def test_batched_tokenization_equals_one_call_per_document():
     for size in (1, 7, 500, len(texts)):
         for i in range(0, len(texts), size):
             batch = texts[i : i + size]
-            tokens, lengths = md._encode_batch(tok, batch, "<u2")
+            tokens, lengths = tj._encode_batch(tok, batch, "<u2")
             expected = [t for text in batch for t in tok.encode(text) + [0]]
             assert tokens.tolist() == expected
             assert lengths.tolist() == [len(tok.encode(text)) + 1 for text in batch]
-    assert md._encode_batch(tok, ["fine", "lone \ud800"], "<u2") is None  # then one by one
+    assert tj._encode_batch(tok, ["fine", "lone \ud800"], "<u2") is None  # then one by one
 
 
-def test_copy_orders_are_numpys_permutations():
-    for n in (0, 1, 7, 3_000_000):
-        rng = np.random.default_rng(5)
-        expected = [rng.permutation(np.arange(n, dtype=np.int32)) for _ in range(3)]
-        got = [o.copy() for o in md.copy_orders(n, 3, 5)]
-        assert len(got) == 3 and all(np.array_equal(a, b) for a, b in zip(got, expected)), n
+FAST_LINES = [  # lines of the form json.dumps writes, and lines that look like it but are not
+    b'{"text": "plain"}\n', b'{"text":"no space"}\n', b'{"text": "crlf"}\r\n', b'{"text": "blanks after"}  \t\n',
+    b'\n', b'   \n', b'\t\r\n', json.dumps({"text": "esc \\ \" \n \t \u00e9 \U0001f600 \u4e2d"}).encode() + b"\n",
+    json.dumps({"text": "raw \u4e2d\u6587 \U0001f600"}, ensure_ascii=False).encode() + b"\n", b'{"text": ""}\n',
+]
+ODD_LINES = [  # each sends its chunk line by line (but a byte-order mark at the start): same tokens, same bad lines
+    b'  {"text": "leading blanks"}\n', b'{"text": "a", "id": 1}\n', b'{"id": 1, "text": "b"}\n',
+    b'{"text": "nul \\u0000 inside"}\n', b'{"text": "lone \\ud800"}\n', b'{"text": "bad \\x escape"}\n',
+    b'{"text": "raw\ttab"}\n', b'{"text": "caf\xe9"}\n', b'{"text": "x"} trailing\n', b'{"text": "open\n',
+    b'{"text": 5}\n', b'\xef\xbb\xbf{"text": "bom"}\n', b'{"text": "no newline at the end"}',
+]
+
+
+@pytest.mark.parametrize("odd", [None] + ODD_LINES)
+def test_fast_path_gives_the_tokens_of_the_line_by_line_path(tmp_path, odd):
+    """A chunk of lines as json.dumps writes them goes through the fast path; a chunk with any other
+    line goes line by line (same tokens, same counts, same bad lines): compared on every kind."""
+    rng = random.Random(5)
+    lines = [rng.choice(FAST_LINES) for _ in range(300)] + FAST_LINES
+    if odd is not None:
+        lines.insert(150 if not odd.startswith(b"\xef") else 0, odd)
+        if not odd.endswith(b"\n"):
+            lines.append(lines.pop(150))
+    path = tmp_path / "c.jsonl"
+    path.write_bytes(b"".join(lines))
+    for skip_bad in (True, False):
+        job = tj.ChunkJob(str(path), 0, path.stat().st_size, 16_000_000, skip_bad, "<u2")
+        fast = tj._ChunkTokenizer(job)._fast(path.read_bytes())
+        by_line = tj._ChunkTokenizer(job)._line_by_line()
+        got = tj.tokenize_chunk(job)
+        assert (fast is not None) == (odd is None or odd.startswith(b"\xef\xbb\xbf")), odd
+        for result in ([fast] if fast is not None else []) + [got]:
+            assert np.array_equal(result.tokens, by_line.tokens) and np.array_equal(result.lengths, by_line.lengths)
+            assert (result.lines, result.non_empty, result.bad, result.nbytes) == by_line[2:]
+    if odd is None:
+        expected = [t for line in lines if line.strip() for t in get_tokenizer().encode(json.loads(line)["text"]) + [0]]
+        assert got.tokens.tolist() == expected
 
 
 def test_bad_line_in_a_later_chunk_gives_the_same_message_with_workers(tmp_path, capsys, monkeypatch):
     """Every kind of bad line, 300 lines in (a later chunk of 2 workers): the message of one worker."""
-    monkeypatch.setattr(md, "CHUNK_BYTES", 2048)
+    monkeypatch.setattr(tj, "CHUNK_BYTES", 2048)
     good = b"".join(json.dumps({"text": f"good line {i} " * 3}).encode() + b"\n" for i in range(300))
     for case, (content, line_no, words) in sorted(BAD_CASES.items()):
         (tmp_path / "demo.jsonl").write_bytes(good + content + good)
@@ -532,8 +589,9 @@ def test_progress_bar_on_a_terminal(tmp_path):
     import termios
 
     write_jsonl(tmp_path / "demo.jsonl", DOCS * 20)
-    code = ("import sys, rwkvlm.data.make_data as m; from rwkvlm.errors import run_cli;"
-            "m.PROGRESS_MIN_BYTES = 0; m.CHUNK_BYTES = 4096; sys.exit(run_cli(m.main, sys.argv[1:]))")
+    code = ("import sys, rwkvlm.data.make_data as m, rwkvlm.data.tokenize_jsonl as t;"
+            "from rwkvlm.errors import run_cli;"
+            "m.PROGRESS_MIN_BYTES = 0; t.CHUNK_BYTES = 4096; sys.exit(run_cli(m.main, sys.argv[1:]))")
     argv = [sys.executable, "-c", code, "demo.jsonl", "2", "512", "--workers", "2"]
     main_fd, sub_fd = pty.openpty()
     fcntl.ioctl(sub_fd, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a new pty has 0 columns

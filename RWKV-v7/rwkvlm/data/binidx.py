@@ -19,6 +19,8 @@ first completes a set that a killed writer left half renamed.
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
 import shutil
 import struct
 import tempfile
@@ -178,9 +180,10 @@ class BinIdxWriter:
 
     Use as a context manager (finishes on success, removes the temporaries on error), or
     call finish()/abort() yourself. Sizes, pointers and doc_idx go to anonymous temporary
-    files, so memory stays flat however many items are written. finish() replaces .bin,
-    .idx and any extra files (make_data's .meta.json) as one set: a crash at any moment
-    leaves the old set or the new one (`finish_interrupted_write`).
+    files, so memory stays flat however many items are written; reserve_items leaves the
+    writing of some items' tokens to someone else (make_data's worker processes). finish()
+    replaces .bin, .idx and any extra files (make_data's .meta.json) as one set: a crash at
+    any moment leaves the old set or the new one (`finish_interrupted_write`).
     """
 
     def __init__(self, path, dtype=np.uint16):
@@ -209,6 +212,7 @@ class BinIdxWriter:
         self.num_items = 0
         self.num_docs = 1  # doc_idx entries (starts with 0)
         self.num_tokens = 0
+        self._reserved = False  # reserve_items was used: others write into the .bin too
         self._done = False
 
     def _temp(self, dest: Path) -> Path:
@@ -238,14 +242,41 @@ class BinIdxWriter:
         With end_documents each item is also one document (make_data's layout).
         """
         flat = self._check(flat)
-        sizes = np.asarray(sizes, dtype=np.int64).reshape(-1)
+        sizes = self._item_sizes(sizes)
         if int(sizes.sum()) != flat.size:
             raise ValueError(f"sizes add up to {int(sizes.sum())} tokens but {flat.size} were given")
+        if self._reserved:  # the file's end, past what others wrote
+            self._bin.seek(self.num_tokens * self.dtype.itemsize)
+        self._bin.write(np.ascontiguousarray(flat).data)
+        self._index(sizes, end_documents)
+
+    def reserve_items(self, sizes) -> int:
+        """Append len(sizes) items, each one document, whose tokens the caller writes itself into
+        the temporary .bin (`tmp_bin_path`; another process may, with pwrite) at the byte offset
+        returned, back to back. finish() refuses a .bin that lacks any of them."""
+        sizes = self._item_sizes(sizes)
+        self._bin.flush()
+        self._reserved = True
+        offset = self.num_tokens * self.dtype.itemsize
+        self._index(sizes, True)
+        return offset
+
+    @property
+    def tmp_bin_path(self) -> Path:
+        """Where the .bin is written until finish() puts it in place."""
+        return self._tmp_bin
+
+    @staticmethod
+    def _item_sizes(sizes) -> np.ndarray:
+        sizes = np.asarray(sizes, dtype=np.int64).reshape(-1)
         if sizes.size and (sizes.min() < 0 or sizes.max() > np.iinfo(np.int32).max):
             raise ValueError("item sizes must lie in 0..2**31-1")
+        return sizes
+
+    def _index(self, sizes: np.ndarray, end_documents: bool) -> None:
+        """Record items of these sizes whose tokens follow the ones so far in the .bin."""
         ends = np.cumsum(sizes)
         pointers = (self.num_tokens + ends - sizes) * self.dtype.itemsize
-        self._bin.write(flat.tobytes())
         self._sizes.write(sizes.astype("<i4").tobytes())
         self._pointers.write(pointers.astype("<i8").tobytes())
         if end_documents:
@@ -253,7 +284,7 @@ class BinIdxWriter:
             self._docs.write(docs.tobytes())
             self.num_docs += sizes.size
         self.num_items += sizes.size
-        self.num_tokens += flat.size
+        self.num_tokens += int(ends[-1]) if sizes.size else 0
 
     def add_item(self, tokens) -> None:
         """Append one item (does not end the document)."""
@@ -277,12 +308,13 @@ class BinIdxWriter:
             return
         try:
             self._bin.flush()
+            size, expected = os.fstat(self._bin.fileno()).st_size, self.num_tokens * self.dtype.itemsize
+            if size != expected:
+                raise OSError(f"{self._tmp_bin} has {size} bytes, but the items written to it need {expected}")
             with open(self._tmp_idx, "wb") as idx:
                 idx.write(HEADER.pack(MAGIC, VERSION, self.code, self.num_items, self.num_docs))
                 for part in (self._sizes, self._pointers, self._docs):
-                    part.flush()
-                    part.seek(0)
-                    shutil.copyfileobj(part, idx, 1 << 20)
+                    _append_file(part, idx)
             renames = [(self._tmp_bin, self.bin_path), (self._tmp_idx, self.idx_path)]
             for dest, data in (extra or {}).items():
                 tmp = self._temp(Path(dest))
@@ -310,6 +342,33 @@ class BinIdxWriter:
         else:
             self.abort()
         return False
+
+
+_NO_SENDFILE = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV}
+
+
+def _append_file(src, dest) -> None:
+    """Append the whole of file object src to file object dest: in the kernel (sendfile) where the
+    system can, so the bytes never pass through this process's memory; else in 1 MB blocks."""
+    src.flush()
+    dest.flush()
+    size = os.fstat(src.fileno()).st_size
+    offset = 0
+    while offset < size:
+        try:
+            sent = os.sendfile(dest.fileno(), src.fileno(), offset, size - offset)
+        except (AttributeError, OSError) as e:
+            if offset or getattr(e, "errno", errno.ENOSYS) not in _NO_SENDFILE:
+                raise
+            break  # no sendfile between these files: copied below
+        if sent == 0:
+            raise OSError(f"{src.name} ended at byte {offset} of {size} while it was copied")
+        offset += sent
+    else:
+        dest.seek(0, os.SEEK_END)  # where sendfile left the file (the buffered writer does not know)
+        return
+    src.seek(0)
+    shutil.copyfileobj(src, dest, 1 << 20)
 
 
 def write_binidx(path, documents, dtype=np.uint16) -> tuple:
