@@ -2,11 +2,13 @@
 workers, uint32."""
 import hashlib
 import json
+import mmap
 import os
 import random
 import re
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -559,6 +561,37 @@ def test_bad_line_in_a_later_chunk_gives_the_same_message_with_workers(tmp_path,
             assert sorted(os.listdir(tmp_path)) == ["demo.jsonl"], case
         assert errors[0] == errors[1], case
         assert f"line {300 + line_no}" in errors[0] and words in errors[0], errors[0]
+
+
+def _square_and_pid(i: int) -> tuple:
+    time.sleep(0.001 * (i % 3))  # tasks that end out of order
+    return i * i, os.getpid()
+
+
+def test_workers_give_results_in_job_order():
+    from rwkvlm.data.workers import worker_pool
+
+    with worker_pool(3) as pool:
+        out = list(pool.map(_square_and_pid, range(300)))
+    assert [r for r, _ in out] == [i * i for i in range(300)]
+    assert len({pid for _, pid in out}) >= 2 and os.getpid() not in {pid for _, pid in out}
+
+
+def _tokens_of(n: int):
+    return tj.ChunkTokens(np.arange(n, dtype="<u2") % 65000, np.array([n]), 1, 1, [], n)
+
+
+def test_results_come_back_through_shared_slots_or_the_pipe():
+    """map(..., shared="tokens"): arrays that fit a slot come through the shared memory, larger ones
+    through the pipe; each result holds its own tokens (while the next are being made)."""
+    from rwkvlm.data.workers import worker_pool
+
+    sizes = [random.Random(1).choice([0, 1, 7, 499, 500, 501, 5000]) for _ in range(200)]
+    with worker_pool(2, slot_bytes=1000) as pool:
+        for n, r in zip(sizes, pool.map(_tokens_of, sizes, shared="tokens")):
+            assert r.tokens.dtype == np.dtype("<u2") and np.array_equal(r.tokens, np.arange(n) % 65000), n
+            in_slot = isinstance(getattr(r.tokens.base, "obj", None), mmap.mmap)
+            assert in_slot == (2 * n <= 1000), n
 
 
 def test_empty_and_blank_files_with_workers(tmp_path, capsys):

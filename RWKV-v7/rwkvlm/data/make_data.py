@@ -251,7 +251,7 @@ def _convert(args, src: Path, name: str, out_dir: Path, copies: int, ctx_len: in
     with tempfile.TemporaryFile(dir=out_dir, prefix=f".{name}.tokens.") as tokens_file, \
             tempfile.TemporaryFile(dir=out_dir, prefix=f".{name}.ends.") as ends_file, \
             tempfile.TemporaryFile(dir=out_dir, prefix=f".{name}.order.") as records_file, \
-            worker_pool(workers) as pool:
+            worker_pool(workers, slot_bytes=dtype.itemsize * tokenize_jsonl.CHUNK_BYTES + (64 << 10)) as pool:
         p1 = Pass1(tokens_file, ends_file, args.skip_bad, dtype)
         with _progress(size, "tokenizing", "B", show and size > PROGRESS_MIN_BYTES) as bar:
             p1.run(src, int(args.max_line_mb * 1_000_000), bar, pool)

@@ -450,8 +450,10 @@ class Pass1:
         this process)."""
         jobs = (ChunkJob(str(path), start, end, max_line_bytes, self.skip_bad, self.dtype.str)
                 for start, end in plan_chunks(path, CHUNK_BYTES))
+        # a worker's tokens come back through shared memory: valid until the next chunk is asked for
+        chunks = workers.map(tokenize_chunk, jobs, shared="tokens") if workers else map(tokenize_chunk, jobs)
         line_base = 0
-        for chunk in (workers.map if workers else map)(tokenize_chunk, jobs):
+        for chunk in chunks:
             for line_no, category, detail in chunk.bad:
                 self._bad(path, BadLine(line_base + line_no, category, detail))
             self.tokens_file.write(memoryview(chunk.tokens))
