@@ -1119,6 +1119,8 @@ class Driver:
             row["status"] = "ok"
         if row["status"] != "ok":
             row["log_tail"], row["log"] = tail(procs[0][3], 30), rel(procs[0][3])
+        if self.args.eval_n and sc.eval_n:
+            sc = dataclasses.replace(sc, eval_n=self.args.eval_n)
         if sc.eval_n and (proj / "rwkv-final.pth").is_file():
             self.evaluate(sc, lib, cards, proj, rundir, row)
         if not self.args.keep_weights:
@@ -1238,7 +1240,10 @@ class Driver:
             ck = json.loads((rundir / "eval.json").read_text())["checkpoints"][0]
             f["eval"] = {"n": ck["overall"]["n"], "correct": ck["overall"]["correct"],
                          "accuracy": ck["overall"]["accuracy"],
-                         "by_kind": {k: v["accuracy"] for k, v in ck["by_kind"].items()}}
+                         "by_kind": {k: v["accuracy"] for k, v in ck["by_kind"].items()},
+                         "by_split": {name: {"n": part["overall"]["n"], "accuracy": part["overall"]["accuracy"],
+                                             "by_kind": {k: v["accuracy"] for k, v in part["by_kind"].items()}}
+                                      for name, part in ck.get("by_split", {}).items()}}
         except (OSError, ValueError, KeyError, IndexError):
             f["eval"] = {"rc": rcs[0], "note": "no eval.json", "log_tail": tail(rundir / "eval.txt", 10)}
 
@@ -1776,6 +1781,8 @@ def main(argv=None) -> int:
     ap.add_argument("--kts", type=float, help="arith-0.1b: kt/s of all its GPUs together (default: 97%% of "
                                               "train-0.1b-m16's per-GPU figure in OUTDIR)")
     ap.add_argument("--train-s", type=int, help="arith-0.1b: seconds of training to plan the tokens for")
+    ap.add_argument("--eval-n", type=int, help="arith-0.1b: held-out items to evaluate on (both wordings; "
+                                               "default: the scenario's)")
     ap.add_argument("--m-bsz", type=int, help="hw-*-mmax: this M_BSZ instead of the one planned from the M_BSZ 1 "
                                               "row's measured memory")
     ap.add_argument("--hwtable", action="store_true", help="print the hardware table of every hw-* row in "
