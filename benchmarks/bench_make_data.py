@@ -208,6 +208,28 @@ def run_tree(cmd, cwd) -> dict:
     return {"wall_s": wall, "cpu_s": cpu, **memory, "stdout": out}
 
 
+def write_long_docs(path: Path, mb: float, doc_kb: float, seed: int = 0) -> tuple:
+    """A jsonl of ~mb MB whose documents are arithmetic dialogues joined (blank line between) into
+    documents of at least doc_kb KB, a pre-training corpus's document size. (documents, bytes)."""
+    from rwkvlm.data.arithmetic import generate_documents
+
+    limit, target = int(mb * 1e6), int(doc_kb * 1000)
+    docs = written = 0
+    texts, size = [], 0
+    with open(path, "wb") as f:
+        for text in generate_documents(10**12, seed):
+            texts.append(text)
+            size += len(text.encode("utf-8")) + 2
+            if size < target:
+                continue
+            line = (json.dumps({"text": "\n\n".join(texts)}, ensure_ascii=False) + "\n").encode("utf-8")
+            f.write(line)
+            docs, written, texts, size = docs + 1, written + len(line), [], 0
+            if written >= limit:
+                break
+    return docs, written
+
+
 def make_big_jsonl(path: Path, gb: float, block: Path) -> tuple:
     """path = the generated block repeated to ~gb GB (documents repeat; tokenizing speed and
     memory per document are those of the block's). Returns (documents, bytes)."""
@@ -308,14 +330,17 @@ def scale(args) -> None:
     sizes = [float(x) for x in args.sizes.split(",")]
     workers = [int(x) for x in args.workers.split(",")]
     block = work / "block.jsonl"
-    block_docs, block_bytes = write_jsonl(block, mb=args.block_mb, seed=0)
+    if args.doc_kb:
+        block_docs, block_bytes = write_long_docs(block, args.block_mb, args.doc_kb, seed=0)
+    else:
+        block_docs, block_bytes = write_jsonl(block, mb=args.block_mb, seed=0)
     print(f"block: {block_bytes / 1e6:.1f} MB, {block_docs} documents; load {_load()}", flush=True)
     sample = work / "sample.jsonl"
     with open(block, "rb") as f, open(sample, "wb") as g:
         g.writelines(line for _, line in zip(range(block_docs // 4), f))
     result = {"date": datetime.date.today().isoformat(), "cpu": _cpu_model(), "cores": len(os.sched_getaffinity(0)),
               "python": platform.python_version(), "copies": args.scale_copies, "ctx": args.ctx, "seed": args.seed,
-              "block_mb": block_bytes / 1e6, "parts_mb_per_cpu_s": part_rates(sample), "runs": []}
+              "block_mb": block_bytes / 1e6, "doc_bytes": round(block_bytes / block_docs), "parts_mb_per_cpu_s": part_rates(sample), "runs": []}
     print("per-core rates of pass 1's parts (MB/CPU-s):", json.dumps(result["parts_mb_per_cpu_s"]), flush=True)
     for gb in sizes:
         big = work / f"in{gb:g}g.jsonl"
@@ -390,6 +415,8 @@ def main() -> None:
     ap.add_argument("--scale-repeats", type=int, default=1,
                     help="--sizes: runs of each worker count, interleaved; the fastest counts (default 1)")
     ap.add_argument("--block-mb", type=float, default=64.0, help="--sizes: the generated block repeated (MB)")
+    ap.add_argument("--doc-kb", type=float, default=0.0, help="--sizes: join the dialogues into documents of at least "
+                                                              "this many KB (default: one dialogue each, ~240 B)")
     ap.add_argument("--wait-idle", type=float, default=0.0,
                     help="--sizes: before each run wait up to this many seconds for the machine's cores to be "
                          "less than 10%% busy (a shared machine); each row records the wait, the busy share and "
