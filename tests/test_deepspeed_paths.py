@@ -66,11 +66,24 @@ class FakeTrainer:
         self.global_rank = self.local_rank = 0
 
 
-def _module(tmp_path, stage=2, start=None):
+def _x060_model():
+    from rwkvlm.model import RWKV6, Rwkv6Config
+
+    torch.manual_seed(0)
+    model = RWKV6(Rwkv6Config(n_layer=1, n_embd=64, vocab_size=65536))
+    model.init_weights()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def _module(tmp_path, stage=2, start=None, model_type="x070"):
     cfg = parse_args(["--proj_dir", str(tmp_path), "--data_file", "x", "--my_exit_tokens", "100000",
                       "--magic_prime", "11", "--micro_bsz", "4", "--ctx_len", "64", "--n_layer", "1",
-                      "--n_embd", "64", "--precision", "bf16", "--mini_epoch_samples", "64"])
-    model = perturbed_model(n_layer=1, vocab_size=65536)
+                      "--n_embd", "64", "--precision", "bf16", "--mini_epoch_samples", "64",
+                      "--my_testing", model_type])
+    model = perturbed_model(n_layer=1, vocab_size=65536) if model_type == "x070" else _x060_model()
     if start is None:
         torch.save(model.state_dict(), tmp_path / "rwkv-init.pth")
         start = find_start(cfg)
@@ -96,8 +109,9 @@ def test_fake_engine_matches_deepspeed_signatures():
         assert real[: len(fake)] == fake
 
 
-def test_resume_state_through_the_engine(tmp_path):
-    m, engine, cfg = _module(tmp_path)
+@pytest.mark.parametrize("model_type", ["x070", "x060"])
+def test_resume_state_through_the_engine(tmp_path, model_type):
+    m, engine, cfg = _module(tmp_path, model_type=model_type)
     _save(m, 8, pending=[])
     d = tmp_path / "resume" / "step-000000008"
     assert engine.calls == [("save", str(d / "ds"), "state", False)]
@@ -109,21 +123,25 @@ def test_resume_state_through_the_engine(tmp_path):
     # a re-run with the same settings resumes exactly from it: weights and optimizer come from the engine
     start = find_start(cfg)
     assert start.resume_dir == d and start.weights is None and start.step == 8
-    m2, engine2, _ = _module(tmp_path, start=start)
+    m2, engine2, _ = _module(tmp_path, start=start, model_type=model_type)
     m2.restore_resume_state()
     assert engine2.calls == [("load", str(d / "ds"), "state", True, False)]
 
 
-def test_weights_saved_in_bf16_without_prefixes(tmp_path):
+@pytest.mark.parametrize("model_type", ["x070", "x060"])
+def test_weights_saved_in_bf16_without_prefixes(tmp_path, model_type):
+    from rwkvlm.model import model_type_of
+
     for stage in (2, 3):
         (tmp_path / str(stage)).mkdir()
-        m, _, _ = _module(tmp_path / str(stage), stage=stage)
+        m, _, _ = _module(tmp_path / str(stage), stage=stage, model_type=model_type)
         _save(m, 16, pending=["rwkv-3.pth"])
         out = tmp_path / str(stage) / "rwkv-3.pth"
         sd = torch.load(out, weights_only=True)
         assert set(sd) == set(m.model.state_dict())
         assert all(v.dtype == torch.bfloat16 for v in sd.values())
         torch.testing.assert_close(sd["emb.weight"].float(), m.model.emb.weight.to(torch.bfloat16).float())
+        assert model_type_of(sd) == model_type
 
 
 def test_optimizer_device_comes_from_the_strategy(tmp_path, monkeypatch):

@@ -186,6 +186,7 @@ def _growth(tmp_path, L, C, V, dtype):
     return d["peak"] - d["base"], d["fp32"]
 
 
+@pytest.mark.slow  # two inits and saves, each in a fresh process (~10 s)
 def test_prepare_holds_the_saved_weights_and_one_tensor_not_a_model(tmp_path):
     """Host memory of the init and its save: each layer added costs its weights in the save dtype (bf16:
     0.5x its fp32 bytes; the path of before, an fp32 model and its bf16 copy, cost 1.5x), and the whole

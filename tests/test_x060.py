@@ -191,6 +191,7 @@ def x060_run(tmp_path_factory, cpu_env):
     return dict(meta=meta, proj=proj, args=args, out=r.stdout + r.stderr, root=root)
 
 
+@pytest.mark.slow  # end-to-end training (the x060_run fixture)
 def test_x060_prepares_trains_and_saves(x060_run):
     proj = x060_run["proj"]
     assert "RWKV-6 L2-D64" in x060_run["out"]
@@ -203,6 +204,7 @@ def test_x060_prepares_trains_and_saves(x060_run):
     assert len(losses) == 8 and losses[-1] < losses[0]
 
 
+@pytest.mark.slow  # end-to-end training (the x060_run fixture)
 def test_x060_checkpoints_load_in_the_rwkv_package(x060_run, tmp_path):
     from rwkvlm.infer.generate import load_model
 
@@ -241,6 +243,7 @@ def test_x060_resumes_exactly(x060_run, tmp_path, cpu_env):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow  # end-to-end training (the x060_run fixture)
 def test_a_run_of_the_other_type_in_proj_dir_is_refused(x060_run, tmp_path, cpu_env):
     """An x070 run script pointed at an x060 PROJ_DIR: a message naming both types, nothing written."""
     import shutil
@@ -269,3 +272,28 @@ def test_x070_only_flags_are_refused_for_x060():
     with pytest.raises(UserError, match='"x070" or "x060"'):
         parse_args(["--train_stage", "1", "--my_testing", "x052", *TINY])
     assert math.isfinite(parse_args(["--train_stage", "1", "--my_testing", "x060", *TINY]).lr_init)
+
+
+@pytest.mark.slow
+def test_x060_with_grad_cp_bf16_profile_and_wandb(tmp_path, cpu_env):
+    """The x070 path's other flags on an RWKV-6 run: GRAD_CP 1, bf16, --profile_steps, --wandb
+    (offline, no login)."""
+    pytest.importorskip("wandb")
+    meta = make_dataset(tmp_path / "data", n_docs=200, copies=1)
+    proj = tmp_path / "proj"
+    r = _train(prepare_args(proj, "--my_testing", "x060"), cpu_env)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    env = {k: v for k, v in cpu_env.items() if not k.startswith("WANDB_")}
+    env.update(HOME=str(tmp_path / "home"), NETRC=str(tmp_path / "home" / ".netrc"), WANDB_SILENT="true")
+    steps = 14
+    args = run_args(meta, proj, "--my_testing", "x060", "--grad_cp", "1", "--precision", "bf16",
+                    "--profile_steps", "2", "--my_exit_tokens", str(steps * 4 * 64), "--mini_epoch_samples", "64")
+    args[args.index("--wandb") + 1] = "rwkv-test"
+    r = _train(args, env)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "logging offline" in r.stdout and list((proj / "wandb").glob("offline-run-*"))
+    assert "over 2 training steps after the first 10" in (proj / "profile.txt").read_text()
+    sd = torch.load(proj / "rwkv-final.pth", weights_only=True)
+    assert model_type_of(sd) == "x060" and all(v.dtype == torch.bfloat16 for v in sd.values())
+    losses = [float(ln.split(",")[2]) for ln in (proj / "loss_log.csv").read_text().splitlines()[1:]]
+    assert len(losses) == steps and all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
