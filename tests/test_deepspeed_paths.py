@@ -66,24 +66,12 @@ class FakeTrainer:
         self.global_rank = self.local_rank = 0
 
 
-def _x060_model():
-    from rwkvlm.model import RWKV6, Rwkv6Config
-
-    torch.manual_seed(0)
-    model = RWKV6(Rwkv6Config(n_layer=1, n_embd=64, vocab_size=65536))
-    model.init_weights()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    return model
-
-
 def _module(tmp_path, stage=2, start=None, model_type="x070"):
     cfg = parse_args(["--proj_dir", str(tmp_path), "--data_file", "x", "--my_exit_tokens", "100000",
                       "--magic_prime", "11", "--micro_bsz", "4", "--ctx_len", "64", "--n_layer", "1",
                       "--n_embd", "64", "--precision", "bf16", "--mini_epoch_samples", "64",
                       "--my_testing", model_type])
-    model = perturbed_model(n_layer=1, vocab_size=65536) if model_type == "x070" else _x060_model()
+    model = perturbed_model(n_layer=1, vocab_size=65536, model_type=model_type)
     if start is None:
         torch.save(model.state_dict(), tmp_path / "rwkv-init.pth")
         start = find_start(cfg)

@@ -52,14 +52,18 @@ def snapshot(d: Path) -> dict:
 
 
 def perturbed_model(n_layer: int = 2, n_embd: int = 64, vocab_size: int = 65536, seed: int = 0,
-                    scale: float = 0.1):
-    """A spec-initialised RWKV7 moved off its zero matrices, so every path changes the output."""
+                    scale: float = 0.1, model_type: str = "x070"):
+    """A spec-initialised RWKV7 (or RWKV6: model_type "x060") moved off its zero matrices, so every
+    path changes the output."""
     import torch
 
-    from rwkvlm.model import ModelConfig, RWKV7
+    from rwkvlm.model import RWKV6, RWKV7, ModelConfig, Rwkv6Config
 
     torch.manual_seed(seed)
-    model = RWKV7(ModelConfig(n_layer=n_layer, n_embd=n_embd, vocab_size=vocab_size))
+    if model_type == "x060":
+        model = RWKV6(Rwkv6Config(n_layer=n_layer, n_embd=n_embd, vocab_size=vocab_size))
+    else:
+        model = RWKV7(ModelConfig(n_layer=n_layer, n_embd=n_embd, vocab_size=vocab_size))
     model.init_weights()
     with torch.no_grad():
         for p in model.parameters():
