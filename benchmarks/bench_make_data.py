@@ -340,7 +340,8 @@ def scale(args) -> None:
         g.writelines(line for _, line in zip(range(block_docs // 4), f))
     result = {"date": datetime.date.today().isoformat(), "cpu": _cpu_model(), "cores": len(os.sched_getaffinity(0)),
               "python": platform.python_version(), "copies": args.scale_copies, "ctx": args.ctx, "seed": args.seed,
-              "block_mb": block_bytes / 1e6, "doc_bytes": round(block_bytes / block_docs), "parts_mb_per_cpu_s": part_rates(sample), "runs": []}
+              "block_mb": block_bytes / 1e6, "doc_bytes": round(block_bytes / block_docs),
+              "parts_mb_per_cpu_s": part_rates(sample), "runs": []}
     print("per-core rates of pass 1's parts (MB/CPU-s):", json.dumps(result["parts_mb_per_cpu_s"]), flush=True)
     for gb in sizes:
         big = work / f"in{gb:g}g.jsonl"

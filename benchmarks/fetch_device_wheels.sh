@@ -11,7 +11,6 @@ set -eu
 cd "$(dirname "$0")/.."
 LMEVAL=0
 [ "${1:-}" = "--lmeval" ] && LMEVAL=1
-grep -qx '/.whl/' .git/info/exclude 2>/dev/null || grep -qx '/.whl/' .gitignore || echo '/.whl/' >> .git/info/exclude
 mkdir -p .whl
 python3 -m venv --system-site-packages /tmp/dswheel-venv
 /tmp/dswheel-venv/bin/pip install -q wheel setuptools  # bdist_wheel for the build below
@@ -23,7 +22,6 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
   flash-linear-attention==0.6.0
 ls -la .whl
 if [ "$LMEVAL" = 1 ]; then
-  grep -qx '/.whl-hf/' .git/info/exclude 2>/dev/null || grep -qx '/.whl-hf/' .gitignore || echo '/.whl-hf/' >> .git/info/exclude
   mkdir -p .whl-hf
   # sdists only on PyPI (pure Python): built here
   /tmp/dswheel-venv/bin/pip wheel -q --no-deps -w .whl-hf sqlitedict==2.1.0 word2number==1.1 rouge-score==0.1.2

@@ -1119,9 +1119,8 @@ class Driver:
             row["status"] = "ok"
         if row["status"] != "ok":
             row["log_tail"], row["log"] = tail(procs[0][3], 30), rel(procs[0][3])
-        eval_n = getattr(self.args, "eval_n", None)  # --eval-n
-        if eval_n and sc.eval_n:
-            sc = dataclasses.replace(sc, eval_n=eval_n)
+        if self.args.eval_n and sc.eval_n:
+            sc = dataclasses.replace(sc, eval_n=self.args.eval_n)
         if sc.eval_n and (proj / "rwkv-final.pth").is_file():
             self.evaluate(sc, lib, cards, proj, rundir, row)
         if not self.args.keep_weights:

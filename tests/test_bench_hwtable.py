@@ -67,7 +67,8 @@ def _m1_row(out: Path, scenario: str, mem: dict, sha="x"):
 
 def _driver_obj(tmp_path, *argv):
     ns = SimpleNamespace(out=str(tmp_path), data_dir=None, m_bsz=None, rehearse=False, dry_run=False, budget=None,
-                         limit=None, progress_s=30.0, extra="", keep_weights=False, kts=None, train_s=None)
+                         limit=None, progress_s=30.0, extra="", keep_weights=False, kts=None, train_s=None,
+                         eval_n=None)
     for k, v in zip(argv[::2], argv[1::2]):
         setattr(ns, k, v)
     d = br.Driver(ns, ["test"])

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from trainkit import make_binidx, prepare_args, run_args, same_weights, snapshot, train_main
+from trainkit import make_binidx, perturbed_model, prepare_args, run_args, same_weights, snapshot, train_main
 
 from rwkvlm.errors import UserError
 from rwkvlm.train.validation import (FORWARD_COST, VAL_TOKENS_MAX, ValData, due, estimated_cost, mean_loss,
@@ -58,14 +58,7 @@ def test_schedule_and_the_default_size_stay_under_five_percent():
 
 
 def test_val_loss_is_the_mean_cross_entropy_of_the_windows():
-    from rwkvlm.model import ModelConfig, RWKV7
-
-    torch.manual_seed(0)
-    model = RWKV7(ModelConfig(n_layer=1, n_embd=64, vocab_size=100))
-    model.init_weights()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
+    model = perturbed_model(n_layer=1, n_embd=64, vocab_size=100)
     model.eval()
     tokens = np.random.default_rng(0).integers(0, 100, 3000)
     val = ValData("v", tokens, val_windows(3000, 32, 32 * 11), 32)

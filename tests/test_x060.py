@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from rwkvpip import RWKV_PKG_SCRIPT
-from trainkit import TINY, TRAIN_TEMP, make_dataset, prepare_args, run_args
+from trainkit import TINY, TRAIN_TEMP, make_dataset, perturbed_model, prepare_args, run_args
 
 from rwkvlm.errors import UserError
 from rwkvlm.model import RWKV6, RWKV7, ModelConfig, Rwkv6Config, build_model, config_from_state_dict, model_type_of
@@ -19,13 +19,7 @@ V = 300
 
 
 def perturbed6(n_layer=3, n_embd=128, seed=0, scale=0.05):
-    torch.manual_seed(seed)
-    m = RWKV6(Rwkv6Config(n_layer=n_layer, n_embd=n_embd, vocab_size=V))
-    m.init_weights()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(torch.randn_like(p) * scale)
-    return m
+    return perturbed_model(n_layer=n_layer, n_embd=n_embd, vocab_size=V, seed=seed, scale=scale, model_type="x060")
 
 
 def pip_logits(path, toks, tmp_path):
