@@ -903,6 +903,8 @@ class Driver:
             return self.skip(sc, f"not run: {lib.error}", lib)
         devices = sc.devices or max(self.ngpu, 1)
         cards = (cards_there[:devices * sc.nodes] if gpu_train else cards_there[:need]) if need else []
+        if sc.train_s and self.args.train_s:  # --train-s: the row's settings and setup say the seconds planned
+            sc = dataclasses.replace(sc, train_s=self.args.train_s)
         row = self.base_row(sc, lib, cards)
         row["settings"] = dict(dataclasses.asdict(sc), devices=devices)
         row["setup"] = sc.setup(devices) if sc.kind in ("train", "parity") else " ".join(sc.args)
@@ -1015,7 +1017,7 @@ class Driver:
 
     def run_train(self, sc: Scenario, lib: Library, cards, rundir: Path, row: dict) -> None:
         f = row["figures"]
-        devices = sc.devices or self.ngpu
+        devices = sc.devices or self.ngpu or 1  # 0: every GPU (a dry run on a machine without one: 1)
         world = devices * sc.nodes
         if sc.host_gib:
             have = self.host_memory_gib()
@@ -1044,7 +1046,7 @@ class Driver:
             train_s = self.args.train_s or sc.train_s
             exit_tokens = int(kts * 1000 * train_s) // tok_step * tok_step
             steps = exit_tokens // tok_step
-            docs = docs or max(20000, int(exit_tokens / copies / 80 * 1.15))  # ~80 tokens per dialogue
+            docs = self.args.docs or docs or max(20000, int(exit_tokens / copies / 80 * 1.15))  # ~80 tokens each
             limit = self.limit_for(sc, train_s + 150)
             f["kts_planned"], f["train_s_planned"] = round(kts, 1), train_s
         else:
@@ -1783,6 +1785,8 @@ def main(argv=None) -> int:
     ap.add_argument("--train-s", type=int, help="arith-0.1b: seconds of training to plan the tokens for")
     ap.add_argument("--eval-n", type=int, help="arith-0.1b: held-out items to evaluate on (both wordings; "
                                                "default: the scenario's)")
+    ap.add_argument("--docs", type=int, help="arith-0.1b: dialogues in its corpus (default: enough for 1.15x its "
+                                             "tokens over the 30 copies)")
     ap.add_argument("--m-bsz", type=int, help="hw-*-mmax: this M_BSZ instead of the one planned from the M_BSZ 1 "
                                               "row's measured memory")
     ap.add_argument("--hwtable", action="store_true", help="print the hardware table of every hw-* row in "

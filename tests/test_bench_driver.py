@@ -162,6 +162,16 @@ def test_dry_run_shows_the_scripts_with_the_scenarios_variables(tmp_path, cpu_en
     assert not (tmp_path / "out" / "results.jsonl").exists()
 
 
+def test_dry_run_of_the_arithmetic_run_plans_tokens_and_corpus_from_the_flags(tmp_path, cpu_env):
+    r = _driver("arith-0.1b", "--kts", 220, "--train-s", 818, "--docs", 200000, "--out", tmp_path / "out",
+                "--dry-run", env=cpu_env, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    steps = 220 * 1000 * 818 // (16 * 4096)  # one GPU stands in for "every GPU" on a machine without one
+    assert f"818 s of tokens, --epoch_save 1; {steps} steps of 65,536 tokens" in r.stdout, r.stdout
+    line = next(ln for ln in r.stdout.splitlines() if "demo-training-run.sh" in ln)
+    assert f"--my_exit_tokens {steps * 16 * 4096}" in line and "/data/arith-200000x30-ctx4096/demo" in line, line
+
+
 # ------------------------------------------------------------------------------------ end to end
 
 @pytest.mark.slow  # two tiny CPU trainings through the scripts: about a minute on 2 cores

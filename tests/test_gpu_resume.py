@@ -1,6 +1,6 @@
-"""Resume under DeepSpeed on a GPU: a kill and re-run continues exactly from the engine's state; a
-changed M_BSZ carries weights and optimiser state over; a state of an earlier version (no weights.pth)
-still gives its weights. Needs a CUDA GPU and DeepSpeed (skipped otherwise)."""
+"""Resume under DeepSpeed on a GPU: a kill and re-run continues exactly from the engine's state (RWKV-7
+and RWKV-6); a changed M_BSZ carries weights and optimiser state over; a state of an earlier version
+(no weights.pth) still gives its weights. Needs a CUDA GPU and DeepSpeed (skipped otherwise)."""
 import json
 import signal
 import subprocess
@@ -15,10 +15,11 @@ pytestmark = pytest.mark.gpu
 KILLPOINT = REPO / "tests" / "killpoint.py"
 
 
-def _gpu(args, micro_bsz=4, steps=24):
+def _gpu(args, micro_bsz=4, steps=24, model_type="x070"):
     """run_args for a short DeepSpeed bf16 run on one GPU."""
     a = run_args({"base": DATA["base"], "tokens": DATA["tokens"], "magic_prime": DATA["magic_prime"]}, args,
-                 "--save_every_steps", "4", "--mini_epoch_samples", "48", "--keep_resume", "3", micro_bsz=micro_bsz)
+                 "--save_every_steps", "4", "--mini_epoch_samples", "48", "--keep_resume", "3",
+                 "--my_testing", model_type, micro_bsz=micro_bsz)
     sub = {"--accelerator": "gpu", "--precision": "bf16", "--strategy": "deepspeed_stage_2",
            "--my_exit_tokens": str(steps * 4 * 64)}
     for k, v in sub.items():
@@ -44,28 +45,29 @@ def _train(proj, env, kill="", **kw):
                           text=True, timeout=900)
 
 
-def _prepared(tmp_path, name, env):
+def _prepared(tmp_path, name, env, model_type="x070"):
     proj = tmp_path / name
-    subprocess.run([sys.executable, str(TRAIN_TEMP / "train.py"), *prepare_args(proj)], env=env, check=True,
-                   capture_output=True, timeout=300)
+    subprocess.run([sys.executable, str(TRAIN_TEMP / "train.py"), *prepare_args(proj, "--my_testing", model_type)],
+                   env=env, check=True, capture_output=True, timeout=300)
     return proj
 
 
-def test_deepspeed_kill_and_resume(tmp_path, env):
-    a = _prepared(tmp_path, "a", env)
-    r = _train(a, env)
+@pytest.mark.parametrize("model_type", ["x070", "x060"])
+def test_deepspeed_kill_and_resume(tmp_path, env, model_type):
+    a = _prepared(tmp_path, "a", env, model_type)
+    r = _train(a, env, model_type=model_type)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     b = tmp_path / "b"
     b.mkdir()
     (b / "rwkv-init.pth").write_bytes((a / "rwkv-init.pth").read_bytes())
-    r = _train(b, env, kill="create:.rwkv-1.pth.*:1")  # the state of step 24 is complete
+    r = _train(b, env, kill="create:.rwkv-1.pth.*:1", model_type=model_type)  # the state of step 24 is complete
     assert r.returncode == -signal.SIGKILL, r.stdout[-3000:] + r.stderr[-3000:]
-    r = _train(b, env)
+    r = _train(b, env, model_type=model_type)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "rwkv-1.pth was missing or incomplete" in r.stdout and "nothing to do" in r.stdout, r.stdout[-3000:]
-    r = _train(b, env, kill="append:loss_log.csv:3", steps=36)  # a longer run, killed at its 3rd new step
+    r = _train(b, env, kill="append:loss_log.csv:3", steps=36, model_type=model_type)  # killed at its 3rd new step
     assert r.returncode == -signal.SIGKILL
-    r = _train(b, env, steps=36)
+    r = _train(b, env, steps=36, model_type=model_type)
     assert r.returncode == 0 and "resumed exactly from" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
     rows = [ln.split(",") for ln in (b / "loss_log.csv").read_text().splitlines()[1:]]
     assert [int(x[0]) for x in rows] == list(range(1, 37))
@@ -73,6 +75,7 @@ def test_deepspeed_kill_and_resume(tmp_path, env):
     assert [x[2] for x in rows[:24]] == [x[2] for x in ref]  # the same steps as the uninterrupted run
     sd = torch.load(b / "rwkv-final.pth", weights_only=True)
     assert all(v.dtype == torch.bfloat16 for v in sd.values())
+    assert ("blocks.0.att.time_faaaa" in sd) == (model_type == "x060")  # the family asked for
 
 
 def test_deepspeed_changed_batch_size_carries_optimiser_state(tmp_path, env):
