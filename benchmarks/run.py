@@ -1685,7 +1685,10 @@ def section(rows: list, results_note: str = "") -> str:
             if f.get("cuda_memory"):
                 c = f["cuda_memory"]
                 extra.append(f"PyTorch's memory at step {c['step']}: {c['held']} GiB held, peak {c['peak_forward_backward']}"
-                             f" GiB in forward + backward, {c['peak_optimizer']} GiB in the optimiser step")
+                             f" GiB in forward + backward, {c['peak_optimizer']} GiB in the optimiser step"
+                             + (f"; before it at most {c['peak_before']} GiB allocated, {c['reserved_peak']} GiB "
+                                f"reserved; the card {c['card_used']} GiB in use after it"
+                                if c.get("card_used") is not None else ""))
             if f.get("prepare_s") is not None:
                 extra.append(f"prepare {f['prepare_s']} s" + (f" (init {f['init_s']} s, write {f['write_s']} s)"
                                                                if f.get("init_s") is not None else ""))

@@ -110,6 +110,11 @@ def test_section_has_date_card_commit_command_figures_and_before_after():
                  "MFU basis: measured 773 TFLOP/s"):
         assert want in text, want
     assert text.endswith("\n")
+    rows[0]["figures"]["cuda_memory"] = {"step": 2, "held": 2.55, "peak_forward_backward": 3.59, "peak_optimizer": 3.95,
+                                         "peak_before": 4.1, "reserved_peak": 4.6, "card_used": 5.9}
+    assert ("PyTorch's memory at step 2: 2.55 GiB held, peak 3.59 GiB in forward + backward, 3.95 GiB in the optimiser "
+            "step; before it at most 4.1 GiB allocated, 4.6 GiB reserved; the card 5.9 GiB in use after it") \
+        in br.section(rows, "/tmp/o")
 
 
 def test_sampler_reads_nvidia_smi_for_the_card_and_the_runs_processes(tmp_path, monkeypatch):

@@ -212,8 +212,9 @@ def test_state_bytes_of_the_7b_row():
 
 
 def test_memory_probe_measures_the_second_step_by_phase(tmp_path):
-    """The GPU figures of one step (held before it, forward + backward peak, optimiser peak), from
-    a stand-in for torch.cuda: printed and added to train_config.json."""
+    """The GPU figures of one step (held before it, forward + backward peak, optimiser peak; the peak
+    before it, the allocator's reserved peak, the card in use), from a stand-in for torch.cuda:
+    printed and added to train_config.json."""
     from types import SimpleNamespace
 
     class Fake:
@@ -236,6 +237,12 @@ def test_memory_probe_measures_the_second_step_by_phase(tmp_path):
         def total(self):
             return 140 * GIB
 
+        def reserved_peak(self):
+            return self.top + 2 * GIB  # the allocator's cached segments
+
+        def card_used(self):
+            return self.now + 3 * GIB  # its segments, the CUDA context, NCCL's buffers
+
     fake, said = Fake(), []
     (tmp_path / "train_config.json").write_text(json.dumps({"n_layer": 2}))
     cfg = SimpleNamespace(total_steps=10, micro_bsz=4, ctx_len=4096)
@@ -244,6 +251,8 @@ def test_memory_probe_measures_the_second_step_by_phase(tmp_path):
     trainer = SimpleNamespace(global_rank=0)
     probe = memory.MemoryProbe(log=said.append, source=fake)
     fake.alloc(20 * GIB)  # weights and optimiser state
+    fake.alloc(12 * GIB)  # a set-up's temporaries (e.g. DeepSpeed flattening the weights)
+    fake.alloc(-12 * GIB)
     for step in (1, 2, 3):
         m.step = step - 1
         probe.on_train_batch_start(trainer, m, None, 0)
@@ -257,9 +266,12 @@ def test_memory_probe_measures_the_second_step_by_phase(tmp_path):
     assert fake.resets == 2 and len(said) == 1  # step 2 only
     got = json.loads((tmp_path / "train_config.json").read_text())["cuda_memory"]
     assert got == {"step": 2, "m_bsz": 4, "ctx_len": 4096, "total": 140.0, "held": 20.0, "peak_forward_backward": 28.0,
-                   "peak_optimizer": 23.0, "per_sample": 2.0}
+                   "peak_optimizer": 23.0, "per_sample": 2.0, "peak_before": 32.0, "reserved_peak": 34.0,
+                   "card_used": 23.0}
     assert "20.0 GiB held before the step, peak 28.0 GiB in forward + backward, 23.0 GiB in the optimiser step" \
         in said[0]
+    assert "before this step at most 32.0 GiB); PyTorch reserved at most 34.0 GiB; the card has 23.0 of 140.0 GiB " \
+        "in use" in said[0], said[0]
 
 
 def test_weights_only_saves_when_the_states_do_not_fit_the_disk(data, tmp_path, capsys):

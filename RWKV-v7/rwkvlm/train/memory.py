@@ -272,19 +272,37 @@ class CudaMemory:
 
         return torch.cuda.mem_get_info()[1]
 
+    def reserved_peak(self) -> int:
+        import torch
+
+        return torch.cuda.max_memory_reserved()
+
+    def card_used(self) -> int:
+        """The whole card's memory in use: this process's PyTorch segments, its CUDA context and what
+        libraries (NCCL, cuBLAS) allocate beside PyTorch, and any other process's."""
+        import torch
+
+        free, total = torch.cuda.mem_get_info()
+        return total - free
+
 
 class MemoryProbe(pl.Callback):
     """The GPU memory of one training step, split by phase, measured at the run's second step (its
     first when it has one step): what the card held before the step (weights, gradient buffers,
     optimiser state: `held`), the peak through forward + backward (`peak_forward_backward`: held +
     the activations of M_BSZ samples + workspaces) and through the optimiser step
-    (`peak_optimizer`). Rank 0 prints one line and adds them to train_config.json as "cuda_memory"
-    (GiB); benchmarks/run.py plans the largest M_BSZ that fits from them."""
+    (`peak_optimizer`); beside them where the rest of the card goes: the peak allocated before the
+    step (`peak_before`: set-up and the first step), the most PyTorch's allocator held from the
+    card (`reserved_peak`, its cached segments included) and the card's memory in use after the step
+    (`card_used`: also the CUDA context and what NCCL or cuBLAS take beside PyTorch). Rank 0 prints
+    one line and adds them to train_config.json as "cuda_memory" (GiB); benchmarks/run.py plans
+    the largest M_BSZ that fits from them."""
 
     def __init__(self, log=print, source=None, step_in_run: int = 2):
         self.say, self.mem = log, source or CudaMemory()
         self.step_in_run = step_in_run
         self.on, self.held, self.peak_fb, self.result = False, 0, 0, None
+        self.peak_before = self.reserved_before = 0
 
     def _measuring(self, pl_module) -> bool:
         run_steps = pl_module.cfg.total_steps - pl_module.start.step
@@ -294,7 +312,8 @@ class MemoryProbe(pl.Callback):
         self.on = self.result is None and self._measuring(pl_module)
         if self.on:
             self.held = self.mem.allocated()
-            self.mem.reset_peak()
+            self.peak_before, self.reserved_before = self.mem.peak(), self.mem.reserved_peak()
+            self.mem.reset_peak()  # (PyTorch's reset clears the reserved peak too)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         if self.on:
@@ -310,12 +329,16 @@ class MemoryProbe(pl.Callback):
         peak_opt = max(self.mem.peak(), self.mem.allocated())
         self.result = {"step": pl_module.step, "m_bsz": cfg.micro_bsz, "ctx_len": cfg.ctx_len, "total": g(self.mem.total()),
                        "held": g(self.held), "peak_forward_backward": g(self.peak_fb), "peak_optimizer": g(peak_opt),
-                       "per_sample": g(max(0, self.peak_fb - self.held) / cfg.micro_bsz)}
+                       "per_sample": g(max(0, self.peak_fb - self.held) / cfg.micro_bsz),
+                       "peak_before": g(self.peak_before),
+                       "reserved_peak": g(max(self.reserved_before, self.mem.reserved_peak())),
+                       "card_used": g(self.mem.card_used())}
         r = self.result
         self.say(f"GPU memory at step {r['step']} (M_BSZ {cfg.micro_bsz}): {r['held']:.1f} GiB held before the step, "
                  f"peak {r['peak_forward_backward']:.1f} GiB in forward + backward, {r['peak_optimizer']:.1f} GiB "
-                 f"in the optimiser step, of {r['total']:.1f} GiB (PyTorch's allocations; the whole process takes "
-                 f"somewhat more)")
+                 f"in the optimiser step (PyTorch's allocations; before this step at most {r['peak_before']:.1f} GiB); "
+                 f"PyTorch reserved at most {r['reserved_peak']:.1f} GiB; the card has {r['card_used']:.1f} of "
+                 f"{r['total']:.1f} GiB in use")
         if trainer.global_rank == 0:
             update_run_config(pl_module.rd.train_config, cuda_memory=r)
 
