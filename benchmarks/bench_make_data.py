@@ -211,23 +211,18 @@ def run_tree(cmd, cwd) -> dict:
 def write_long_docs(path: Path, mb: float, doc_kb: float, seed: int = 0) -> tuple:
     """A jsonl of ~mb MB whose documents are arithmetic dialogues joined (blank line between) into
     documents of at least doc_kb KB, a pre-training corpus's document size. (documents, bytes)."""
-    from rwkvlm.data.arithmetic import generate_documents
+    from rwkvlm.data.arithmetic import generate_documents, write_jsonl
 
-    limit, target = int(mb * 1e6), int(doc_kb * 1000)
-    docs = written = 0
-    texts, size = [], 0
-    with open(path, "wb") as f:
+    def joined():
+        target, texts, size = int(doc_kb * 1000), [], 0
         for text in generate_documents(10**12, seed):
             texts.append(text)
             size += len(text.encode("utf-8")) + 2
-            if size < target:
-                continue
-            line = (json.dumps({"text": "\n\n".join(texts)}, ensure_ascii=False) + "\n").encode("utf-8")
-            f.write(line)
-            docs, written, texts, size = docs + 1, written + len(line), [], 0
-            if written >= limit:
-                break
-    return docs, written
+            if size >= target:
+                yield "\n\n".join(texts)
+                texts, size = [], 0
+
+    return write_jsonl(path, mb=mb, texts=joined())
 
 
 def make_big_jsonl(path: Path, gb: float, block: Path) -> tuple:

@@ -493,3 +493,14 @@ def test_generation_is_fast():
     n = sum(len(d) for d in generate_documents(4000, seed=0))
     assert n > 300_000
     assert time.perf_counter() - t0 < 3.0  # ~1 MB; the tutorial's 120,000 dialogues take about 5 s
+
+
+def test_write_jsonl_takes_texts_of_its_own_and_stops_at_the_size_or_count(tmp_path):
+    texts = (f"document {i}: " + "x" * 90 for i in itertools.count())
+    n, written = A.write_jsonl(tmp_path / "a.jsonl", mb=0.001, texts=texts)  # 1,000 bytes: 10 lines of ~115
+    lines = (tmp_path / "a.jsonl").read_text().splitlines()
+    assert n == len(lines) == 9 and written == (tmp_path / "a.jsonl").stat().st_size >= 1000
+    assert [json.loads(x)["text"][:12] for x in lines[:2]] == ["document 0: ", "document 1: "]
+    assert A.write_jsonl(tmp_path / "b.jsonl", docs=3, texts=iter(["a", "b", "c", "d"]))[0] == 3
+    assert A.write_jsonl(tmp_path / "c.jsonl", docs=2, seed=5)[0] == 2  # the demo's dialogues
+    assert json.loads(open(tmp_path / "c.jsonl").readline())["text"] == next(A.generate_documents(1, seed=5))

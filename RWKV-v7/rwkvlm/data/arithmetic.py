@@ -679,8 +679,9 @@ def count_phrasings() -> dict:
 
 # ---------------------------------------------------------------- command line
 
-def write_jsonl(path, docs=None, mb=None, seed: int = 0, progress: bool = False) -> tuple:
-    """Write {"text": ...} lines until `docs` documents or `mb` MB; return (documents, bytes)."""
+def write_jsonl(path, docs=None, mb=None, seed: int = 0, progress: bool = False, texts=None) -> tuple:
+    """Write {"text": ...} lines until `docs` documents or `mb` MB; return (documents, bytes). The
+    texts are the demo dialogues of `seed`, or those of the iterable `texts`."""
     from rwkvlm.atomic import atomic_open
 
     limit_bytes = None if mb is None else int(float(mb) * 1_000_000)
@@ -692,7 +693,9 @@ def write_jsonl(path, docs=None, mb=None, seed: int = 0, progress: bool = False)
         bar = tqdm(total=docs if docs is not None else limit_bytes, unit="doc" if docs is not None else "B",
                    unit_scale=True, desc="generating", disable=None)
     with atomic_open(path, "wb") as f:
-        for text in generate_documents(docs if docs is not None else 10**12, seed):
+        for text in (texts if texts is not None else generate_documents(docs if docs is not None else 10**12, seed)):
+            if docs is not None and count >= docs:
+                break
             line = (json.dumps({"text": text}, ensure_ascii=False) + "\n").encode("utf-8")
             f.write(line)
             count += 1
