@@ -264,3 +264,15 @@ def test_chat_prompt_cli(ckpt, cpu_env):
     r = subprocess.run([sys.executable, str(REPO / "RWKV-v7" / "chat.py"), str(ckpt.parent / "nope.pth"),
                         "--prompt", "1"], capture_output=True, text=True, env=cpu_env, timeout=120)
     assert r.returncode == 2 and "no such checkpoint" in r.stderr and "rwkv-final.pth" in r.stderr
+
+
+def test_chat_with_questions_piped_in_shows_them_in_the_transcript(ckpt, monkeypatch, capsys):
+    import io
+
+    from rwkvlm.infer.chat import chat_main
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("12 + 7 = ?\n+reset\nAnd 3 + 4?\n"))
+    assert chat_main([str(ckpt), "--max_tokens", "3", "--temperature", "0", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "User: 12 + 7 = ?\n\nAssistant:" in out and "User: +reset\n(conversation reset)" in out, out
+    assert "User: And 3 + 4?\n\nAssistant:" in out and out.count("Assistant:") == 2, out

@@ -135,6 +135,8 @@ def chat_main(argv=None) -> int:
         except EOFError:
             print()
             return 0
+        if not sys.stdin.isatty():  # questions piped in: the transcript shows them as typed
+            print(msg)
         cmd = msg.strip()
         if not cmd:
             continue
