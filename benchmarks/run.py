@@ -222,6 +222,10 @@ STATED_PEAKS = (("H200", 989.0, "NVIDIA H200 SXM datasheet"), ("H100 PCIe", 756.
                 ("H100 NVL", 835.0, "NVIDIA H100 NVL datasheet"), ("H100", 989.0, "NVIDIA H100 SXM datasheet"),
                 ("A100", 312.0, "NVIDIA A100 datasheet"), ("L40S", 362.0, "NVIDIA L40S datasheet"))
 REF_TARGET = 1.25  # the speed target against the original trainer, at no more memory
+# --chat: one conversation of the kinds the demo model learns, in wordings a new user might pick
+CHAT_QUESTIONS = ("Compute 833 + 82", "Please compute six hundred fifteen plus nine hundred thirty-three.",
+                  "Find x if x + 375 = 1177.", "What is -723 + (-636)?", "三百二十加四百五十等于多少？",
+                  "12.5 - 3.75 = ?", "１２３＋４５６＝？", "贰佰叁拾肆减壹佰零伍等于几？")
 
 
 def rehearsal(sc: Scenario) -> Scenario:
@@ -1125,6 +1129,8 @@ class Driver:
             sc = dataclasses.replace(sc, eval_n=self.args.eval_n)
         if sc.eval_n and (proj / "rwkv-final.pth").is_file():
             self.evaluate(sc, lib, cards, proj, rundir, row)
+            if self.args.chat:
+                self.chat(sc, lib, cards, proj, rundir, row)
         if not self.args.keep_weights:
             for p in list(rundir.rglob("*.pth")):
                 p.unlink()
@@ -1248,6 +1254,28 @@ class Driver:
                                       for name, part in ck.get("by_split", {}).items()}}
         except (OSError, ValueError, KeyError, IndexError):
             f["eval"] = {"rc": rcs[0], "note": "no eval.json", "log_tail": tail(rundir / "eval.txt", 10)}
+
+    def chat(self, sc, lib, cards, proj, rundir, row) -> None:
+        """--chat: CHAT_QUESTIONS piped into chat.py (greedy) as one conversation; the transcript
+        goes to RUNDIR/chat.txt and the row."""
+        script = lib.path / "chat.py" if (lib.path / "chat.py").is_file() else LIB / "chat.py"
+        cpu = sc.accelerator == "cpu"
+        env, chg = self.lib_env(lib, cards[:1], cpu=cpu)
+        argv = [self.py, script, proj / "rwkv-final.pth", "--temperature", "0", "--max_tokens", "60",
+                "--device", "cpu" if cpu else "cuda"]
+        questions = "".join(q + "\n" for q in CHAT_QUESTIONS)
+        row["commands"].append(f"printf '%s\\n' {' '.join(shlex.quote(q) for q in CHAT_QUESTIONS)} | "
+                               + shell_line(argv, chg))
+        self.info(f"chat.py: {len(CHAT_QUESTIONS)} questions, one conversation")
+        try:
+            r = subprocess.run([str(a) for a in argv], input=questions, env=env, cwd=REPO, capture_output=True,
+                               text=True, timeout=300)
+            text, rc = r.stdout + r.stderr, r.returncode
+        except subprocess.TimeoutExpired as e:  # its output so far comes as bytes
+            out = e.stdout or b""
+            text, rc = out.decode("utf-8", "replace") if isinstance(out, bytes) else out, "timeout"
+        (rundir / "chat.txt").write_text(text)
+        row["figures"]["chat"] = {"rc": rc, "transcript": rel(rundir / "chat.txt"), "text": text}
 
     # ---- kind: parity
     def run_parity(self, sc: Scenario, lib: Library, cards, rundir: Path, row: dict) -> None:
@@ -1689,6 +1717,9 @@ def section(rows: list, results_note: str = "") -> str:
                              + (f"; before it at most {c['peak_before']} GiB allocated, {c['reserved_peak']} GiB "
                                 f"reserved; the card {c['card_used']} GiB in use after it"
                                 if c.get("card_used") is not None else ""))
+            if f.get("chat"):
+                extra.append(f"chat.py session (greedy, {len(CHAT_QUESTIONS)} questions): `{f['chat']['transcript']}`"
+                             + ("" if f["chat"]["rc"] == 0 else f" (rc {f['chat']['rc']})"))
             if f.get("prepare_s") is not None:
                 extra.append(f"prepare {f['prepare_s']} s" + (f" (init {f['init_s']} s, write {f['write_s']} s)"
                                                                if f.get("init_s") is not None else ""))
@@ -1790,6 +1821,8 @@ def main(argv=None) -> int:
                                                "default: the scenario's)")
     ap.add_argument("--docs", type=int, help="arith-0.1b: dialogues in its corpus (default: enough for 1.15x its "
                                              "tokens over the 30 copies)")
+    ap.add_argument("--chat", action="store_true", help="arith-0.1b: after the evaluation, a short chat.py session "
+                                                        "(greedy, several turns, mixed kinds) of rwkv-final.pth")
     ap.add_argument("--m-bsz", type=int, help="hw-*-mmax: this M_BSZ instead of the one planned from the M_BSZ 1 "
                                               "row's measured memory")
     ap.add_argument("--hwtable", action="store_true", help="print the hardware table of every hw-* row in "

@@ -230,3 +230,19 @@ def test_cpu_smoke_with_base_writes_rows_and_a_section(tmp_path, cpu_env):
                  "| cpu-smoke | before, abc1234 |", "Before / after", "- kernels (", "needs 1 GPU",
                  "Commands (repository root):"):
         assert want in sec, want
+
+
+@pytest.mark.slow  # a tiny CPU training through the scripts, its evaluation and a chat: ~25 s on 2 cores
+def test_arithmetic_rehearsal_evaluates_and_chats_in_one_conversation(tmp_path, cpu_env):
+    out = tmp_path / "out"
+    r = _driver("arith-0.1b", "--rehearse", "--chat", "--out", out, env=cpu_env, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    (row,) = _rows(out)
+    f = row["figures"]
+    assert f["eval"]["n"] == 8 and set(f["eval"]["by_split"]) == {"seen", "unseen"}
+    assert f["chat"]["rc"] == 0
+    text = (out / "arith-0.1b" / "chat.txt").read_text()
+    assert text == f["chat"]["text"] and text.count("\nAssistant:") == len(br.CHAT_QUESTIONS)
+    positions = [text.index(f"User: {q}\n") for q in br.CHAT_QUESTIONS]
+    assert positions == sorted(positions)  # each question once, in order, in one session
+    assert "chat.py session (greedy, 8 questions)" in (out / "report.md").read_text()
