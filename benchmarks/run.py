@@ -892,6 +892,10 @@ class Driver:
         if not self.args.dry_run:
             self.write_row(row)
 
+    def devices_of(self, sc: Scenario) -> int:
+        """GPUs per node of a run: the scenario's, else every visible one (1 on a machine without)."""
+        return sc.devices or max(self.ngpu, 1)
+
     def run_one(self, sc: Scenario, lib: Library) -> None:
         side = f" [{lib.side}: {rel(lib.path)}]" if len(self.libs) > 1 else ""
         gpu_train = sc.kind == "train" and sc.accelerator == "gpu"
@@ -905,10 +909,12 @@ class Driver:
             cards_there = list(range(max(need, 2)))
         if lib.error:
             return self.skip(sc, f"not run: {lib.error}", lib)
-        devices = sc.devices or max(self.ngpu, 1)
+        devices = self.devices_of(sc)
         cards = (cards_there[:devices * sc.nodes] if gpu_train else cards_there[:need]) if need else []
-        if sc.train_s and self.args.train_s:  # --train-s: the row's settings and setup say the seconds planned
+        if sc.train_s and self.args.train_s:  # --train-s, --eval-n: the row's settings and setup say them
             sc = dataclasses.replace(sc, train_s=self.args.train_s)
+        if sc.eval_n and self.args.eval_n:
+            sc = dataclasses.replace(sc, eval_n=self.args.eval_n)
         row = self.base_row(sc, lib, cards)
         row["settings"] = dict(dataclasses.asdict(sc), devices=devices)
         row["setup"] = sc.setup(devices) if sc.kind in ("train", "parity") else " ".join(sc.args)
@@ -1021,7 +1027,7 @@ class Driver:
 
     def run_train(self, sc: Scenario, lib: Library, cards, rundir: Path, row: dict) -> None:
         f = row["figures"]
-        devices = sc.devices or self.ngpu or 1  # 0: every GPU (a dry run on a machine without one: 1)
+        devices = self.devices_of(sc)
         world = devices * sc.nodes
         if sc.host_gib:
             have = self.host_memory_gib()
@@ -1047,7 +1053,7 @@ class Driver:
                                    "first, or give --kts (all GPUs together)")
                 kts = 0.97 * world * one["figures"]["kt_s_per_gpu"]
                 f["kts_planned_from"] = f"97% of {world} x {one['figures']['kt_s_per_gpu']} kt/s ({one['run_dir']})"
-            train_s = self.args.train_s or sc.train_s
+            train_s = sc.train_s
             exit_tokens = int(kts * 1000 * train_s) // tok_step * tok_step
             steps = exit_tokens // tok_step
             docs = self.args.docs or docs or max(20000, int(exit_tokens / copies / 80 * 1.15))  # ~80 tokens each
@@ -1125,8 +1131,6 @@ class Driver:
             row["status"] = "ok"
         if row["status"] != "ok":
             row["log_tail"], row["log"] = tail(procs[0][3], 30), rel(procs[0][3])
-        if self.args.eval_n and sc.eval_n:
-            sc = dataclasses.replace(sc, eval_n=self.args.eval_n)
         if sc.eval_n and (proj / "rwkv-final.pth").is_file():
             self.evaluate(sc, lib, cards, proj, rundir, row)
             if self.args.chat:
@@ -1229,12 +1233,17 @@ class Driver:
     def lib_of(self, row) -> Library:
         return next(lb for lb in self.libs if lb.side == row["library"]["side"])
 
-    def evaluate(self, sc, lib, cards, proj, rundir, row) -> None:
-        script = lib.path / "evaluate.py" if (lib.path / "evaluate.py").is_file() else LIB / "evaluate.py"
+    def tool(self, name, sc, lib, cards, proj) -> tuple:
+        """(argv start, env, env changes) of one of the library's tools (evaluate.py, chat.py: the
+        library's own where it has one) on PROJ_DIR/rwkv-final.pth, on the run's first card or the CPU."""
+        script = lib.path / name if (lib.path / name).is_file() else LIB / name
         cpu = sc.accelerator == "cpu"
         env, chg = self.lib_env(lib, cards[:1], cpu=cpu)
-        argv = [self.py, script, proj / "rwkv-final.pth", "--n", sc.eval_n, "--device", "cpu" if cpu else "cuda",
-                "--json", rundir / "eval.json"]
+        return [self.py, script, proj / "rwkv-final.pth", "--device", "cpu" if cpu else "cuda"], env, chg
+
+    def evaluate(self, sc, lib, cards, proj, rundir, row) -> None:
+        argv, env, chg = self.tool("evaluate.py", sc, lib, cards, proj)
+        argv += ["--n", sc.eval_n, "--json", rundir / "eval.json"]
         row["commands"].append(shell_line(argv, chg))
         f = row["figures"]
         try:
@@ -1258,11 +1267,8 @@ class Driver:
     def chat(self, sc, lib, cards, proj, rundir, row) -> None:
         """--chat: CHAT_QUESTIONS piped into chat.py (greedy) as one conversation; the transcript
         goes to RUNDIR/chat.txt and the row."""
-        script = lib.path / "chat.py" if (lib.path / "chat.py").is_file() else LIB / "chat.py"
-        cpu = sc.accelerator == "cpu"
-        env, chg = self.lib_env(lib, cards[:1], cpu=cpu)
-        argv = [self.py, script, proj / "rwkv-final.pth", "--temperature", "0", "--max_tokens", "60",
-                "--device", "cpu" if cpu else "cuda"]
+        argv, env, chg = self.tool("chat.py", sc, lib, cards, proj)
+        argv += ["--temperature", "0", "--max_tokens", "60"]
         questions = "".join(q + "\n" for q in CHAT_QUESTIONS)
         row["commands"].append(f"printf '%s\\n' {' '.join(shlex.quote(q) for q in CHAT_QUESTIONS)} | "
                                + shell_line(argv, chg))

@@ -693,7 +693,7 @@ def write_jsonl(path, docs=None, mb=None, seed: int = 0, progress: bool = False,
         bar = tqdm(total=docs if docs is not None else limit_bytes, unit="doc" if docs is not None else "B",
                    unit_scale=True, desc="generating", disable=None)
     with atomic_open(path, "wb") as f:
-        for text in (texts if texts is not None else generate_documents(docs if docs is not None else 10**12, seed)):
+        for text in texts if texts is not None else generate_documents(10**12, seed):
             if docs is not None and count >= docs:
                 break
             line = (json.dumps({"text": text}, ensure_ascii=False) + "\n").encode("utf-8")
