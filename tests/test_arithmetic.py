@@ -87,7 +87,7 @@ UNKNOWN = "\x01"  # stands for the equation's unknown
 NOUNS = re.compile(r"what number|which number|a certain number|some number|a number|(?<![a-z])what(?![a-z])|"
                    r"多少|什么数|几|某个数|某数|一个数")
 PUNCT = re.compile(r"[,，。.:：;；?？!！]")
-PLUS = re.compile(r"\+|(?<![a-z])(?:plus|sum|add|added|total|increased)(?![a-z])|加|的和|之和")
+PLUS = re.compile(r"\+|(?<![a-z])(?:plus|sum|summed|add|added|total|increased|combined)(?![a-z])|加|的和|之和")
 MINUS = re.compile(r"-|(?<![a-z])(?:minus|difference|subtract|subtracted|take|decreased|less)(?![a-z])|减|差")
 REVERSED = re.compile(r"(?<![a-z])(?:from|less than)(?![a-z])")  # subtract b from a, b less than a
 EQUALS = re.compile(r"=|(?<![a-z])(?:equals?|is|gives)(?![a-z])|等于|得|结果是")
@@ -292,14 +292,14 @@ def notation(turn) -> str:
 
 
 def test_every_answer_is_exact_and_matches_its_question(docs, eval_items):
-    """Each training turn (about 8,500, over 1,000 per kind) and each held-out item (2,400, seen and
+    """Each training turn (about 8,500, over 900 per kind, 1,900 equations) and each held-out item (2,400, seen and
     unseen wordings): the number in the answer is the one this file computes from the question."""
     n = Counter()
     for d in docs:
         for q, a in turns(d):
             check_item(q, a)
             n["equation" if re.match(r"\S+ = .* = ", a) else "binary"] += 1
-    assert n["binary"] > 7000 and n["equation"] > 900
+    assert n["binary"] > 6000 and n["equation"] > 1600  # equations: 2 of every 9 training turns
     for it in eval_items:
         check_item(it.question, it.answer)
 

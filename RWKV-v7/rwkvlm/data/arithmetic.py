@@ -16,9 +16,10 @@ punctuation or not) and in symbols only: a question is a frame (e.g.
 "{lead}{please}{verb} {expr}{end}") whose slots are filled from the tables, the
 operator words ({expr}: "{a} plus {b}", "{b} subtracted from {a}", "{a}与{b}之差")
 taking the operands, so the number of distinct phrasings is a sum of products
-of table sizes (`count_phrasings`, numbers as slots: 3.2 million sums and
-differences, 3.2 * 10**9 equations with training's parts; the operands'
-renderings multiply it further).
+of table sizes (`count_phrasings`, numbers as slots: 3.6 million sums and
+differences, 1.1 * 10**10 equations with training's parts; the operands'
+renderings multiply it further). Equations are 2 of every 9 training turns,
+each other kind 1 of 9.
 
 Held out twice, by construction:
 - by problem: a computation whose canonical form (e.g. `32 + 15`, also the
@@ -26,11 +27,15 @@ Held out twice, by construction:
   in training documents, in any wording or as an equation;
 - by wording: most tables have parts (their `unseen` ones: "determine",
   "kindly", "{a} and {b} added together", "take {b} from {a}", "算一算", "劳驾",
-  "{a}和{b}之和", " =?", the unknown names y2 n2 a1, whole frames ...) that
+  "{a}和{b}之和", " =?", the unknown names y2 n2 a1 b3 k2 m3 t1, whole frames ...) that
   training never uses. Held-out parts are new words for filler slots, but new
   combinations of taught words where the model must understand or write them
   (operator words, unknown names: a model can only write tokens it was trained
-  to write).
+  to write). Each held-out part has seen relatives that teach its pattern:
+  training's names pair every letter with indices 1-3 (the held-out pairs
+  aside), " is exactly " and "恰好等于" stand beside the held-out " is equal to "
+  and "正好等于", "I want to know what {expr} is" beside the held-out
+  "tell me what {expr} is".
 make_eval_set draws only held-out problems, each asked either in a training
 wording (split "seen") or in a wording with at least one held-out part (split
 "unseen").
@@ -264,7 +269,7 @@ EN_EQASK = Parts((" equals?", " equals what?", " is what?", " = what?", " equals
                  unseen=(" equals how much?",))
 EN_EXPR = {  # operator words: {a} and {b} are the operands; the restatement is `a op b`
     "+": Parts(("{a} plus {b}", "{a} + {b}", "{a}+{b}", "the sum of {a} and {b}", "the total of {a} and {b}",
-                "{a} added to {b}", "{a} increased by {b}"),
+                "{a} added to {b}", "{a} increased by {b}", "{a} and {b} combined", "{a} and {b} summed up"),
                unseen=("{a} and {b} added together",)),
     "-": Parts(("{a} minus {b}", "{a} - {b}", "{a}-{b}", "the difference of {a} and {b}",
                 "{b} subtracted from {a}", "{a} decreased by {b}", "{b} less than {a}"),
@@ -280,7 +285,9 @@ EN_ACTION = {  # an imperative verb with its operands
 }
 EN_FRAMES = Parts(("{lead}{please}{verb} {expr}{end}", "{lead}{modal}{verb} {expr}{qend}", "{lead}{wh} {expr}{qend}",
                    "{lead}{please}{action}{end}", "{lead}{modal}{action}{qend}", "{lead}{expr}{eqask}",
-                   "{lead}what does {expr} equal{qend}"),
+                   "{lead}what does {expr} equal{qend}", "{lead}{modal}tell me what {expr} equals{qend}",
+                   "{lead}I want to know what {expr} is{end}", "{lead}{please}say what {expr} makes{end}",
+                   "{lead}when you {action}, what is the result{qend}"),
                   unseen=("{lead}tell me what {expr} is{end}", "{lead}if you {action}, what do you get{qend}"))
 
 # ---- Chinese
@@ -324,17 +331,21 @@ SYM_ASK = Parts((" = ?", "=?", " =", "=", " = ？", "=？", "＝？", " ＝ ？"
 SYM_FRAMES = Parts(("{expr}{symask}",))
 
 # ---- equations: {eq} is the equation, {n} its unknown's name
-NAMES = Parts(("x", "y", "z", "n", "m", "a", "b", "t", "k", "p", "X", "□", "○", "x1", "x2", "y1", "n1"),
-              unseen=("y2", "n2", "a1"))  # held out: new combinations of letters and indices that
-#                                           training's answers write (a model can only write tokens it was taught to)
+_NAME_LETTERS = "xyznmabtkp"
+_HELDOUT_NAMES = ("y2", "n2", "a1", "b3", "k2", "m3", "t1")  # held out: new combinations of a letter and an index,
+#   both of which training's answers write with other partners (a model can only write tokens it was taught to)
+NAMES = Parts(tuple(_NAME_LETTERS) + ("X", "□", "○")
+              + tuple(c + i for i in "123" for c in _NAME_LETTERS if c + i not in _HELDOUT_NAMES),
+              unseen=_HELDOUT_NAMES)
 ZH_NAMES = Parts(NAMES.seen + ("未知数",), unseen=NAMES.unseen)
 EQUALS = {  # between the expression and the number it equals
-    "en": Parts((" = ", "=", " equals ", " is ", " gives "), unseen=(" is equal to ",)),
-    "zh": Parts(("=", " = ", "等于", "得", "的结果是"), unseen=("正好等于",)),
+    "en": Parts((" = ", "=", " equals ", " is ", " gives ", " is exactly ", " is the same as "),
+                unseen=(" is equal to ",)),
+    "zh": Parts(("=", " = ", "等于", "得", "的结果是", "恰好等于", "刚好等于"), unseen=("正好等于",)),
 }
 EQUALS_BACK = {  # the same, sides swapped: `c = expr`
-    "en": Parts((" = ", "=", " equals ", " is "), unseen=(" is equal to ",)),
-    "zh": Parts(("=", " = ", "等于"), unseen=("正好等于",)),
+    "en": Parts((" = ", "=", " equals ", " is ", " is exactly ", " is the same as "), unseen=(" is equal to ",)),
+    "zh": Parts(("=", " = ", "等于", "恰好等于", "刚好等于"), unseen=("正好等于",)),
 }
 EN_EQ_VERB = Parts(("solve for {n}", "find {n}", "find the value of {n}", "work out {n}", "compute {n}",
                     "calculate {n}"), unseen=("determine {n}", "figure out {n}"))
@@ -350,7 +361,8 @@ EQ_ASK = Parts((" = ?", "=?", " =", "=？", " = ？", "＝？"), unseen=(" =?",)
 EN_EQ_FRAMES = Parts(("{eq}", "{lead}{please}{eq_verb}{cond}{eq}{end}", "{lead}{modal}{eq_verb}{cond}{eq}{qend}",
                       "{lead}{please}{solve}{colon}{eq}{end}", "{lead}{modal}{solve}{colon}{eq}{qend}",
                       "{lead}{if} {eq}, {wh_n}{qend}", "{lead}{wh_n} if {eq}{qend}", "{eq}. {Wh_n}{qend}",
-                      "{eq}{sep}{n}{eq_ask}", "{lead}what value of {n} makes {eq} true{qend}", "{eq}. {Eq_verb}{end}"),
+                      "{eq}{sep}{n}{eq_ask}", "{lead}what value of {n} makes {eq} true{qend}", "{eq}. {Eq_verb}{end}",
+                      "{lead}{if} {eq}. {Wh_n}{qend}"),
                      unseen=("{lead}let {eq}. {Wh_n}{qend}",))
 ZH_SOLVE = Parts(("解方程", "求解方程", "解", "求解"))
 ZH_FIND_N = Parts(("求{n}", "求{n}的值", "算出{n}"))
@@ -360,7 +372,7 @@ ZH_THEN = Parts(("则", "那么", "请问", "求"), blank=0.4)
 ZH_EQ_FRAMES = Parts(("{eq}", "{lead}{polite}{solve}{colon}{eq}{end}", "{lead}{polite}{find_n}{sep}{eq}{end}",
                       "{lead}{if}{eq}，{then}{n}{ask}{qend}",
                       "{lead}{if}{eq}，{polite}求{n}{action_end}", "{lead}方程{eq}的解{ask}{qend}",
-                      "{lead}{eq}，{n}{eq_ask}"),
+                      "{lead}{eq}，{n}{eq_ask}", "{lead}{eq}的时候，{n}{ask}{qend}", "{lead}{if}{eq}的话，{n}{ask}{qend}"),
                      unseen=("{lead}当{eq}时，{n}{ask}{qend}",))
 # word problems: the unknown is a noun phrase ("what number"), answered as x
 EN_WHAT_NUMBER = Parts(("what number", "which number", "what"))
@@ -368,7 +380,8 @@ EN_A_NUMBER = Parts(("a number", "some number", "a certain number"))
 ZH_HOW_MANY = Parts(("多少", "几", "什么数"))
 ZH_A_NUMBER = Parts(("一个数", "某数", "某个数"))
 EN_ASK_NOUN_FRAMES = Parts(("{lead}{eq}{qend}",))
-EN_A_NOUN_FRAMES = Parts(("{lead}{eq}. What is the number{qend}", "{lead}{eq}. Find the number{end}"),
+EN_A_NOUN_FRAMES = Parts(("{lead}{eq}. What is the number{qend}", "{lead}{eq}. Find the number{end}",
+                          "{lead}{eq}. What number is it{qend}"),
                          unseen=("{lead}{eq}. Which number is it{qend}",))
 ZH_ASK_NOUN_FRAMES = Parts(("{lead}{qpolite}{eq}{qend}",))
 ZH_A_NOUN_FRAMES = Parts(("{lead}{eq}，这个数{ask}{qend}", "{lead}{eq}，{polite}求这个数{action_end}"),
@@ -608,6 +621,7 @@ def _problem(rng: random.Random, kind: str, heldout: bool, split: str = "train")
 
 
 _TURNS = (1, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 5, 6)  # turns per training dialogue: 2.85, about 82 tokens, on average
+_TRAIN_KINDS = KINDS + ("equation",)  # a training turn's kind: equations twice as often (two steps, more wordings)
 
 
 def _turn(item: EvalItem) -> str:
@@ -619,7 +633,7 @@ def generate_documents(n_docs: int, seed: int = 0) -> Iterator[str]:
     rng = random.Random(f"{_TRAIN_SALT}:{int(seed)}")
     for _ in range(int(n_docs)):
         turns = _TURNS[int(rng.random() * len(_TURNS))]
-        yield "\n\n".join(_turn(_problem(rng, KINDS[int(rng.random() * 8)], heldout=False)) for _ in range(turns))
+        yield "\n\n".join(_turn(_problem(rng, _TRAIN_KINDS[int(rng.random() * len(_TRAIN_KINDS))], heldout=False)) for _ in range(turns))
 
 
 def make_eval_set(n: int, seed: int = 0, split: str = "both") -> list:
