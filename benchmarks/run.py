@@ -1722,7 +1722,10 @@ def section(rows: list, results_note: str = "") -> str:
                              f" GiB in forward + backward, {c['peak_optimizer']} GiB in the optimiser step"
                              + (f"; before it at most {c['peak_before']} GiB allocated, {c['reserved_peak']} GiB "
                                 f"reserved; the card {c['card_used']} GiB in use after it"
-                                if c.get("card_used") is not None else ""))
+                                if c.get("card_used") is not None else "")
+                             + ("; outside PyTorch's allocator: " + ", ".join(
+                                 f"{v} GiB {k.replace('_', ' ')}" for k, v in c["outside_allocator"].items())
+                                if c.get("outside_allocator") else ""))
             if f.get("chat"):
                 extra.append(f"chat.py session (greedy, {len(CHAT_QUESTIONS)} questions): `{f['chat']['transcript']}`"
                              + ("" if f["chat"]["rc"] == 0 else f" (rc {f['chat']['rc']})"))

@@ -115,6 +115,10 @@ def test_section_has_date_card_commit_command_figures_and_before_after():
     assert ("PyTorch's memory at step 2: 2.55 GiB held, peak 3.59 GiB in forward + backward, 3.95 GiB in the optimiser "
             "step; before it at most 4.1 GiB allocated, 4.6 GiB reserved; the card 5.9 GiB in use after it") \
         in br.section(rows, "/tmp/o")
+    rows[0]["figures"]["cuda_memory"]["outside_allocator"] = {"setup": 0.52, "after_strategy_setup": 0.9,
+                                                               "after_step": 1.3}
+    assert ("the card 5.9 GiB in use after it; outside PyTorch's allocator: 0.52 GiB setup, 0.9 GiB after strategy "
+            "setup, 1.3 GiB after step") in br.section(rows, "/tmp/o")
 
 
 def test_sampler_reads_nvidia_smi_for_the_card_and_the_runs_processes(tmp_path, monkeypatch):

@@ -219,7 +219,7 @@ def test_memory_probe_measures_the_second_step_by_phase(tmp_path):
 
     class Fake:
         def __init__(self):
-            self.now, self.top, self.resets = 0, 0, 0
+            self.now, self.top, self.resets, self.context = 0, 0, 0, 0
 
         def alloc(self, n):
             self.now += n
@@ -240,8 +240,11 @@ def test_memory_probe_measures_the_second_step_by_phase(tmp_path):
         def reserved_peak(self):
             return self.top + 2 * GIB  # the allocator's cached segments
 
+        def reserved(self):
+            return self.now + 1 * GIB
+
         def card_used(self):
-            return self.now + 3 * GIB  # its segments, the CUDA context, NCCL's buffers
+            return self.now + 1 * GIB + self.context  # its segments, the CUDA context, NCCL's buffers
 
     fake, said = Fake(), []
     (tmp_path / "train_config.json").write_text(json.dumps({"n_layer": 2}))
@@ -250,9 +253,14 @@ def test_memory_probe_measures_the_second_step_by_phase(tmp_path):
                         rd=SimpleNamespace(train_config=tmp_path / "train_config.json"))
     trainer = SimpleNamespace(global_rank=0)
     probe = memory.MemoryProbe(log=said.append, source=fake)
+    fake.context = GIB // 2  # the CUDA context
+    probe.setup(trainer, m, "fit")
+    fake.context += GIB // 4  # the strategy's set-up: NCCL's communicator
     fake.alloc(20 * GIB)  # weights and optimiser state
     fake.alloc(12 * GIB)  # a set-up's temporaries (e.g. DeepSpeed flattening the weights)
     fake.alloc(-12 * GIB)
+    probe.on_fit_start(trainer, m)
+    fake.context += GIB // 4  # the step's kernels, loaded on their first call
     for step in (1, 2, 3):
         m.step = step - 1
         probe.on_train_batch_start(trainer, m, None, 0)
@@ -267,11 +275,13 @@ def test_memory_probe_measures_the_second_step_by_phase(tmp_path):
     got = json.loads((tmp_path / "train_config.json").read_text())["cuda_memory"]
     assert got == {"step": 2, "m_bsz": 4, "ctx_len": 4096, "total": 140.0, "held": 20.0, "peak_forward_backward": 28.0,
                    "peak_optimizer": 23.0, "per_sample": 2.0, "peak_before": 32.0, "reserved_peak": 34.0,
-                   "card_used": 23.0}
+                   "card_used": 22.0, "outside_allocator": {"setup": 0.5, "after_strategy_setup": 0.75,
+                                                            "after_step": 1.0}}
     assert "20.0 GiB held before the step, peak 28.0 GiB in forward + backward, 23.0 GiB in the optimiser step" \
         in said[0]
-    assert "before this step at most 32.0 GiB); PyTorch reserved at most 34.0 GiB; the card has 23.0 of 140.0 GiB " \
-        "in use" in said[0], said[0]
+    assert "before this step at most 32.0 GiB); PyTorch reserved at most 34.0 GiB; the card has 22.0 of 140.0 GiB " \
+        "in use; outside PyTorch's allocator: 0.50 GiB setup, 0.75 GiB after strategy setup, 1.00 GiB after step" \
+        in said[0], said[0]
 
 
 def test_weights_only_saves_when_the_states_do_not_fit_the_disk(data, tmp_path, capsys):

@@ -277,6 +277,11 @@ class CudaMemory:
 
         return torch.cuda.max_memory_reserved()
 
+    def reserved(self) -> int:
+        import torch
+
+        return torch.cuda.memory_reserved()
+
     def card_used(self) -> int:
         """The whole card's memory in use: this process's PyTorch segments, its CUDA context and what
         libraries (NCCL, cuBLAS) allocate beside PyTorch, and any other process's."""
@@ -294,15 +299,29 @@ class MemoryProbe(pl.Callback):
     (`peak_optimizer`); beside them where the rest of the card goes: the peak allocated before the
     step (`peak_before`: set-up and the first step), the most PyTorch's allocator held from the
     card (`reserved_peak`, its cached segments included) and the card's memory in use after the step
-    (`card_used`: also the CUDA context and what NCCL or cuBLAS take beside PyTorch). Rank 0 prints
-    one line and adds them to train_config.json as "cuda_memory" (GiB); benchmarks/run.py plans
-    the largest M_BSZ that fits from them."""
+    (`card_used`: also the CUDA context and what NCCL or cuBLAS take beside PyTorch), and what lies
+    outside PyTorch's allocator (the card in use less what the allocator holds: `outside_allocator`)
+    at three moments: the trainer's set-up (the CUDA context, before the strategy's), after the
+    strategy's set-up (DeepSpeed's engine, the process group's first collectives) and after the
+    step (the kernels the step loaded: ours, Triton's, cuBLAS's). Rank 0 prints one line and adds
+    them to train_config.json as "cuda_memory" (GiB); benchmarks/run.py plans the largest M_BSZ
+    that fits from them."""
 
     def __init__(self, log=print, source=None, step_in_run: int = 2):
         self.say, self.mem = log, source or CudaMemory()
         self.step_in_run = step_in_run
         self.on, self.held, self.peak_fb, self.result = False, 0, 0, None
         self.peak_before = self.reserved_before = 0
+        self.outside = {}
+
+    def _outside(self, moment: str) -> None:
+        self.outside[moment] = self.mem.card_used() - self.mem.reserved()
+
+    def setup(self, trainer, pl_module, stage):
+        self._outside("setup")
+
+    def on_fit_start(self, trainer, pl_module):
+        self._outside("after_strategy_setup")
 
     def _measuring(self, pl_module) -> bool:
         run_steps = pl_module.cfg.total_steps - pl_module.start.step
@@ -333,12 +352,15 @@ class MemoryProbe(pl.Callback):
                        "peak_before": g(self.peak_before),
                        "reserved_peak": g(max(self.reserved_before, self.mem.reserved_peak())),
                        "card_used": g(self.mem.card_used())}
+        self._outside("after_step")
+        self.result["outside_allocator"] = {k: g(v) for k, v in self.outside.items()}
         r = self.result
+        outside = ", ".join(f"{v:.2f} GiB {k.replace('_', ' ')}" for k, v in r["outside_allocator"].items())
         self.say(f"GPU memory at step {r['step']} (M_BSZ {cfg.micro_bsz}): {r['held']:.1f} GiB held before the step, "
                  f"peak {r['peak_forward_backward']:.1f} GiB in forward + backward, {r['peak_optimizer']:.1f} GiB "
                  f"in the optimiser step (PyTorch's allocations; before this step at most {r['peak_before']:.1f} GiB); "
                  f"PyTorch reserved at most {r['reserved_peak']:.1f} GiB; the card has {r['card_used']:.1f} of "
-                 f"{r['total']:.1f} GiB in use")
+                 f"{r['total']:.1f} GiB in use; outside PyTorch's allocator: {outside}")
         if trainer.global_rank == 0:
             update_run_config(pl_module.rd.train_config, cuda_memory=r)
 
