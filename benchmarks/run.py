@@ -1256,9 +1256,10 @@ class Driver:
         try:
             ck = json.loads((rundir / "eval.json").read_text())["checkpoints"][0]
             f["eval"] = {"n": ck["overall"]["n"], "correct": ck["overall"]["correct"],
-                         "accuracy": ck["overall"]["accuracy"],
+                         "accuracy": ck["overall"]["accuracy"], "restated": ck["overall"].get("restated"),
                          "by_kind": {k: v["accuracy"] for k, v in ck["by_kind"].items()},
                          "by_split": {name: {"n": part["overall"]["n"], "accuracy": part["overall"]["accuracy"],
+                                             "restated": part["overall"].get("restated"),
                                              "by_kind": {k: v["accuracy"] for k, v in part["by_kind"].items()}}
                                       for name, part in ck.get("by_split", {}).items()}}
         except (OSError, ValueError, KeyError, IndexError):
@@ -1706,7 +1707,13 @@ def section(rows: list, results_note: str = "") -> str:
             if f.get("eval"):
                 e = f["eval"]
                 extra.append(f"held-out exact match {e.get('accuracy')}% ({e.get('correct')}/{e.get('n')}): "
-                             + ", ".join(f"{k} {x}%" for k, x in (e.get("by_kind") or {}).items()))
+                             + ", ".join(f"{k} {x}%" for k, x in (e.get("by_kind") or {}).items())
+                             + "".join(f"; {name} wordings {part['accuracy']}% of {part['n']}: "
+                                       + ", ".join(f"{k} {x}%" for k, x in part["by_kind"].items())
+                                       for name, part in (e.get("by_split") or {}).items())
+                             + (f"; of the {e['n'] - e['correct']} misses {e['n'] - e['restated']} misread the "
+                                f"problem (its restatement wrong)" if e.get("restated") is not None
+                                and e.get("correct", 0) < e.get("n", 0) else ""))
             if f.get("kts_planned"):
                 extra.append(f"{f['steps_planned']} steps planned from {f['kts_planned']} kt/s x {f['train_s_planned']} s "
                              f"({f.get('kts_planned_from', '--kts')})")

@@ -119,6 +119,14 @@ def test_section_has_date_card_commit_command_figures_and_before_after():
                                                                "after_step": 1.3}
     assert ("the card 5.9 GiB in use after it; outside PyTorch's allocator: 0.52 GiB setup, 0.9 GiB after strategy "
             "setup, 1.3 GiB after step") in br.section(rows, "/tmp/o")
+    rows[0]["figures"]["eval"] = {"n": 40, "correct": 30, "accuracy": 75.0, "restated": 34, "by_kind": {"ascii": 75.0},
+                                  "by_split": {"seen": {"n": 20, "accuracy": 90.0, "restated": 19,
+                                                        "by_kind": {"ascii": 90.0}},
+                                               "unseen": {"n": 20, "accuracy": 60.0, "restated": 15,
+                                                          "by_kind": {"ascii": 60.0}}}}
+    assert ("held-out exact match 75.0% (30/40): ascii 75.0%; seen wordings 90.0% of 20: ascii 90.0%; unseen "
+            "wordings 60.0% of 20: ascii 60.0%; of the 10 misses 6 misread the problem (its restatement wrong)") \
+        in br.section(rows, "/tmp/o")
 
 
 def test_sampler_reads_nvidia_smi_for_the_card_and_the_runs_processes(tmp_path, monkeypatch):

@@ -11,8 +11,16 @@ import torch
 from rwkvlm.data.arithmetic import KINDS, make_eval_set
 from rwkvlm.errors import UserError
 from rwkvlm.infer.evaluate import (
-    evaluate_with, expand_checkpoints, format_errors, format_table, labels_for, main, reply_of, score, write_json,
+    _summary, evaluate_with, expand_checkpoints, format_errors, format_table, labels_for, main, reply_of, restatement_of,
+    score, write_json,
 )
+
+
+def test_restatement_is_the_answer_before_its_result():
+    assert restatement_of("32 + 15 = 47") == "32 + 15"
+    assert restatement_of("x = 12 - 5 = 7") == "x = 12 - 5"
+    assert restatement_of("5 - (-3) = 8") == "5 - (-3)"
+    assert restatement_of("no number") == "no number"
 
 
 def test_reply_is_cut_at_the_blank_line_and_stripped():
@@ -41,14 +49,19 @@ def test_fake_model_scores_each_kind_on_seen_and_unseen_wordings(tmp_path):
     answers = {it.question: it for it in items}
     good = {"ascii", "english", "equation"}
 
+    slipped = []  # the wrong answers that restate the problem right (the rest restate 0 + 0)
+
     def fake(prompts):
         out = []
-        for i, p in enumerate(prompts):
+        for p in prompts:
             it = answers[p[len("User: "):-len("\n\nAssistant:")]]
             if it.split == "seen" or it.kind in good:
                 out.append(f" {it.answer}\n\nUser: junk")
+            elif len(out) % 3:  # two in three: the problem restated right, the result off by one
+                out.append(" " + _wrong(it.answer))
+                slipped.append(it)
             else:
-                out.append(" " + _wrong(it.answer) if i % 2 else " 0 + 0 = 0")
+                out.append(" 0 + 0 = 0")
         return out
 
     res = evaluate_with(items, fake, label="fake")
@@ -61,6 +74,12 @@ def test_fake_model_scores_each_kind_on_seen_and_unseen_wordings(tmp_path):
     assert (res.by_split["seen"].overall.correct, res.by_split["unseen"].overall.correct) == (80, 30)
     assert len(res.errors) == 50 and {(e["kind"], e["split"]) for e in res.errors} == \
         {(k, "unseen") for k in set(KINDS) - good}
+    assert 0 < len(slipped) < 50
+    assert res.overall.restated == 110 + len(slipped) and res.by_split["seen"].overall.restated == 80
+    for k in set(KINDS) - good:
+        assert res.by_split["unseen"].by_kind[k].restated == sum(it.kind == k for it in slipped)
+    line = _summary(res)
+    assert f"of the 50 misses {50 - len(slipped)} misread the problem, {len(slipped)} slipped in the result" in line
 
     table = format_table([res])
     lines = table.splitlines()
@@ -75,12 +94,16 @@ def test_fake_model_scores_each_kind_on_seen_and_unseen_wordings(tmp_path):
     doc = json.loads((tmp_path / "eval.json").read_text())
     assert doc["split"] == "both"
     ck = doc["checkpoints"][0]
-    assert ck["overall"] == {"n": 160, "correct": 110, "accuracy": 68.75, "not_in_vocab": 0}
-    assert ck["by_split"]["seen"]["overall"] == {"n": 80, "correct": 80, "accuracy": 100.0, "not_in_vocab": 0}
-    assert ck["by_split"]["unseen"]["overall"] == {"n": 80, "correct": 30, "accuracy": 37.5, "not_in_vocab": 0}
+    assert ck["overall"] == {"n": 160, "correct": 110, "accuracy": 68.75, "not_in_vocab": 0,
+                             "restated": 110 + len(slipped)}
+    assert ck["by_split"]["seen"]["overall"] == {"n": 80, "correct": 80, "accuracy": 100.0, "not_in_vocab": 0,
+                                                 "restated": 80}
+    assert ck["by_split"]["unseen"]["overall"] == {"n": 80, "correct": 30, "accuracy": 37.5, "not_in_vocab": 0,
+                                                   "restated": 30 + len(slipped)}
     assert {k: v["accuracy"] for k, v in ck["by_split"]["unseen"]["by_kind"].items()} == \
         {k: 100.0 if k in good else 0.0 for k in KINDS}
-    assert ck["by_kind"]["chinese"] == {"n": 20, "correct": 10, "accuracy": 50.0, "not_in_vocab": 0}
+    assert {k: v for k, v in ck["by_kind"]["chinese"].items() if k != "restated"} == \
+        {"n": 20, "correct": 10, "accuracy": 50.0, "not_in_vocab": 0}
     assert all(e["split"] == "unseen" for e in ck["errors"])
     assert "[decimal, unseen wording]" in format_errors(res, 50)
 

@@ -42,14 +42,23 @@ def reply_of(text: str) -> str:
     return text.split("\n\n", 1)[0].strip()
 
 
+def restatement_of(answer: str) -> str:
+    """What an answer says before its result: `32 + 15` of `32 + 15 = 47`, `x = 12 - 5` of
+    `x = 12 - 5 = 7` (the problem as the model read it); the whole text when it has no ` = `."""
+    return answer.rsplit(" = ", 1)[0]
+
+
 @dataclass
 class KindScore:
-    """n items asked, `correct` of them right; `not_in_vocab` more that could not be asked (characters
-    the model's vocabulary lacks), outside n and the accuracy."""
+    """n items asked, `correct` of them right, `restated` of them with the problem restated right
+    (the answer's text before its result: a miss there is a misreading, after it a slip in the
+    sum); `not_in_vocab` more that could not be asked (characters the model's vocabulary lacks),
+    outside n and the accuracy."""
 
     n: int = 0
     correct: int = 0
     not_in_vocab: int = 0
+    restated: int = 0
 
     @property
     def accuracy(self) -> float:
@@ -57,7 +66,7 @@ class KindScore:
 
     def as_dict(self) -> dict:
         return {"n": self.n, "correct": self.correct, "accuracy": round(self.accuracy, 2),
-                "not_in_vocab": self.not_in_vocab}
+                "not_in_vocab": self.not_in_vocab, "restated": self.restated}
 
 
 @dataclass
@@ -119,9 +128,11 @@ def score(items, replies, label: str = "", kinds=None, not_asked=()) -> Result:
     for item, text in zip(items, replies):
         got = reply_of(text)
         ok = got == item.answer.strip()
+        read = restatement_of(got) == restatement_of(item.answer.strip())
         for ks in scores_of(item):
             ks.n += 1
             ks.correct += ok
+            ks.restated += read
         if not ok:
             res.errors.append({"kind": item.kind, "split": _split_of(item), "question": item.question,
                                "expected": item.answer, "got": got})
@@ -421,7 +432,12 @@ def _summary(res: Result, char_max_tokens=None) -> str:
     splits = ", ".join(f"{name} {part.overall.accuracy:.1f}%" for name, part in res.by_split.items()
                        if part.overall.n)
     skipped = f"; {ov.not_in_vocab} of {total} items not in the vocabulary" if ov.not_in_vocab else ""
-    return f"  {res.label}: {ov.correct}/{ov.n} = {ov.accuracy:.1f}% ({splits}{skipped}; {res.seconds:.1f} s){tail}"
+    misread = ov.n - ov.restated
+    slips = ov.n - ov.correct - misread
+    misses = f"; of the {ov.n - ov.correct} misses {misread} misread the problem, {slips} slipped in the result" \
+        if ov.correct < ov.n else ""
+    return (f"  {res.label}: {ov.correct}/{ov.n} = {ov.accuracy:.1f}% ({splits}{skipped}{misses}; "
+            f"{res.seconds:.1f} s){tail}")
 
 
 def main(argv=None) -> int:
