@@ -16,8 +16,8 @@ punctuation or not) and in symbols only: a question is a frame (e.g.
 "{lead}{please}{verb} {expr}{end}") whose slots are filled from the tables, the
 operator words ({expr}: "{a} plus {b}", "{b} subtracted from {a}", "{a}与{b}之差")
 taking the operands, so the number of distinct phrasings is a sum of products
-of table sizes (`count_phrasings`, numbers as slots: 3.6 million sums and
-differences, 1.1 * 10**10 equations with training's parts; the operands'
+of table sizes (`count_phrasings`, numbers as slots: 3.7 million sums and
+differences, 1.2 * 10**10 equations with training's parts; the operands'
 renderings multiply it further). Equations are 2 of every 9 training turns,
 each other kind 1 of 9.
 
@@ -35,7 +35,9 @@ Held out twice, by construction:
   training's names pair every letter with indices 1-3 (the held-out pairs
   aside), " is exactly " and "恰好等于" stand beside the held-out " is equal to "
   and "正好等于", "I want to know what {expr} is" beside the held-out
-  "tell me what {expr} is".
+  "tell me what {expr} is", "可以{verb}{expr}吗" beside the held-out
+  "你能{verb}{expr}吗", lead-ins with the article "a" ("here is a question: ")
+  beside the held-out "for a test: ".
 make_eval_set draws only held-out problems, each asked either in a training
 wording (split "seen") or in a wording with at least one held-out part (split
 "unseen").
@@ -252,7 +254,8 @@ EN_PEOPLE = Parts(("Alice", "Bob", "Tom", "Anna", "Sam", "Lily", "Max", "Emma", 
                   unseen=("Oscar", "Ruby"))
 EN_LEAD = _lead(Parts(("hi, ", "hello, ", "hey, ", "ok, ", "okay, ", "now, ", "so, ", "next: ", "question: ",
                        "quick question: ", "math question: ", "another: ", "try this: ", "q: ", "for homework: ",
-                       "my teacher asks: ", "in class today: ", "quiz time: "),
+                       "my teacher asks: ", "in class today: ", "quiz time: ", "here is a question: ",
+                       "a quick question: "),
                       unseen=("excuse me, ", "hey there, ", "good morning, ", "for a test: "), blank=0.6),
                 EN_PEOPLE, ("hi", "hey", "dear"), "{} {}, ")
 EN_PLEASE = Parts(("please ", "now ", "just ", "please just "), unseen=("kindly ",), blank=0.5)
@@ -319,7 +322,8 @@ ZH_ACTION = {
 }
 ZH_FRAMES = Parts(("{lead}{polite}{verb}{colon}{expr}{end}", "{lead}{qpolite}{expr}{ask}{qend}",
                    "{lead}{expr}，{ask}{qend}", "{lead}{polite}{action}{action_end}", "{lead}{action}，{result}{qend}",
-                   "{lead}{polite}告诉我{expr}{ask}{qend}"),
+                   "{lead}{polite}告诉我{expr}{ask}{qend}", "{lead}可以{verb}{expr}吗{qend}",
+                   "{lead}能帮我{verb}{expr}吗{qend}"),
                   unseen=("{lead}你能{verb}{expr}吗{qend}",))
 
 # ---- symbols only (digits and Chinese numerals)
