@@ -31,9 +31,9 @@ Held out twice, by construction:
   training never uses. Held-out parts are new words for filler slots, but new
   combinations of taught words where the model must understand or write them
   (operator words, unknown names: a model can only write tokens it was trained
-  to write). Each held-out part has seen relatives that teach its pattern:
-  training's names pair every letter with indices 1-3 (the held-out pairs
-  aside), " is exactly " and "恰好等于" stand beside the held-out " is equal to "
+  to write). Held-out parts of those kinds have seen relatives that teach
+  their pattern: training's names pair every letter with indices 1-3 (the
+  held-out pairs aside), " is exactly " and "恰好等于" stand beside the held-out " is equal to "
   and "正好等于", "I want to know what {expr} is" beside the held-out
   "tell me what {expr} is", "可以{verb}{expr}吗" beside the held-out
   "你能{verb}{expr}吗", lead-ins with the article "a" ("here is a question: ")
