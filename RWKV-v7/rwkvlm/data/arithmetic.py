@@ -637,7 +637,8 @@ def generate_documents(n_docs: int, seed: int = 0) -> Iterator[str]:
     rng = random.Random(f"{_TRAIN_SALT}:{int(seed)}")
     for _ in range(int(n_docs)):
         turns = _TURNS[int(rng.random() * len(_TURNS))]
-        yield "\n\n".join(_turn(_problem(rng, _TRAIN_KINDS[int(rng.random() * len(_TRAIN_KINDS))], heldout=False)) for _ in range(turns))
+        kinds = (_TRAIN_KINDS[int(rng.random() * len(_TRAIN_KINDS))] for _ in range(turns))
+        yield "\n\n".join(_turn(_problem(rng, kind, heldout=False)) for kind in kinds)
 
 
 def make_eval_set(n: int, seed: int = 0, split: str = "both") -> list:
