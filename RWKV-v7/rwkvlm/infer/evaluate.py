@@ -126,9 +126,9 @@ def score(items, replies, label: str = "", kinds=None, not_asked=()) -> Result:
                 part.by_kind.setdefault(item.kind, KindScore()), part.overall)
 
     for item, text in zip(items, replies):
-        got = reply_of(text)
-        ok = got == item.answer.strip()
-        read = restatement_of(got) == restatement_of(item.answer.strip())
+        got, want = reply_of(text), item.answer.strip()
+        ok = got == want
+        read = restatement_of(got) == restatement_of(want)
         for ks in scores_of(item):
             ks.n += 1
             ks.correct += ok
