@@ -295,6 +295,26 @@ def test_tutorial_command_through_the_wrapper(tmp_path):
     assert d.num_items == 30 * len(DOCS) * 10
 
 
+def test_the_demo_scripts_defaults_are_the_line_the_tutorials_demo_data_prints(tmp_path, capsys):
+    """README's step 1 on the demo corpus (make_arithmetic_data.py demo.jsonl --docs 20000 --seed 0, then
+    make_data.py demo.jsonl 30 4096) prints the MY_EXIT_TOKENS / MAGIC_PRIME that demo-training-prepare.sh and
+    demo-training-run.sh ship with and the README shows: the scripts run as shipped on that data."""
+    from rwkvlm.data.arithmetic import write_jsonl as write_demo
+
+    write_demo(tmp_path / "demo.jsonl", docs=20000, seed=0)
+    capsys.readouterr()
+    assert run_make_data(tmp_path, "demo.jsonl", 30, 4096) == 0
+    line = re.search(r"^--my_exit_tokens (\d+) --magic_prime (\d+) --ctx_len 4096$", capsys.readouterr().out, re.M)
+    assert line, "make_data printed no line to copy"
+    tokens, prime = line.groups()
+    for script in ("demo-training-prepare.sh", "demo-training-run.sh"):
+        text = (ROOT / "RWKV-v7" / "train_temp" / script).read_text()
+        assert re.search(rf'^MY_EXIT_TOKENS="{tokens}"', text, re.M), script
+        assert re.search(rf'^MAGIC_PRIME="{prime}"', text, re.M), script
+    readme = (ROOT / "README.md").read_text()
+    assert f"#   ... --my_exit_tokens {tokens} --magic_prime {prime} --ctx_len 4096   <- copy this line" in readme
+
+
 def test_wrapper_without_package_says_what_to_do(tmp_path):
     r = subprocess.run([sys.executable, "-S", str(WRAPPER), "demo.jsonl", "30", "4096"],
                        cwd=tmp_path, capture_output=True, text=True, timeout=60,

@@ -14,8 +14,8 @@ PROJ_DIR="out/L${N_LAYER}-D${N_EMBD}-${MODEL_TYPE}"   # output folder; the same 
 
 # make_data.py output (path WITHOUT .bin/.idx) and the line it printed:
 data_file="../../RWKV-v5/demo"
-MY_EXIT_TOKENS="49979460"   # --my_exit_tokens from make_data.py
-MAGIC_PRIME="12197"         # --magic_prime from make_data.py
+MY_EXIT_TOKENS="52078530"   # --my_exit_tokens from make_data.py
+MAGIC_PRIME="12713"         # --magic_prime from make_data.py
 
 "$PYTHON" train.py --wandb "" --proj_dir "$PROJ_DIR" \
  --data_file "$data_file" --data_type "binidx" --vocab_size 65536 --my_testing "$MODEL_TYPE" \

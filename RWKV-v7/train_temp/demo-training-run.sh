@@ -15,8 +15,8 @@ PROJ_DIR="out/L${N_LAYER}-D${N_EMBD}-${MODEL_TYPE}"
 
 # make_data.py output (path WITHOUT .bin/.idx) and the line it printed:
 data_file="../../RWKV-v5/demo"
-MY_EXIT_TOKENS="49979460"   # --my_exit_tokens: training ends (rwkv-final.pth) after this many tokens
-MAGIC_PRIME="12197"         # --magic_prime for this data and CTX_LEN
+MY_EXIT_TOKENS="52078530"   # --my_exit_tokens: training ends (rwkv-final.pth) after this many tokens
+MAGIC_PRIME="12713"         # --magic_prime for this data and CTX_LEN
 
 M_BSZ="16"             # samples per GPU per step: as large as VRAM allows (a power of 2)
 LR_INIT="6e-4"         # about 0.45 / N_EMBD
